@@ -1,0 +1,307 @@
+//! HTTP bodies that cross the router.
+//!
+//! Requests: the client's own body, optionally with the bytes the router already read to route
+//! it put back in front, or a body the router made (fan-out copies, health checks).
+//! Responses: a backend's body passed through frame by frame, or one the router made (errors,
+//! merged fan-out answers). A backend that dies mid-stream becomes a gRPC UNAVAILABLE trailer
+//! naming it, while a reset by the backend (e.g. CANCEL) stays a reset.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+/// The body of a request the router sends to a backend.
+pub struct RequestBody {
+    prefix: Option<Bytes>,
+    inner: Option<Incoming>,
+}
+
+impl RequestBody {
+    /// The client's body, untouched.
+    pub fn incoming(inner: Incoming) -> Self {
+        Self { prefix: None, inner: Some(inner) }
+    }
+
+    /// The client's body with the bytes already read from it put back in front.
+    pub fn prefixed(prefix: Bytes, inner: Incoming) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            inner: Some(inner),
+        }
+    }
+
+    /// A complete body the router made.
+    pub fn full(data: Bytes) -> Self {
+        Self {
+            prefix: (!data.is_empty()).then_some(data),
+            inner: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        hint.set_lower(hint.lower() + prefix);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
+    }
+}
+
+/// How a call ended, as seen by the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallEnd {
+    /// The response finished with this `grpc-status` (0 when trailers carried none).
+    Status(u32),
+    /// The stream was reset or dropped before it finished (cancel by either side).
+    Cancelled,
+}
+
+/// Runs once when a response body ends or is dropped.
+pub struct EndHook(Option<Box<dyn FnOnce(CallEnd) + Send + Sync>>);
+
+impl EndHook {
+    pub fn new(hook: impl FnOnce(CallEnd) + Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(hook)))
+    }
+
+    fn fire(&mut self, end: CallEnd) {
+        if let Some(hook) = self.0.take() {
+            hook(end);
+        }
+    }
+}
+
+impl Drop for EndHook {
+    fn drop(&mut self) {
+        self.fire(CallEnd::Cancelled);
+    }
+}
+
+impl fmt::Debug for EndHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EndHook")
+    }
+}
+
+/// Names the backend and build in the error a client gets when a backend dies mid-stream.
+#[derive(Debug, Clone)]
+pub struct StreamContext {
+    pub backend: std::sync::Arc<str>,
+    pub build_ref: Option<std::sync::Arc<str>>,
+}
+
+impl StreamContext {
+    fn lost_message(&self, error: &hyper::Error) -> String {
+        match &self.build_ref {
+            Some(r) => format!(
+                "buildkit-router: lost buildkitd backend {} during build {r}: {error}",
+                self.backend
+            ),
+            None => format!("buildkit-router: lost buildkitd backend {}: {error}", self.backend),
+        }
+    }
+}
+
+enum Source {
+    Backend { inner: Incoming, context: StreamContext },
+    Local { data: Option<Bytes>, trailers: Option<HeaderMap> },
+    Channel(mpsc::Receiver<Frame<Bytes>>),
+    Done,
+}
+
+/// The body of a response the router sends to a client.
+pub struct ResponseBody {
+    source: Source,
+    hook: Option<EndHook>,
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseBody")
+    }
+}
+
+impl ResponseBody {
+    /// A backend's response body, passed through.
+    pub fn backend(inner: Incoming, context: StreamContext) -> Self {
+        Self { source: Source::Backend { inner, context }, hook: None }
+    }
+
+    /// Messages (already framed) followed by trailers.
+    pub fn local(data: Option<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        Self { source: Source::Local { data, trailers }, hook: None }
+    }
+
+    /// An empty body: the response headers said everything (Trailers-Only).
+    pub fn empty() -> Self {
+        Self { source: Source::Done, hook: None }
+    }
+
+    /// Frames produced by a task (merged fan-out streams). The last frame should be trailers.
+    pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
+        Self { source: Source::Channel(rx), hook: None }
+    }
+
+    /// Runs `hook` when the body ends or is dropped.
+    pub fn with_hook(mut self, hook: EndHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    fn finish(&mut self, end: CallEnd) {
+        self.source = Source::Done;
+        if let Some(mut hook) = self.hook.take() {
+            hook.fire(end);
+        }
+    }
+}
+
+/// The `grpc-status` in a header block, if any.
+pub fn grpc_status_of(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Trailers (or Trailers-Only headers) carrying a gRPC status and message.
+pub fn status_trailers(code: u32, message: &str) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(2);
+    map.insert("grpc-status", HeaderValue::from(code));
+    map.insert("grpc-message", percent_encode_message(message));
+    map
+}
+
+/// grpc-message is percent-encoded (RFC 3986 unreserved set stays readable).
+fn percent_encode_message(message: &str) -> HeaderValue {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("buildkit-router error"))
+}
+
+/// Whether a stream error is the peer resetting the stream (cancel), as opposed to the
+/// connection failing.
+pub fn is_stream_reset(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        source = err.source();
+    }
+    false
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match &mut this.source {
+            Source::Done => Poll::Ready(None),
+            Source::Local { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                let trailers = trailers.take();
+                let code = trailers.as_ref().and_then(grpc_status_of).unwrap_or(0);
+                this.finish(CallEnd::Status(code));
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            Source::Channel(rx) => match ready!(rx.poll_recv(cx)) {
+                Some(frame) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = grpc_status_of(trailers).unwrap_or(0);
+                        this.finish(CallEnd::Status(code));
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                None => {
+                    this.finish(CallEnd::Status(0));
+                    Poll::Ready(None)
+                }
+            },
+            Source::Backend { inner, context } => match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = grpc_status_of(trailers).unwrap_or(0);
+                        this.finish(CallEnd::Status(code));
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(error)) if is_stream_reset(&error) => {
+                    // The backend reset the stream: hand the reset on to the client.
+                    tracing::debug!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend reset the stream");
+                    this.finish(CallEnd::Cancelled);
+                    Poll::Ready(Some(Err(error)))
+                }
+                Some(Err(error)) => {
+                    let message = context.lost_message(&error);
+                    tracing::warn!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend connection failed mid-stream");
+                    this.finish(CallEnd::Status(crate::forward::code::UNAVAILABLE));
+                    Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
+                        crate::forward::code::UNAVAILABLE,
+                        &message,
+                    )))))
+                }
+                None => {
+                    this.finish(CallEnd::Status(0));
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Done => true,
+            Source::Backend { inner, .. } => inner.is_end_stream(),
+            Source::Local { data, trailers } => data.is_none() && trailers.is_none(),
+            Source::Channel(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Backend { inner, .. } => inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}

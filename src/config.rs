@@ -1,0 +1,189 @@
+//! Every knob, with defaults, from flags or `BUILDKIT_ROUTER_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// A stateful gRPC proxy in front of a pool of buildkitd daemons.
+#[derive(Debug, Parser)]
+#[command(name = "buildkit-router", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay a workload through the real placement code and compare policies.
+    Simulate(crate::placement::simulate::SimulateArgs),
+    /// Print a running router's backends and active builds as a table (reads its /status).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// Admin address of the router to ask.
+    #[arg(long, default_value = "127.0.0.1:9180", env = "BUILDKIT_ROUTER_ADMIN")]
+    pub admin: String,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Settings of the router process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunConfig {
+    /// Address clients (buildctl, buildx) connect to.
+    #[arg(long, default_value = "0.0.0.0:1234", env = "BUILDKIT_ROUTER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address of the admin HTTP endpoints (/metrics, /healthz, /readyz, /status).
+    #[arg(long, default_value = "0.0.0.0:9180", env = "BUILDKIT_ROUTER_ADMIN_LISTEN")]
+    pub admin_listen: SocketAddr,
+
+    /// Serve TLS with this certificate chain (PEM). Without it the listener speaks h2c.
+    #[arg(long, requires = "tls_key", env = "BUILDKIT_ROUTER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "BUILDKIT_ROUTER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mTLS.
+    #[arg(long, requires = "tls_cert", env = "BUILDKIT_ROUTER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// A buildkitd backend: tcp://host:port (h2c) or tls://host:port. Repeatable. Per-backend TLS
+    /// settings go in the query: tls://host:1234?ca=/ca.pem&cert=/c.pem&key=/k.pem&server-name=bk
+    #[arg(long = "backend", value_name = "URL", env = "BUILDKIT_ROUTER_BACKENDS", value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// CA (PEM) that signs the backends' certificates, for tls:// backends.
+    #[arg(long, env = "BUILDKIT_ROUTER_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to tls:// backends.
+    #[arg(long, requires = "backend_tls_key", env = "BUILDKIT_ROUTER_BACKEND_TLS_CERT")]
+    pub backend_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --backend-tls-cert.
+    #[arg(long, requires = "backend_tls_cert", env = "BUILDKIT_ROUTER_BACKEND_TLS_KEY")]
+    pub backend_tls_key: Option<PathBuf>,
+    /// Server name to verify on tls:// backends (default: the backend's host).
+    #[arg(long, env = "BUILDKIT_ROUTER_BACKEND_TLS_SERVER_NAME")]
+    pub backend_tls_server_name: Option<String>,
+
+    /// Most client connections served at once; further connections wait in the accept queue.
+    #[arg(long, default_value_t = 4096, env = "BUILDKIT_ROUTER_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    #[arg(long, default_value_t = 1024, env = "BUILDKIT_ROUTER_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: u32,
+    /// Largest request header list accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024, env = "BUILDKIT_ROUTER_MAX_HEADER_LIST_SIZE")]
+    pub max_header_list_size: u32,
+    /// Largest gRPC message the router reads to route a call (BuildKit allows 16 MiB each way).
+    #[arg(long, default_value_t = 16 * 1024 * 1024 + 64 * 1024, env = "BUILDKIT_ROUTER_MAX_MESSAGE_SIZE")]
+    pub max_message_size: usize,
+
+    /// How long a Control/Session waits for a Solve that names it before it is placed on its own.
+    /// Must stay well under the client's 10 s preface timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "3s", env = "BUILDKIT_ROUTER_SESSION_BIND_WINDOW")]
+    pub session_bind_window: Duration,
+    /// How long a Status or LLBBridge call for an unknown build ref waits for its Solve.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_REF_WAIT")]
+    pub ref_wait: Duration,
+    /// How long a finished build's ref keeps pointing at its backend (for history/Content calls).
+    #[arg(long, value_parser = parse_duration, default_value = "2m", env = "BUILDKIT_ROUTER_BUILD_LINGER")]
+    pub build_linger: Duration,
+    /// Backstop: any routing entry older than this is forgotten.
+    #[arg(long, value_parser = parse_duration, default_value = "24h", env = "BUILDKIT_ROUTER_REGISTRY_TTL")]
+    pub registry_ttl: Duration,
+
+    /// Timeout of one TCP (+TLS, +HTTP/2) connect to a backend.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_CONNECT_TIMEOUT")]
+    pub connect_timeout: Duration,
+    /// Interval of backend health checks (gRPC health, then ListWorkers for platforms).
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "BUILDKIT_ROUTER_HEALTH_INTERVAL")]
+    pub health_interval: Duration,
+    /// Consecutive failed health checks that eject a backend.
+    #[arg(long, default_value_t = 3, env = "BUILDKIT_ROUTER_HEALTH_FAILURES")]
+    pub health_failures: u32,
+
+    /// Cache affinity tolerance: a backend takes a keyed build while its load is below
+    /// ceil(c * (active + 1) / ready backends).
+    #[arg(long, default_value_t = 1.25, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
+    pub balance_factor: f64,
+    /// Hard cap of concurrent builds per backend (default: unlimited).
+    #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
+    pub max_builds_per_backend: Option<usize>,
+
+    /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
+    #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "plain", env = "BUILDKIT_ROUTER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
+    #[arg(long, default_value = "info", env = "BUILDKIT_ROUTER_LOG")]
+    pub log: String,
+}
+
+impl RunConfig {
+    /// Defaults for embedding the router (tests, benchmarks): loopback listeners on free ports.
+    pub fn for_tests() -> Self {
+        let mut cfg = Cli::parse_from(["buildkit-router"]).run;
+        cfg.listen = "127.0.0.1:0".parse().expect("literal address");
+        cfg.admin_listen = "127.0.0.1:0".parse().expect("literal address");
+        cfg
+    }
+}
+
+/// Parses `500ms`, `3s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 3s, 2m, 1h"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let cfg = Cli::parse_from(["buildkit-router"]).run;
+        assert_eq!(cfg.session_bind_window, Duration::from_secs(3));
+        assert_eq!(cfg.listen.port(), 1234);
+        assert_eq!(cfg.balance_factor, 1.25);
+        assert!(cfg.max_message_size > 16 * 1024 * 1024);
+    }
+}

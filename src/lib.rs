@@ -1,0 +1,21 @@
+//! buildkit-router: a stateful L7 gRPC proxy in front of a pool of buildkitd daemons.
+//!
+//! The modules follow the data: a connection arrives ([`listener`]), each request is classified
+//! ([`classify`], [`wire`]), a route is chosen ([`router`], [`registry`], [`placement`]), and bytes
+//! are forwarded ([`forward`], [`session`]) to a backend ([`pool`]) that [`discovery`] found.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod classify;
+pub mod config;
+pub mod discovery;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod placement;
+pub mod pool;
+pub mod registry;
+pub mod router;
+pub mod session;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,678 @@
+//! The backends: identity, address, state, load, platforms, and one long-lived multiplexed
+//! HTTP/2 client connection each, reconnected with backoff and health-checked.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::BodyExt;
+use hyper::client::conn::http2::SendRequest;
+use hyper::Response;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::body::RequestBody;
+
+/// TLS settings used to reach one backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub client_config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
+impl fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+/// Where a backend listens and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct BackendAddress {
+    pub host: String,
+    pub port: u16,
+    /// `None`: h2c with prior knowledge (`tcp://`).
+    pub tls: Option<BackendTls>,
+}
+
+impl BackendAddress {
+    pub fn tcp(host: impl Into<String>, port: u16) -> Self {
+        Self { host: host.into(), port, tls: None }
+    }
+
+    fn same_endpoint(&self, other: &Self) -> bool {
+        self.host == other.host && self.port == other.port && self.tls.is_some() == other.tls.is_some()
+    }
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls.is_some() { "tls" } else { "tcp" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What discovery says of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// Takes new builds.
+    Ready,
+    /// Terminating, or not ready but still serving: no new builds, running builds go on.
+    Draining,
+}
+
+/// One backend as a discovery source sees it.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    /// Stable identity: pod name where known, else the address.
+    pub identity: String,
+    pub address: BackendAddress,
+    pub state: EndpointState,
+    pub zone: Option<String>,
+    pub node: Option<String>,
+}
+
+/// A change to the set of backends, from a discovery source.
+#[derive(Debug, Clone)]
+pub enum PoolUpdate {
+    /// The complete set: anything not in it is gone.
+    Reset(Vec<EndpointSpec>),
+    Add(EndpointSpec),
+    Update(EndpointSpec),
+    /// Gone, by identity.
+    Remove(String),
+}
+
+/// A backend's state as the router acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Takes new builds.
+    Ready,
+    /// Serves its running builds, takes no new ones.
+    Draining,
+    /// Failed its health checks: takes no new builds until it passes again.
+    Unhealthy,
+    /// Removed by discovery: finishes its builds, then its connection closes.
+    Gone,
+}
+
+impl BackendState {
+    pub const ALL: [BackendState; 4] = [Self::Ready, Self::Draining, Self::Unhealthy, Self::Gone];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Unhealthy => "unhealthy",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+/// Why a backend could not be reached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to buildkitd backend {backend} ({address}): {reason}")]
+    Failed { backend: Arc<str>, address: String, reason: String },
+    #[error("buildkitd backend {backend} ({address}) is unreachable, next connect attempt in {retry_in:?}: {reason}")]
+    BackingOff { backend: Arc<str>, address: String, retry_in: Duration, reason: String },
+}
+
+/// HTTP/2 and connect settings for backend connections.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub health_interval: Duration,
+    pub health_failures: u32,
+    pub max_builds_per_backend: Option<usize>,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            health_interval: Duration::from_secs(10),
+            health_failures: 3,
+            max_builds_per_backend: None,
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 32 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+        }
+    }
+}
+
+const DISCOVERED_READY: u8 = 0;
+const DISCOVERED_DRAINING: u8 = 1;
+
+struct Backoff {
+    failures: u32,
+    next_attempt: Instant,
+    last_error: String,
+}
+
+/// One buildkitd daemon.
+pub struct Backend {
+    identity: Arc<str>,
+    address: RwLock<BackendAddress>,
+    zone: Option<String>,
+    node: Option<String>,
+    discovered: AtomicU8,
+    healthy: AtomicBool,
+    gone: AtomicBool,
+    health_failures: AtomicU32,
+    active: AtomicUsize,
+    platforms: RwLock<Arc<Vec<String>>>,
+    settings: Arc<PoolSettings>,
+    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    connecting: tokio::sync::Mutex<()>,
+    backoff: Mutex<Option<Backoff>>,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("identity", &self.identity)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Backend {
+    fn new(spec: EndpointSpec, settings: Arc<PoolSettings>) -> Self {
+        Self {
+            identity: spec.identity.into(),
+            address: RwLock::new(spec.address),
+            zone: spec.zone,
+            node: spec.node,
+            discovered: AtomicU8::new(match spec.state {
+                EndpointState::Ready => DISCOVERED_READY,
+                EndpointState::Draining => DISCOVERED_DRAINING,
+            }),
+            healthy: AtomicBool::new(true),
+            gone: AtomicBool::new(false),
+            health_failures: AtomicU32::new(0),
+            active: AtomicUsize::new(0),
+            platforms: RwLock::new(Arc::new(Vec::new())),
+            settings,
+            sender: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            backoff: Mutex::new(None),
+        }
+    }
+
+    pub fn identity(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    pub fn address(&self) -> BackendAddress {
+        self.address.read().expect("address lock").clone()
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    pub fn state(&self) -> BackendState {
+        if self.gone.load(Ordering::Acquire) {
+            BackendState::Gone
+        } else if !self.healthy.load(Ordering::Acquire) {
+            BackendState::Unhealthy
+        } else if self.discovered.load(Ordering::Acquire) == DISCOVERED_DRAINING {
+            BackendState::Draining
+        } else {
+            BackendState::Ready
+        }
+    }
+
+    /// Builds running on this backend that this router started.
+    pub fn active_builds(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a build from its Solve until the returned guard drops.
+    pub fn start_build(self: &Arc<Self>) -> LoadGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        LoadGuard(self.clone())
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.settings.max_builds_per_backend
+    }
+
+    pub fn platforms(&self) -> Arc<Vec<String>> {
+        self.platforms.read().expect("platforms lock").clone()
+    }
+
+    pub fn set_platforms(&self, platforms: Vec<String>) {
+        *self.platforms.write().expect("platforms lock") = Arc::new(platforms);
+    }
+
+    fn apply_spec(&self, spec: &EndpointSpec) {
+        self.discovered.store(
+            match spec.state {
+                EndpointState::Ready => DISCOVERED_READY,
+                EndpointState::Draining => DISCOVERED_DRAINING,
+            },
+            Ordering::Release,
+        );
+        self.gone.store(false, Ordering::Release);
+        let mut address = self.address.write().expect("address lock");
+        if !address.same_endpoint(&spec.address) {
+            info!(backend = %self.identity, old = %*address, new = %spec.address, "backend address changed; reconnecting");
+            *address = spec.address.clone();
+            drop(address);
+            self.sender.lock().expect("sender lock").take();
+            self.backoff.lock().expect("backoff lock").take();
+        }
+    }
+
+    /// An HTTP/2 connection to this backend: the cached one, or a new one.
+    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        if let Some(sender) = self.cached_sender() {
+            return Ok(sender);
+        }
+        // One connect at a time per backend; callers that waited reuse its result.
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = self.cached_sender() {
+            return Ok(sender);
+        }
+        let address = self.address();
+        if let Some(backoff) = self.backoff.lock().expect("backoff lock").as_ref() {
+            let now = Instant::now();
+            if backoff.next_attempt > now {
+                return Err(ConnectError::BackingOff {
+                    backend: self.identity.clone(),
+                    address: address.to_string(),
+                    retry_in: backoff.next_attempt - now,
+                    reason: backoff.last_error.clone(),
+                });
+            }
+        }
+        match tokio::time::timeout(self.settings.connect_timeout, self.connect(&address)).await {
+            Ok(Ok(sender)) => {
+                self.backoff.lock().expect("backoff lock").take();
+                *self.sender.lock().expect("sender lock") = Some(sender.clone());
+                info!(backend = %self.identity, address = %address, "connected to backend");
+                Ok(sender)
+            }
+            result => {
+                let reason = match result {
+                    Ok(Err(reason)) => reason,
+                    _ => format!("connect timed out after {:?}", self.settings.connect_timeout),
+                };
+                let mut backoff = self.backoff.lock().expect("backoff lock");
+                let failures = backoff.as_ref().map_or(0, |b| b.failures) + 1;
+                // 100 ms, doubling, capped at 10 s.
+                let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(10));
+                *backoff = Some(Backoff { failures, next_attempt: Instant::now() + delay, last_error: reason.clone() });
+                warn!(backend = %self.identity, address = %address, %reason, retry_in = ?delay, "backend connect failed");
+                Err(ConnectError::Failed { backend: self.identity.clone(), address: address.to_string(), reason })
+            }
+        }
+    }
+
+    fn cached_sender(&self) -> Option<SendRequest<RequestBody>> {
+        let mut guard = self.sender.lock().expect("sender lock");
+        match guard.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                guard.take();
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn connect(&self, address: &BackendAddress) -> Result<SendRequest<RequestBody>, String> {
+        let tcp = TcpStream::connect((address.host.as_str(), address.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        // No keepalive pings: buildkitd (grpc-go) answers pings more often than every 5 minutes
+        // with GOAWAY ENHANCE_YOUR_CALM. Health checks are ordinary requests instead.
+        builder
+            .initial_stream_window_size(self.settings.stream_window)
+            .initial_connection_window_size(self.settings.connection_window)
+            .max_frame_size(self.settings.max_frame_size)
+            .max_send_buf_size(1024 * 1024)
+            .max_header_list_size(256 * 1024)
+            .timer(hyper_util::rt::TokioTimer::new());
+        let identity = self.identity.clone();
+        match &address.tls {
+            None => {
+                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        debug!(backend = %identity, %error, "backend connection ended");
+                    }
+                });
+                Ok(sender)
+            }
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
+                let stream = connector
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        debug!(backend = %identity, %error, "backend connection ended");
+                    }
+                });
+                Ok(sender)
+            }
+        }
+    }
+
+    /// The URI of `path` on this backend (scheme and authority as a direct client would send).
+    pub fn uri_for(&self, path_and_query: &str) -> Uri {
+        let address = self.address.read().expect("address lock");
+        let scheme = if address.tls.is_some() { "https" } else { "http" };
+        let authority = if address.host.contains(':') {
+            format!("[{}]:{}", address.host, address.port)
+        } else {
+            format!("{}:{}", address.host, address.port)
+        };
+        Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+    }
+
+    /// One unary gRPC call with a router-made request, for health checks and worker refresh.
+    pub async fn unary_call(&self, path: &'static str, message: &[u8], timeout: Duration) -> Result<Bytes, String> {
+        let call = async {
+            let mut sender = self.sender().await.map_err(|e| e.to_string())?;
+            let request = Request::post(self.uri_for(path))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(RequestBody::full(crate::wire::encode_frame(message)))
+                .map_err(|e| e.to_string())?;
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let response: Response<hyper::body::Incoming> =
+                sender.send_request(request).await.map_err(|e| e.to_string())?;
+            if let Some(code) = crate::body::grpc_status_of(response.headers()) {
+                if code != 0 {
+                    return Err(format!("{path} answered grpc-status {code}"));
+                }
+            }
+            let collected = response.into_body().collect().await.map_err(|e| e.to_string())?;
+            if let Some(code) = collected.trailers().and_then(crate::body::grpc_status_of) {
+                if code != 0 {
+                    return Err(format!("{path} answered grpc-status {code}"));
+                }
+            }
+            let bytes = collected.to_bytes();
+            match crate::wire::parse_frame_header(&bytes, 64 * 1024 * 1024) {
+                Ok(Some(header)) if bytes.len() >= crate::wire::GRPC_PREFIX_LEN + header.len => Ok(bytes
+                    .slice(crate::wire::GRPC_PREFIX_LEN..crate::wire::GRPC_PREFIX_LEN + header.len)),
+                Ok(_) => Err(format!("{path} answered no complete message")),
+                Err(e) => Err(format!("{path} answered a bad message: {e}")),
+            }
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("{path} timed out after {timeout:?}")))
+    }
+
+    async fn check_health(&self) {
+        const HEALTH: &str = "/grpc.health.v1.Health/Check";
+        const LIST_WORKERS: &str = "/moby.buildkit.v1.Control/ListWorkers";
+        let timeout = self.settings.connect_timeout + Duration::from_secs(5);
+        let result = match self.unary_call(HEALTH, &[], timeout).await {
+            Ok(message) => match crate::wire::decode_health_status(&message) {
+                Ok(1) => Ok(()),
+                Ok(status) => Err(format!("health status {status} (not SERVING)")),
+                Err(e) => Err(format!("bad health answer: {e}")),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                self.health_failures.store(0, Ordering::Relaxed);
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    info!(backend = %self.identity, "backend passes health checks again; re-admitted");
+                }
+                // Refresh the platforms the workers support (cheap; buildx calls it per build).
+                match self.unary_call(LIST_WORKERS, &[], timeout).await {
+                    Ok(message) => match crate::wire::decode_worker_platforms(&message) {
+                        Ok(platforms) => self.set_platforms(platforms),
+                        Err(e) => warn!(backend = %self.identity, error = %e, "cannot decode ListWorkers answer"),
+                    },
+                    Err(e) => debug!(backend = %self.identity, error = %e, "ListWorkers refresh failed"),
+                }
+            }
+            Err(reason) => {
+                let failures = self.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= self.settings.health_failures && self.healthy.swap(false, Ordering::AcqRel) {
+                    warn!(backend = %self.identity, %reason, failures, "backend failed its health checks; ejected");
+                } else {
+                    debug!(backend = %self.identity, %reason, failures, "backend health check failed");
+                }
+            }
+        }
+    }
+}
+
+/// Counts one running build on a backend; dropping it ends the count.
+pub struct LoadGuard(Arc<Backend>);
+
+impl LoadGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl crate::placement::Node for Arc<Backend> {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+    fn active_builds(&self) -> usize {
+        Backend::active_builds(self)
+    }
+    fn accepts_builds(&self) -> bool {
+        self.state() == BackendState::Ready
+    }
+    fn capacity(&self) -> Option<usize> {
+        Backend::capacity(self)
+    }
+    fn supports_platform(&self, platform: &str) -> bool {
+        let platforms = self.platforms.read().expect("platforms lock");
+        platforms.is_empty() || platforms.iter().any(|p| platform_matches(p, platform))
+    }
+    fn platforms(&self) -> Vec<String> {
+        Backend::platforms(self).as_ref().clone()
+    }
+}
+
+/// `linux/arm64` is served by a worker listing `linux/arm64` or `linux/arm64/v8`.
+fn platform_matches(worker: &str, wanted: &str) -> bool {
+    worker == wanted || worker.strip_prefix(wanted).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The backends at one instant. Cheap to take: an `Arc` clone.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub backends: Vec<Arc<Backend>>,
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl Snapshot {
+    pub fn get(&self, identity: &str) -> Option<&Arc<Backend>> {
+        self.index.get(identity).map(|&i| &self.backends[i])
+    }
+
+    pub fn any_ready(&self) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.state() == BackendState::Ready)
+    }
+}
+
+/// The set of backends.
+pub struct Pool {
+    snapshot: RwLock<Arc<Snapshot>>,
+    settings: Arc<PoolSettings>,
+    synced: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("backends", &self.snapshot().backends).finish()
+    }
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Self {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            settings: Arc::new(settings),
+            synced: watch::Sender::new(false),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("snapshot lock").clone()
+    }
+
+    /// True once a discovery source delivered its first complete list.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until the first complete list of backends has arrived.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// Applies one discovery update.
+    pub fn apply(&self, update: PoolUpdate) {
+        let mut guard = self.snapshot.write().expect("snapshot lock");
+        let mut backends = guard.backends.clone();
+        match update {
+            PoolUpdate::Reset(specs) => {
+                let wanted: HashMap<&str, &EndpointSpec> = specs.iter().map(|s| (s.identity.as_str(), s)).collect();
+                backends.retain(|b| {
+                    let keep = wanted.contains_key(&*b.identity);
+                    if !keep {
+                        b.gone.store(true, Ordering::Release);
+                        info!(backend = %b.identity, "backend removed by discovery");
+                    }
+                    keep
+                });
+                for spec in &specs {
+                    self.upsert(&mut backends, spec.clone());
+                }
+                self.synced.send_replace(true);
+            }
+            PoolUpdate::Add(spec) | PoolUpdate::Update(spec) => self.upsert(&mut backends, spec),
+            PoolUpdate::Remove(identity) => backends.retain(|b| {
+                let keep = *b.identity != *identity;
+                if !keep {
+                    b.gone.store(true, Ordering::Release);
+                    info!(backend = %b.identity, "backend removed by discovery");
+                }
+                keep
+            }),
+        }
+        let index = backends.iter().enumerate().map(|(i, b)| (b.identity.clone(), i)).collect();
+        *guard = Arc::new(Snapshot { backends, index });
+    }
+
+    fn upsert(&self, backends: &mut Vec<Arc<Backend>>, spec: EndpointSpec) {
+        match backends.iter().find(|b| *b.identity == *spec.identity) {
+            Some(existing) => existing.apply_spec(&spec),
+            None => {
+                info!(backend = %spec.identity, address = %spec.address, state = ?spec.state, "backend added");
+                backends.push(Arc::new(Backend::new(spec, self.settings.clone())));
+            }
+        }
+    }
+
+    /// Applies updates from discovery sources until every sender is gone.
+    pub async fn run_updates(self: Arc<Self>, mut updates: mpsc::Receiver<PoolUpdate>) {
+        while let Some(update) = updates.recv().await {
+            self.apply(update);
+        }
+    }
+
+    /// Health-checks every backend each interval, forever.
+    pub async fn run_health_checks(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.settings.health_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let snapshot = self.snapshot();
+            let checks = snapshot.backends.iter().map(|b| b.check_health());
+            futures_util::future::join_all(checks).await;
+        }
+    }
+
+    /// Number of backends in each state.
+    pub fn state_counts(&self) -> [(BackendState, usize); 4] {
+        let snapshot = self.snapshot();
+        BackendState::ALL.map(|state| (state, snapshot.backends.iter().filter(|b| b.state() == state).count()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, state: EndpointState) -> EndpointSpec {
+        EndpointSpec { identity: id.into(), address: BackendAddress::tcp("127.0.0.1", 1), state, zone: None, node: None }
+    }
+
+    #[test]
+    fn reset_adds_updates_and_removes() {
+        let pool = Pool::new(PoolSettings::default());
+        assert!(!pool.is_synced());
+        pool.apply(PoolUpdate::Reset(vec![spec("a", EndpointState::Ready), spec("b", EndpointState::Ready)]));
+        assert!(pool.is_synced());
+        let a = pool.snapshot().get("a").cloned().expect("a");
+        pool.apply(PoolUpdate::Reset(vec![spec("a", EndpointState::Draining), spec("c", EndpointState::Ready)]));
+        let snap = pool.snapshot();
+        assert_eq!(snap.backends.len(), 2);
+        assert!(snap.get("b").is_none());
+        assert_eq!(a.state(), BackendState::Draining, "same backend object keeps its builds");
+        pool.apply(PoolUpdate::Remove("a".into()));
+        assert_eq!(a.state(), BackendState::Gone);
+        assert!(pool.snapshot().get("a").is_none());
+    }
+
+    #[test]
+    fn platform_variants_match() {
+        assert!(platform_matches("linux/arm64/v8", "linux/arm64"));
+        assert!(platform_matches("linux/amd64", "linux/amd64"));
+        assert!(!platform_matches("linux/amd64/v2", "linux/arm64"));
+        assert!(!platform_matches("linux/arm", "linux/arm64"));
+    }
+}
