@@ -114,13 +114,10 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 3, env = "BUILDKIT_ROUTER_HEALTH_FAILURES")]
     pub health_failures: u32,
 
-    /// Cache affinity tolerance: a backend takes a keyed build while its load is below
-    /// ceil(c * (active + 1) / ready backends).
-    #[arg(long, default_value_t = 1.25, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
-    pub balance_factor: f64,
-    /// Hard cap of concurrent builds per backend (default: unlimited).
-    #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
-    pub max_builds_per_backend: Option<usize>,
+    #[command(flatten)]
+    pub placement: crate::placement::PlacementArgs,
+    #[command(flatten)]
+    pub discovery: crate::discovery::DiscoveryArgs,
 
     /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
     #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]
@@ -183,7 +180,7 @@ mod tests {
         let cfg = Cli::parse_from(["buildkit-router"]).run;
         assert_eq!(cfg.session_bind_window, Duration::from_secs(3));
         assert_eq!(cfg.listen.port(), 1234);
-        assert_eq!(cfg.balance_factor, 1.25);
+        assert_eq!(cfg.placement.balance_factor, 1.25);
         assert!(cfg.max_message_size > 16 * 1024 * 1024);
     }
 }

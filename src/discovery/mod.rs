@@ -6,6 +6,11 @@
 use crate::pool::{BackendAddress, EndpointSpec, EndpointState, PoolUpdate};
 use tokio::sync::mpsc;
 
+/// Discovery flags (flattened into the router's command line). `--backend` lives in the main
+/// config because it also carries per-backend TLS settings.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DiscoveryArgs {}
+
 /// Announces a fixed list of backends once (`--backend`, repeatable). Identity is the address.
 pub async fn static_source(addresses: Vec<BackendAddress>, updates: mpsc::Sender<PoolUpdate>) {
     let specs = addresses

@@ -28,6 +28,27 @@ pub trait Node {
     fn platforms(&self) -> Vec<String>;
 }
 
+/// Placement flags (flattened into the router's command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlacementArgs {
+    /// Cache affinity tolerance: a backend takes a keyed build while its load is below
+    /// ceil(c * (active + 1) / ready backends).
+    #[arg(long, default_value_t = 1.25, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
+    pub balance_factor: f64,
+    /// Hard cap of concurrent builds per backend (default: unlimited).
+    #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
+    pub max_builds_per_backend: Option<usize>,
+}
+
+impl PlacementArgs {
+    pub fn to_config(&self) -> PlacementConfig {
+        PlacementConfig {
+            balance_factor: self.balance_factor,
+            max_builds_per_backend: self.max_builds_per_backend,
+        }
+    }
+}
+
 /// Placement knobs.
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
