@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod placement;
 pub mod pool;
+pub mod proto;
 pub mod registry;
 pub mod router;
 pub mod session;
