@@ -3,11 +3,21 @@
 //! The router asks [`Placement::traits_for_solve`] (or `traits_for_session`) what a build needs,
 //! then [`Placement::choose`] which backend of a snapshot gets it. The same code drives
 //! `buildkit-router simulate`.
+//!
+//! Keyed builds: rendezvous (highest random weight) ranking of key x backend identity, bounded
+//! load (a backend is eligible below ceil(c * (active + 1) / ready) and its hard capacity), first
+//! eligible wins. Keyless builds: power of two choices. Internal probes: least loaded.
 // INTERFACE OWNED BY THE placement HELPER (issue 3). router.rs relies on: Node, BuildTraits,
 // Placement::{new, traits_for_solve, traits_for_session, choose}, Choice, Reason, PlacementError,
 // PlacementConfig. Extend freely; keep those working.
 
+pub mod hash;
+pub mod key;
+pub mod metrics;
 pub mod simulate;
+
+pub use key::{normalize_git_url, AffinityKey, KeySource};
+pub use metrics::PlacementMetrics;
 
 use crate::wire::SolveInfo;
 
@@ -26,18 +36,69 @@ pub trait Node {
     fn supports_platform(&self, platform: &str) -> bool;
     /// The platforms the backend's workers support, for error messages.
     fn platforms(&self) -> Vec<String>;
+    /// `hash::hash_str(self.identity())`. Override with a cached value to save the hashing of
+    /// the identity on every decision.
+    fn identity_hash(&self) -> u64 {
+        hash::hash_str(self.identity())
+    }
+}
+
+fn parse_weight(s: &str) -> Result<(String, f64), String> {
+    let (name, w) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected IDENTITY=WEIGHT, got {s:?}"))?;
+    let w: f64 = w.parse().map_err(|e| format!("weight {w:?}: {e}"))?;
+    if !(w.is_finite() && w > 0.0) || name.is_empty() {
+        return Err(format!(
+            "expected IDENTITY=WEIGHT with a positive weight, got {s:?}"
+        ));
+    }
+    Ok((name.to_owned(), w))
+}
+
+fn parse_balance_factor(s: &str) -> Result<f64, String> {
+    let c: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if c >= 1.0 {
+        Ok(c)
+    } else {
+        Err(format!(
+            "balance factor must be at least 1.0 (or inf), got {s}"
+        ))
+    }
 }
 
 /// Placement flags (flattened into the router's command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PlacementArgs {
     /// Cache affinity tolerance: a backend takes a keyed build while its load is below
-    /// ceil(c * (active + 1) / ready backends).
-    #[arg(long, default_value_t = 1.25, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
+    /// ceil(c * (active + 1) / ready backends). `inf` disables the bound.
+    #[arg(long, default_value_t = 1.25, value_parser = parse_balance_factor, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
     pub balance_factor: f64,
     /// Hard cap of concurrent builds per backend (default: unlimited).
     #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
     pub max_builds_per_backend: Option<usize>,
+    /// Where a build's cache-affinity key comes from, first match wins.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "explicit,vcs,image,cache,session",
+        env = "BUILDKIT_ROUTER_AFFINITY_KEY_SOURCES"
+    )]
+    pub affinity_key_sources: Vec<KeySource>,
+    /// Frontend attributes read by the `explicit` key source, first non-empty wins
+    /// (e.g. `build-arg:BUILDKIT_ROUTER_KEY`, `label:com.example.project`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "build-arg:BUILDKIT_ROUTER_KEY",
+        env = "BUILDKIT_ROUTER_AFFINITY_KEY_ATTR"
+    )]
+    pub affinity_key_attr: Vec<String>,
+    /// Relative weight of a backend (by identity) in ranking and load bounds, e.g.
+    /// `buildkitd-3=2` for a pod twice as large. Repeatable; unlisted backends weigh 1.
+    #[arg(long = "backend-weight", value_parser = parse_weight, env = "BUILDKIT_ROUTER_BACKEND_WEIGHTS", value_delimiter = ',')]
+    pub backend_weights: Vec<(String, f64)>,
 }
 
 impl PlacementArgs {
@@ -45,6 +106,9 @@ impl PlacementArgs {
         PlacementConfig {
             balance_factor: self.balance_factor,
             max_builds_per_backend: self.max_builds_per_backend,
+            key_sources: self.affinity_key_sources.clone(),
+            explicit_key_attrs: self.affinity_key_attr.clone(),
+            weights: self.backend_weights.clone(),
         }
     }
 }
@@ -52,8 +116,15 @@ impl PlacementArgs {
 /// Placement knobs.
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
+    /// c in ceil(c * (active + 1) / ready); `f64::INFINITY` = no load bound (pure affinity).
     pub balance_factor: f64,
     pub max_builds_per_backend: Option<usize>,
+    /// Affinity key sources, in order.
+    pub key_sources: Vec<KeySource>,
+    /// Frontend attributes of the `explicit` source.
+    pub explicit_key_attrs: Vec<String>,
+    /// Backend identity -> weight (default 1).
+    pub weights: Vec<(String, f64)>,
 }
 
 impl Default for PlacementConfig {
@@ -61,6 +132,9 @@ impl Default for PlacementConfig {
         Self {
             balance_factor: 1.25,
             max_builds_per_backend: None,
+            key_sources: key::DEFAULT_SOURCES.to_vec(),
+            explicit_key_attrs: vec!["build-arg:BUILDKIT_ROUTER_KEY".to_owned()],
+            weights: Vec::new(),
         }
     }
 }
@@ -72,19 +146,47 @@ pub struct BuildTraits {
     pub platforms: Vec<String>,
     /// buildx's probe build: least loaded, never counted against affinity.
     pub internal: bool,
+    /// Cache-affinity key; `None` places on load alone.
+    pub key: Option<AffinityKey>,
+    /// Randomness for keyless choices (power of two choices, ties). Fresh per build from
+    /// `traits_for_*`; fixed by tests and `simulate` so that runs repeat.
+    pub nonce: u64,
+}
+
+impl BuildTraits {
+    pub fn key_source(&self) -> KeySource {
+        self.key.as_ref().map_or(KeySource::None, |k| k.source)
+    }
+
+    pub fn key_hash(&self) -> Option<u64> {
+        self.key.as_ref().map(|k| k.hash)
+    }
 }
 
 /// Why a backend was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
+    /// The key's home backend (rank 0) had room.
     Affinity,
+    /// The home backend was over its load bound; a later one in the key's ranking took it.
     Spill,
+    /// No key (or an internal probe): chosen on load.
     LeastLoaded,
+    /// Set by the router: a session named by the build was already bound.
     PinnedSession,
+    /// Every capable backend was at hard capacity: the least loaded took it anyway.
     Overflow,
 }
 
 impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Reason::Affinity,
+        Reason::Spill,
+        Reason::LeastLoaded,
+        Reason::PinnedSession,
+        Reason::Overflow,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Affinity => "affinity",
@@ -110,9 +212,25 @@ pub struct Choice {
 pub enum PlacementError {
     #[error("no buildkitd backend is ready")]
     NoBackend,
-    #[error("no ready buildkitd backend can build platform {wanted}; platforms available: {available}")]
+    #[error(
+        "no ready buildkitd backend can build platform {wanted}; platforms available: {available}"
+    )]
     NoPlatform { wanted: String, available: String },
 }
+
+impl PlacementError {
+    /// The gRPC status code the client should see.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            PlacementError::NoBackend => tonic::Code::Unavailable,
+            PlacementError::NoPlatform { .. } => tonic::Code::FailedPrecondition,
+        }
+    }
+}
+
+/// Scores of the first candidates, kept on the stack so that computing a choice's rank does not
+/// hash again; larger pools rehash the rest.
+const SCRATCH: usize = 64;
 
 /// The placement policy with its configuration.
 #[derive(Debug, Clone, Default)]
@@ -132,81 +250,301 @@ impl Placement {
     /// What a Solve asks of placement.
     pub fn traits_for_solve(&self, solve: &SolveInfo<'_>) -> BuildTraits {
         let platforms = solve
-            .frontend_attr("platform")
-            .map(|p| {
-                p.split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
+            .frontend_attrs
+            .iter()
+            .find(|(k, _)| *k == "platform")
+            .map(|(_, p)| parse_platforms(p))
             .unwrap_or_default();
+        let key = if solve.internal {
+            None
+        } else {
+            key::solve_key(
+                solve,
+                &self.config.key_sources,
+                &self.config.explicit_key_attrs,
+            )
+        };
         BuildTraits {
             platforms,
             internal: solve.internal,
+            key,
+            nonce: rand::random(),
         }
     }
 
     /// What a Session that no Solve named within the bind window asks of placement.
     pub fn traits_for_session(&self, shared_key: &str) -> BuildTraits {
-        let _ = shared_key;
-        BuildTraits::default()
+        BuildTraits {
+            key: key::session_key(shared_key, &self.config.key_sources),
+            nonce: rand::random(),
+            ..BuildTraits::default()
+        }
     }
 
-    /// Picks a backend: least active builds among those that accept builds and support every
-    /// platform asked for, ties broken at random.
-    pub fn choose<N: Node>(&self, nodes: &[N], build: &BuildTraits) -> Result<Choice, PlacementError> {
-        let mut best: Option<(usize, usize)> = None;
-        let mut ties = 0u32;
-        let mut any_ready = false;
-        for (index, node) in nodes.iter().enumerate() {
-            if !node.accepts_builds() {
+    fn weight_of(&self, identity: &str) -> f64 {
+        self.config
+            .weights
+            .iter()
+            .find(|(id, _)| id == identity)
+            .map_or(1.0, |&(_, w)| w)
+    }
+
+    /// Picks a backend among those that accept builds and support every platform asked for.
+    /// Allocates nothing unless it fails.
+    pub fn choose<N: Node>(
+        &self,
+        nodes: &[N],
+        build: &BuildTraits,
+    ) -> Result<Choice, PlacementError> {
+        let capable =
+            |n: &N| n.accepts_builds() && build.platforms.iter().all(|p| n.supports_platform(p));
+        let weighted = !self.config.weights.is_empty();
+        let cap_of = |n: &N| match (n.capacity(), self.config.max_builds_per_backend) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(usize::MAX),
+        };
+
+        // Pass 1: the pool's totals, for the load bound.
+        let (mut ready, mut total_active, mut weight_sum, mut candidates) =
+            (0usize, 0usize, 0f64, 0usize);
+        for n in nodes {
+            if !n.accepts_builds() {
                 continue;
             }
-            any_ready = true;
-            if !build.platforms.iter().all(|p| node.supports_platform(p)) {
-                continue;
+            ready += 1;
+            total_active += n.active_builds();
+            if weighted {
+                weight_sum += self.weight_of(n.identity());
             }
-            let load = node.active_builds();
-            match best {
-                Some((_, best_load)) if load > best_load => {}
-                Some((_, best_load)) if load == best_load => {
-                    ties += 1;
-                    // Reservoir sampling keeps each tied backend equally likely.
-                    if rand::random_range(0..=ties) == 0 {
-                        best = Some((index, load));
-                    }
-                }
-                _ => {
-                    best = Some((index, load));
-                    ties = 0;
-                }
+            if build.platforms.iter().all(|p| n.supports_platform(p)) {
+                candidates += 1;
             }
         }
-        match best {
-            Some((index, _)) => Ok(Choice {
-                index,
-                reason: Reason::LeastLoaded,
-                rank: 0,
-            }),
-            None if !any_ready => Err(PlacementError::NoBackend),
-            None => {
-                let mut available: Vec<String> = nodes
+        if ready == 0 {
+            return Err(PlacementError::NoBackend);
+        }
+        if candidates == 0 {
+            return Err(self.no_platform(nodes, build));
+        }
+
+        let key = match (&build.key, build.internal) {
+            (Some(k), false) => k.hash,
+            (_, true) => {
+                return Ok(self.least_loaded(
+                    nodes,
+                    &capable,
+                    build.nonce,
+                    Reason::LeastLoaded,
+                    &cap_of,
+                ))
+            }
+            (None, false) => {
+                return Ok(self.two_choices(nodes, &capable, candidates, build.nonce, &cap_of))
+            }
+        };
+
+        // Pass 2: rendezvous scores; the best eligible one wins.
+        let c = self.config.balance_factor;
+        let share = c * (total_active + 1) as f64;
+        let uniform_bound = bound(share / ready as f64);
+        let score_of = |n: &N| {
+            if weighted {
+                hash::weighted_rendezvous(key, n.identity_hash(), self.weight_of(n.identity()))
+            } else {
+                hash::rendezvous(key, n.identity_hash())
+            }
+        };
+        let mut scratch = [0u64; SCRATCH];
+        let mut home = 0u64;
+        let mut best: Option<(usize, u64)> = None;
+        // Below hard capacity but over the balance bound: used only when no one is eligible.
+        let mut roomy: Option<(usize, usize)> = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if !capable(n) {
+                continue;
+            }
+            let s = score_of(n);
+            if i < SCRATCH {
+                scratch[i] = s;
+            }
+            home = home.max(s);
+            let load = n.active_builds();
+            let cap = cap_of(n);
+            let limit = if weighted {
+                bound(share * self.weight_of(n.identity()) / weight_sum)
+            } else {
+                uniform_bound
+            };
+            if load < limit && load < cap {
+                if best.is_none_or(|(_, bs)| s > bs) {
+                    best = Some((i, s));
+                }
+            } else if load < cap && roomy.is_none_or(|(_, l)| load < l) {
+                roomy = Some((i, load));
+            }
+        }
+        match (best, roomy) {
+            (Some((index, s)), _) => {
+                // Rank: how many capable backends score above the chosen one.
+                let rank = nodes
                     .iter()
-                    .filter(|n| n.accepts_builds())
-                    .flat_map(|n| n.platforms())
-                    .collect();
-                available.sort();
-                available.dedup();
-                Err(PlacementError::NoPlatform {
-                    wanted: build.platforms.join(","),
-                    available: if available.is_empty() {
-                        "none known".into()
-                    } else {
-                        available.join(", ")
-                    },
+                    .enumerate()
+                    .filter(|(_, n)| capable(n))
+                    .filter(|&(i, n)| (if i < SCRATCH { scratch[i] } else { score_of(n) }) > s)
+                    .count();
+                let reason = if s == home {
+                    Reason::Affinity
+                } else {
+                    Reason::Spill
+                };
+                Ok(Choice {
+                    index,
+                    reason,
+                    rank,
                 })
             }
+            (None, Some((index, _))) => {
+                let s = if index < SCRATCH {
+                    scratch[index]
+                } else {
+                    score_of(&nodes[index])
+                };
+                let rank = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| capable(n))
+                    .filter(|&(i, n)| (if i < SCRATCH { scratch[i] } else { score_of(n) }) > s)
+                    .count();
+                let reason = if rank == 0 {
+                    Reason::Affinity
+                } else {
+                    Reason::Spill
+                };
+                Ok(Choice {
+                    index,
+                    reason,
+                    rank,
+                })
+            }
+            (None, None) => {
+                Ok(self.least_loaded(nodes, &capable, build.nonce, Reason::Overflow, &cap_of))
+            }
+        }
+    }
+
+    /// Least active builds among capable backends, ties broken by the nonce. Reports `Overflow`
+    /// when even the least loaded is at hard capacity.
+    fn least_loaded<N: Node>(
+        &self,
+        nodes: &[N],
+        capable: &impl Fn(&N) -> bool,
+        nonce: u64,
+        reason: Reason,
+        cap_of: &impl Fn(&N) -> usize,
+    ) -> Choice {
+        let mut best: Option<(usize, usize, u64)> = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if !capable(n) {
+                continue;
+            }
+            let load = n.active_builds();
+            let tie = hash::fmix64(nonce ^ i as u64);
+            if best.is_none_or(|(_, bl, bt)| load < bl || (load == bl && tie > bt)) {
+                best = Some((i, load, tie));
+            }
+        }
+        let (index, load, _) = best.expect("caller checked there is a candidate");
+        let reason = if load >= cap_of(&nodes[index]) {
+            Reason::Overflow
+        } else {
+            reason
+        };
+        Choice {
+            index,
+            reason,
+            rank: 0,
+        }
+    }
+
+    /// Power of two choices: two distinct random candidates, the less loaded wins.
+    fn two_choices<N: Node>(
+        &self,
+        nodes: &[N],
+        capable: &impl Fn(&N) -> bool,
+        candidates: usize,
+        nonce: u64,
+        cap_of: &impl Fn(&N) -> usize,
+    ) -> Choice {
+        let r = hash::fmix64(nonce);
+        let a = (r % candidates as u64) as usize;
+        let b = if candidates > 1 {
+            (a + 1 + ((r >> 32) % (candidates as u64 - 1)) as usize) % candidates
+        } else {
+            a
+        };
+        let (mut pick_a, mut pick_b) = (0, 0);
+        for (pos, (i, _)) in nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| capable(n))
+            .enumerate()
+        {
+            if pos == a {
+                pick_a = i;
+            }
+            if pos == b {
+                pick_b = i;
+            }
+        }
+        let (la, lb) = (nodes[pick_a].active_builds(), nodes[pick_b].active_builds());
+        let index = if lb < la { pick_b } else { pick_a };
+        if nodes[index].active_builds() >= cap_of(&nodes[index]) {
+            // Both samples are full: look at everyone before calling it an overflow.
+            return self.least_loaded(nodes, capable, nonce, Reason::LeastLoaded, cap_of);
+        }
+        Choice {
+            index,
+            reason: Reason::LeastLoaded,
+            rank: 0,
+        }
+    }
+
+    fn no_platform<N: Node>(&self, nodes: &[N], build: &BuildTraits) -> PlacementError {
+        let mut available: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.accepts_builds())
+            .flat_map(|n| n.platforms())
+            .collect();
+        available.sort();
+        available.dedup();
+        PlacementError::NoPlatform {
+            wanted: build.platforms.join(","),
+            available: if available.is_empty() {
+                "none known".into()
+            } else {
+                available.join(", ")
+            },
         }
     }
 }
+
+/// ceil(x) as a load bound; an infinite factor means no bound.
+fn bound(x: f64) -> usize {
+    if x.is_finite() {
+        x.ceil() as usize
+    } else {
+        usize::MAX
+    }
+}
+
+/// `linux/amd64, linux/arm64` -> `["linux/amd64", "linux/arm64"]`.
+pub fn parse_platforms(p: &str) -> Vec<String> {
+    p.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

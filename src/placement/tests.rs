@@ -1,0 +1,552 @@
+//! Placement behaviour a user notices: where rebuilds go, how much moves, what is refused.
+
+use super::*;
+use crate::wire::TypedAttrs;
+
+#[derive(Debug, Clone)]
+struct TestNode {
+    id: String,
+    load: usize,
+    ready: bool,
+    cap: Option<usize>,
+    platforms: Vec<String>,
+}
+
+impl TestNode {
+    fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            load: 0,
+            ready: true,
+            cap: None,
+            platforms: Vec::new(),
+        }
+    }
+    fn with_platforms(mut self, p: &[&str]) -> Self {
+        self.platforms = p.iter().map(|s| s.to_string()).collect();
+        self
+    }
+}
+
+impl Node for TestNode {
+    fn identity(&self) -> &str {
+        &self.id
+    }
+    fn active_builds(&self) -> usize {
+        self.load
+    }
+    fn accepts_builds(&self) -> bool {
+        self.ready
+    }
+    fn capacity(&self) -> Option<usize> {
+        self.cap
+    }
+    fn supports_platform(&self, platform: &str) -> bool {
+        self.platforms.is_empty() || self.platforms.iter().any(|p| p == platform)
+    }
+    fn platforms(&self) -> Vec<String> {
+        self.platforms.clone()
+    }
+}
+
+fn pool(n: usize) -> Vec<TestNode> {
+    (0..n)
+        .map(|i| TestNode::new(format!("buildkitd-{i}")))
+        .collect()
+}
+
+fn keyed(k: &str) -> BuildTraits {
+    BuildTraits {
+        key: Some(AffinityKey::new(KeySource::Explicit, k.to_owned())),
+        ..Default::default()
+    }
+}
+
+fn home<'a>(p: &Placement, nodes: &'a [TestNode], k: &str) -> &'a str {
+    &nodes[p.choose(nodes, &keyed(k)).unwrap().index].id
+}
+
+#[test]
+fn same_inputs_same_choice_on_another_instance_and_order() {
+    let a = Placement::new(PlacementConfig::default());
+    let b = Placement::new(PlacementConfig::default());
+    let nodes = pool(8);
+    let mut reversed = nodes.clone();
+    reversed.reverse();
+    for i in 0..500 {
+        let k = format!("project-{i}");
+        let ha = home(&a, &nodes, &k);
+        assert_eq!(ha, home(&b, &nodes, &k));
+        assert_eq!(
+            ha,
+            home(&b, &reversed, &k),
+            "snapshot order must not matter"
+        );
+        let c = a.choose(&nodes, &keyed(&k)).unwrap();
+        assert_eq!((c.reason, c.rank), (Reason::Affinity, 0));
+    }
+}
+
+#[test]
+fn home_backends_are_pinned_across_versions() {
+    // Replicas of different versions must agree: pin a few homes of the hash contract.
+    let p = Placement::default();
+    let nodes = pool(8);
+    let got: Vec<&str> = ["a", "b", "c", "git.example.com/team/app"]
+        .iter()
+        .map(|k| home(&p, &nodes, k))
+        .collect();
+    assert_eq!(got, PINNED_HOMES);
+}
+const PINNED_HOMES: [&str; 4] = ["buildkitd-2", "buildkitd-6", "buildkitd-2", "buildkitd-0"];
+
+#[test]
+fn adding_one_backend_to_ten_moves_about_one_eleventh() {
+    let p = Placement::default();
+    let ten = pool(10);
+    let eleven = pool(11);
+    let keys = 20_000;
+    let mut moved = 0;
+    for i in 0..keys {
+        let k = format!("k{i}");
+        let (before, after) = (home(&p, &ten, &k), home(&p, &eleven, &k));
+        if before != after {
+            moved += 1;
+            assert_eq!(
+                after, "buildkitd-10",
+                "a moved key goes to the new backend only"
+            );
+        }
+    }
+    let frac = moved as f64 / keys as f64;
+    assert!(
+        frac > 0.5 / 11.0 && frac <= 2.0 / 11.0,
+        "moved {frac:.4} of keys"
+    );
+    assert!(
+        (frac - 1.0 / 11.0).abs() < 0.015,
+        "moved {frac:.4}, expected ~{:.4}",
+        1.0 / 11.0
+    );
+}
+
+#[test]
+fn removing_a_backend_moves_only_its_keys() {
+    let p = Placement::default();
+    let ten = pool(10);
+    let mut nine = ten.clone();
+    nine[4].ready = false; // draining: same as gone for new builds
+    for i in 0..5_000 {
+        let k = format!("k{i}");
+        let before = home(&p, &ten, &k);
+        if before != "buildkitd-4" {
+            assert_eq!(before, home(&p, &nine, &k));
+        }
+    }
+}
+
+/// A tiny deterministic generator, so the property tests need no seed plumbing.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        hash::fmix64(self.0)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn load_bound_is_never_exceeded_while_an_eligible_backend_exists() {
+    let mut rng = Lcg(42);
+    for c in [1.0, 1.1, 1.25, 2.0] {
+        let p = Placement::new(PlacementConfig {
+            balance_factor: c,
+            max_builds_per_backend: Some(12),
+            ..Default::default()
+        });
+        for _ in 0..3_000 {
+            let n = 1 + rng.below(12) as usize;
+            let mut nodes = pool(n);
+            for node in &mut nodes {
+                node.load = rng.below(14) as usize;
+                node.ready = rng.below(10) != 0;
+            }
+            let ready: Vec<&TestNode> = nodes.iter().filter(|n| n.ready).collect();
+            if ready.is_empty() {
+                assert_eq!(
+                    p.choose(&nodes, &keyed("x")),
+                    Err(PlacementError::NoBackend)
+                );
+                continue;
+            }
+            let total: usize = ready.iter().map(|n| n.load).sum();
+            let limit = (c * (total + 1) as f64 / ready.len() as f64).ceil() as usize;
+            let eligible = ready.iter().any(|n| n.load < limit && n.load < 12);
+            let k = format!("k{}", rng.below(1000));
+            let choice = p.choose(&nodes, &keyed(&k)).unwrap();
+            let chosen = &nodes[choice.index];
+            assert!(chosen.ready);
+            if eligible {
+                assert!(
+                    chosen.load < limit && chosen.load < 12,
+                    "{chosen:?} limit {limit} c {c}"
+                );
+                assert_ne!(choice.reason, Reason::Overflow);
+            } else {
+                assert_eq!(choice.reason, Reason::Overflow);
+                let min = ready.iter().map(|n| n.load).min().unwrap();
+                assert_eq!(chosen.load, min, "overflow goes to the least loaded");
+            }
+        }
+    }
+}
+
+#[test]
+fn one_hot_project_spills_in_rank_order_and_stays_bounded() {
+    // Everyone rebuilds one repository at once: it fills its home up to the bound, then
+    // spills to its second, third... backend, always the same ones.
+    let p = Placement::default();
+    let mut nodes = pool(4);
+    let mut order = Vec::new();
+    for step in 0..40 {
+        let choice = p.choose(&nodes, &keyed("hot")).unwrap();
+        let total: usize = nodes.iter().map(|n| n.load).sum();
+        let limit = (1.25 * (total + 1) as f64 / 4.0).ceil() as usize;
+        assert!(nodes[choice.index].load < limit, "step {step}");
+        if step == 0 {
+            assert_eq!((choice.reason, choice.rank), (Reason::Affinity, 0));
+        }
+        if choice.rank > 0 {
+            assert_eq!(choice.reason, Reason::Spill);
+        }
+        if !order.contains(&choice.index) {
+            order.push(choice.index);
+        }
+        nodes[choice.index].load += 1;
+    }
+    // Spill order is the key's ranking, the same on every replica.
+    let mut again = pool(4);
+    let mut order2 = Vec::new();
+    for _ in 0..40 {
+        let c = Placement::default().choose(&again, &keyed("hot")).unwrap();
+        if !order2.contains(&c.index) {
+            order2.push(c.index);
+        }
+        again[c.index].load += 1;
+    }
+    assert_eq!(order, order2);
+    let max = nodes.iter().map(|n| n.load).max().unwrap();
+    assert!(
+        max <= 13,
+        "40 builds on 4 backends: max {max} > ceil(1.25 * 40 / 4)"
+    );
+}
+
+#[test]
+fn rebuilds_stay_home_while_it_has_room() {
+    let p = Placement::default();
+    let mut nodes = pool(5);
+    let h = p.choose(&nodes, &keyed("app")).unwrap().index;
+    // Other projects keep the pool busy and balanced.
+    for n in nodes.iter_mut() {
+        n.load = 2;
+    }
+    let c = p.choose(&nodes, &keyed("app")).unwrap();
+    assert_eq!((c.index, c.reason, c.rank), (h, Reason::Affinity, 0));
+}
+
+#[test]
+fn hard_capacity_spills_then_overflows() {
+    let p = Placement::new(PlacementConfig {
+        max_builds_per_backend: Some(2),
+        ..Default::default()
+    });
+    let mut nodes = pool(3);
+    let h = p.choose(&nodes, &keyed("app")).unwrap().index;
+    nodes[h].load = 2;
+    let c = p.choose(&nodes, &keyed("app")).unwrap();
+    assert_ne!(c.index, h);
+    assert_eq!(c.reason, Reason::Spill);
+    assert!(c.rank >= 1);
+    for n in &mut nodes {
+        n.load = 2;
+    }
+    nodes[1].load = 3;
+    let c = p.choose(&nodes, &keyed("app")).unwrap();
+    assert_eq!(c.reason, Reason::Overflow);
+    assert_ne!(c.index, 1, "overflow takes the least loaded");
+    // A backend's own capacity counts as well.
+    let mut nodes = pool(2);
+    let h = p.choose(&nodes, &keyed("app")).unwrap().index;
+    nodes[h].cap = Some(1);
+    nodes[h].load = 1;
+    assert_ne!(p.choose(&nodes, &keyed("app")).unwrap().index, h);
+}
+
+#[test]
+fn keyless_and_internal_builds_go_by_load() {
+    let p = Placement::default();
+    let mut nodes = pool(2);
+    nodes[0].load = 5;
+    for nonce in 0..50 {
+        let b = BuildTraits {
+            nonce,
+            ..Default::default()
+        };
+        let c = p.choose(&nodes, &b).unwrap();
+        // With two backends the two choices are both of them: always the idle one.
+        assert_eq!((c.index, c.reason), (1, Reason::LeastLoaded));
+    }
+    let mut probe = keyed("app");
+    probe.internal = true;
+    let mut nodes = pool(6);
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.load = 10 - i;
+    }
+    let c = p.choose(&nodes, &probe).unwrap();
+    assert_eq!((c.index, c.reason, c.rank), (5, Reason::LeastLoaded, 0));
+}
+
+#[test]
+fn keyless_builds_spread_over_many_backends() {
+    let p = Placement::default();
+    let mut nodes = pool(8);
+    for nonce in 0..800u64 {
+        let c = p
+            .choose(
+                &nodes,
+                &BuildTraits {
+                    nonce,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        nodes[c.index].load += 1;
+    }
+    let (min, max) = (
+        nodes.iter().map(|n| n.load).min().unwrap(),
+        nodes.iter().map(|n| n.load).max().unwrap(),
+    );
+    assert!(
+        max - min <= 3,
+        "power of two choices keeps loads close: {min}..{max}"
+    );
+}
+
+#[test]
+fn platform_filtering() {
+    let p = Placement::default();
+    let nodes = vec![
+        TestNode::new("amd-0").with_platforms(&["linux/amd64", "linux/386"]),
+        TestNode::new("arm-0").with_platforms(&["linux/arm64"]),
+        TestNode::new("amd-1").with_platforms(&["linux/amd64"]),
+    ];
+    let with = |plat: &str, k: &str| BuildTraits {
+        platforms: parse_platforms(plat),
+        ..keyed(k)
+    };
+    for i in 0..200 {
+        let k = format!("p{i}");
+        assert_eq!(
+            nodes[p.choose(&nodes, &with("linux/arm64", &k)).unwrap().index].id,
+            "arm-0"
+        );
+        assert_ne!(
+            nodes[p.choose(&nodes, &with("linux/amd64", &k)).unwrap().index].id,
+            "arm-0"
+        );
+        assert_eq!(
+            nodes[p
+                .choose(&nodes, &with("linux/amd64,linux/386", &k))
+                .unwrap()
+                .index]
+                .id,
+            "amd-0"
+        );
+    }
+    // Nobody builds riscv64 (or both amd64 and arm64): FAILED_PRECONDITION naming what exists.
+    for wanted in ["linux/riscv64", "linux/amd64,linux/arm64"] {
+        let err = p.choose(&nodes, &with(wanted, "x")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no ready buildkitd backend can build platform {wanted}; \
+                 platforms available: linux/386, linux/amd64, linux/arm64"
+            )
+        );
+    }
+    // The only arm64 backend draining: refused, not sent elsewhere.
+    let mut draining = nodes.clone();
+    draining[1].ready = false;
+    let err = p.choose(&draining, &with("linux/arm64", "x")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("platforms available: linux/386, linux/amd64"),
+        "{err}"
+    );
+    // Backends whose platforms are not known yet take anything.
+    let unknown = vec![TestNode::new("fresh")];
+    assert!(p.choose(&unknown, &with("linux/s390x", "x")).is_ok());
+    // Keyless and internal builds are filtered the same way.
+    let b = BuildTraits {
+        platforms: parse_platforms("linux/arm64"),
+        ..Default::default()
+    };
+    for nonce in 0..20 {
+        let b = BuildTraits { nonce, ..b.clone() };
+        assert_eq!(p.choose(&nodes, &b).unwrap().index, 1);
+        let i = BuildTraits {
+            internal: true,
+            ..b
+        };
+        assert_eq!(p.choose(&nodes, &i).unwrap().index, 1);
+    }
+}
+
+#[test]
+fn no_ready_backend_is_unavailable() {
+    let p = Placement::default();
+    let mut nodes = pool(2);
+    for n in &mut nodes {
+        n.ready = false;
+    }
+    let err = p.choose(&nodes, &keyed("x")).unwrap_err();
+    assert_eq!(
+        (err.clone(), err.code()),
+        (PlacementError::NoBackend, tonic::Code::Unavailable)
+    );
+    assert_eq!(
+        p.choose::<TestNode>(&[], &BuildTraits::default()),
+        Err(PlacementError::NoBackend)
+    );
+}
+
+#[test]
+fn weights_share_keys_in_proportion() {
+    let p = Placement::new(PlacementConfig {
+        weights: vec![("buildkitd-0".into(), 3.0)],
+        ..Default::default()
+    });
+    let nodes = pool(4);
+    let n = 12_000;
+    let on_big = (0..n)
+        .filter(|i| home(&p, &nodes, &format!("k{i}")) == "buildkitd-0")
+        .count();
+    let frac = on_big as f64 / n as f64;
+    assert!(
+        (frac - 0.5).abs() < 0.03,
+        "weight 3 of 6 should take half the keys: {frac}"
+    );
+    // And its load bound scales too: 3 of 6 of the share.
+    let mut nodes = pool(4);
+    for n in &mut nodes[1..] {
+        n.load = 1;
+    }
+    nodes[0].load = 4;
+    // total 7, share 1.25 * 8 = 10: bound 5 for the big one, 2 (= ceil 1.67) for the others.
+    let k = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| home(&p, &pool(4), k) == "buildkitd-0")
+        .unwrap();
+    assert_eq!(p.choose(&nodes, &keyed(&k)).unwrap().index, 0);
+}
+
+#[test]
+fn traits_from_real_solves() {
+    let p = Placement::default();
+    // fixtures/buildx-git: the probe build first, then the real one.
+    let probe = SolveInfo {
+        build_ref: "yz9dswix20jbhiq59jd159pc7",
+        session: "u2hn3conhp0mns8iparjoi59y",
+        internal: true,
+        ..Default::default()
+    };
+    let t = p.traits_for_solve(&probe);
+    assert!(t.internal && t.key.is_none() && t.platforms.is_empty());
+
+    let real = SolveInfo {
+        build_ref: "mfwmo08g72flpx97hkl1urzxw",
+        session: "1zzwitow51lyzv3kugothyagx",
+        frontend_attrs: vec![
+            ("platform", "linux/amd64,linux/arm64"),
+            ("vcs:source", "https://git.example.com/team/app.git"),
+            ("filename", "Dockerfile"),
+        ],
+        exporters: vec![TypedAttrs {
+            kind: "oci",
+            attrs: vec![("name", "registry.example/team/app:1")],
+        }],
+        ..Default::default()
+    };
+    let t = p.traits_for_solve(&real);
+    assert_eq!(t.platforms, ["linux/amd64", "linux/arm64"]);
+    assert_eq!(t.key_source(), KeySource::Vcs);
+    assert_eq!(t.key_source().as_str(), "vcs");
+
+    // fixtures/buildctl-dockerfile: no vcs, so the image name.
+    let buildctl = SolveInfo {
+        frontend_attrs: vec![("platform", "linux/amd64"), ("build-arg:FOO", "bar")],
+        exporters: vec![TypedAttrs {
+            kind: "image",
+            attrs: vec![("push", "false"), ("name", "registry.example/team/app:1")],
+        }],
+        cache_exports: vec![TypedAttrs {
+            kind: "inline",
+            attrs: vec![("mode", "min")],
+        }],
+        ..Default::default()
+    };
+    assert_eq!(p.traits_for_solve(&buildctl).key_source(), KeySource::Image);
+    // Without any of it: load only.
+    let bare = SolveInfo::default();
+    assert_eq!(p.traits_for_solve(&bare).key_source(), KeySource::None);
+    assert_eq!(p.traits_for_session("").key_source(), KeySource::None);
+    assert_eq!(
+        p.traits_for_session("/src/app:abc").key_source(),
+        KeySource::Session
+    );
+}
+
+#[test]
+fn flags_parse() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        p: PlacementArgs,
+    }
+    let cfg = Cli::parse_from(["x"]).p.to_config();
+    assert_eq!(cfg.balance_factor, 1.25);
+    assert_eq!(cfg.key_sources, key::DEFAULT_SOURCES);
+    assert_eq!(cfg.explicit_key_attrs, ["build-arg:BUILDKIT_ROUTER_KEY"]);
+    let cfg = Cli::parse_from([
+        "x",
+        "--affinity-key-sources",
+        "image,vcs",
+        "--affinity-key-attr",
+        "label:project,build-arg:KEY",
+        "--backend-weight",
+        "buildkitd-0=2",
+        "--backend-weight",
+        "big=4.5",
+        "--balance-factor",
+        "inf",
+    ])
+    .p
+    .to_config();
+    assert_eq!(cfg.key_sources, [KeySource::Image, KeySource::Vcs]);
+    assert_eq!(cfg.explicit_key_attrs, ["label:project", "build-arg:KEY"]);
+    assert_eq!(
+        cfg.weights,
+        [("buildkitd-0".to_owned(), 2.0), ("big".to_owned(), 4.5)]
+    );
+    assert!(cfg.balance_factor.is_infinite());
+    assert!(Cli::try_parse_from(["x", "--balance-factor", "0.5"]).is_err());
+    assert!(Cli::try_parse_from(["x", "--backend-weight", "a=-1"]).is_err());
+}
