@@ -94,6 +94,19 @@ impl EndHook {
         Self(Some(Box::new(hook)))
     }
 
+    /// Runs `first`, then `second`.
+    pub fn chain(mut first: EndHook, mut second: EndHook) -> Self {
+        let (a, b) = (first.0.take(), second.0.take());
+        Self::new(move |end| {
+            if let Some(a) = a {
+                a(end);
+            }
+            if let Some(b) = b {
+                b(end);
+            }
+        })
+    }
+
     fn fire(&mut self, end: CallEnd) {
         if let Some(hook) = self.0.take() {
             hook(end);
@@ -143,6 +156,18 @@ enum Source {
 pub struct ResponseBody {
     source: Source,
     hook: Option<EndHook>,
+    /// How the call counts if the body is dropped unfinished: a Trailers-Only answer already
+    /// carried its status in the headers, anything else was cut short.
+    end_if_dropped: CallEnd,
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let end = self.end_if_dropped;
+        if let Some(mut hook) = self.hook.take() {
+            hook.fire(end);
+        }
+    }
 }
 
 impl fmt::Debug for ResponseBody {
@@ -153,28 +178,36 @@ impl fmt::Debug for ResponseBody {
 
 impl ResponseBody {
     /// A backend's response body, passed through.
-    pub fn backend(inner: Incoming, context: StreamContext) -> Self {
-        Self { source: Source::Backend { inner, context }, hook: None }
+    /// `header_status` is the grpc-status of a Trailers-Only answer.
+    pub fn backend(inner: Incoming, context: StreamContext, header_status: Option<u32>) -> Self {
+        Self {
+            source: Source::Backend { inner, context },
+            hook: None,
+            end_if_dropped: header_status.map_or(CallEnd::Cancelled, CallEnd::Status),
+        }
     }
 
     /// Messages (already framed) followed by trailers.
     pub fn local(data: Option<Bytes>, trailers: Option<HeaderMap>) -> Self {
-        Self { source: Source::Local { data, trailers }, hook: None }
+        Self { source: Source::Local { data, trailers }, hook: None, end_if_dropped: CallEnd::Cancelled }
     }
 
-    /// An empty body: the response headers said everything (Trailers-Only).
-    pub fn empty() -> Self {
-        Self { source: Source::Done, hook: None }
+    /// An empty body: the response headers said everything (Trailers-Only with `status`).
+    pub fn empty(status: u32) -> Self {
+        Self { source: Source::Done, hook: None, end_if_dropped: CallEnd::Status(status) }
     }
 
     /// Frames produced by a task (merged fan-out streams). The last frame should be trailers.
     pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
-        Self { source: Source::Channel(rx), hook: None }
+        Self { source: Source::Channel(rx), hook: None, end_if_dropped: CallEnd::Cancelled }
     }
 
-    /// Runs `hook` when the body ends or is dropped.
+    /// Runs `hook` (after any hook already set) when the body ends or is dropped.
     pub fn with_hook(mut self, hook: EndHook) -> Self {
-        self.hook = Some(hook);
+        self.hook = Some(match self.hook.take() {
+            Some(previous) => EndHook::chain(previous, hook),
+            None => hook,
+        });
         self
     }
 
@@ -282,7 +315,11 @@ impl Body for ResponseBody {
                     )))))
                 }
                 None => {
-                    this.finish(CallEnd::Status(0));
+                    let end = match this.end_if_dropped {
+                        CallEnd::Status(code) => CallEnd::Status(code),
+                        CallEnd::Cancelled => CallEnd::Status(0),
+                    };
+                    this.finish(end);
                     Poll::Ready(None)
                 }
             },

@@ -119,6 +119,10 @@ pub struct RunConfig {
     #[command(flatten)]
     pub discovery: crate::discovery::DiscoveryArgs,
 
+    /// Builds one backend should run: `desired_backends` = ceil((active + queued) / this).
+    #[arg(long, default_value_t = 4, env = "BUILDKIT_ROUTER_TARGET_BUILDS_PER_BACKEND")]
+    pub target_builds_per_backend: usize,
+
     /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
     #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]
     pub shutdown_grace: Duration,

@@ -1,4 +1,20 @@
-//! Streaming one HTTP/2 request and its response, trailers and resets to a backend.
+//! Streaming one HTTP/2 request and its response, trailers and resets to a backend; reading the
+//! first message of a request to route it; fanning a call out to every backend and merging.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use tokio::sync::mpsc;
+
+use crate::body::{grpc_status_of, status_trailers, RequestBody, ResponseBody, StreamContext};
+use crate::pool::{Backend, ConnectError};
+use crate::wire::{self, WireError, GRPC_PREFIX_LEN};
 
 /// gRPC status codes the router produces.
 pub mod code {
@@ -13,4 +29,310 @@ pub mod code {
     pub const UNIMPLEMENTED: u32 = 12;
     pub const INTERNAL: u32 = 13;
     pub const UNAVAILABLE: u32 = 14;
+}
+
+/// Why a call could not be handed to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// Nothing reached the backend: another backend may be tried.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The request may have reached the backend: never retried.
+    #[error("buildkitd backend {backend} failed the call: {source}")]
+    Send {
+        backend: Arc<str>,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl ForwardError {
+    /// True when no byte of the request reached the backend.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, ForwardError::Connect(_))
+    }
+}
+
+/// A request head that can be sent to several backends.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+}
+
+impl Head {
+    pub fn from_parts(parts: &Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            headers: parts.headers.clone(),
+        }
+    }
+}
+
+fn prepare(backend: &Backend, method: http::Method, path: &str, mut headers: HeaderMap, body: RequestBody) -> Request<RequestBody> {
+    // HTTP/2 carries the authority in :authority; a stale Host header would contradict it.
+    headers.remove(http::header::HOST);
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = backend.uri_for(path);
+    *request.version_mut() = Version::HTTP_2;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// Sends a client's request to `backend` and returns the backend's response head and body.
+/// A request the connection refused before sending anything is retried once on a new connection.
+pub async fn send(backend: &Arc<Backend>, parts: Parts, body: RequestBody) -> Result<Response<Incoming>, ForwardError> {
+    let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path(), |p| p.as_str());
+    let request = prepare(backend, parts.method.clone(), path, parts.headers, body);
+    send_request(backend, request).await
+}
+
+/// Sends a router-made copy of a call (`head` + one complete request body) to `backend`.
+pub async fn send_copy(backend: &Arc<Backend>, head: &Head, body: Bytes) -> Result<Response<Incoming>, ForwardError> {
+    let request = prepare(backend, head.method.clone(), &head.path_and_query, head.headers.clone(), RequestBody::full(body));
+    send_request(backend, request).await
+}
+
+async fn send_request(backend: &Arc<Backend>, request: Request<RequestBody>) -> Result<Response<Incoming>, ForwardError> {
+    let send_error = |source| ForwardError::Send { backend: backend.identity().clone(), source };
+    let mut sender = backend.sender().await?;
+    if sender.ready().await.is_err() {
+        // The cached connection just died; the pool drops it and connects anew.
+        sender = backend.sender().await?;
+        sender.ready().await.map_err(send_error)?;
+    }
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok(response),
+        Err(mut error) => match error.take_message() {
+            Some(request) => {
+                tracing::debug!(backend = %backend.identity(), error = %error.error(), "connection refused the request before sending it; retrying on a new connection");
+                let mut sender = backend.sender().await?;
+                sender.ready().await.map_err(send_error)?;
+                sender.send_request(request).await.map_err(send_error)
+            }
+            None => Err(send_error(error.into_error())),
+        },
+    }
+}
+
+/// Turns a backend's response into the client's, passing every frame through.
+pub fn relay(response: Response<Incoming>, context: StreamContext) -> Response<ResponseBody> {
+    let (parts, body) = response.into_parts();
+    let header_status = grpc_status_of(&parts.headers);
+    Response::from_parts(parts, ResponseBody::backend(body, context, header_status))
+}
+
+/// A Trailers-Only gRPC response carrying `code` and `message`.
+pub fn status_response(code: u32, message: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::empty(code));
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.extend(status_trailers(code, message));
+    response
+}
+
+/// A gRPC response with framed `messages` and an OK status.
+pub fn ok_response(head_from: Option<&HeaderMap>, messages: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::local(
+        (!messages.is_empty()).then_some(messages),
+        Some(status_trailers(code::OK, "")),
+    ));
+    copy_response_headers(head_from, response.headers_mut());
+    response
+}
+
+fn copy_response_headers(from: Option<&HeaderMap>, to: &mut HeaderMap) {
+    to.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    if let Some(from) = from {
+        for (name, value) in from {
+            if !name.as_str().starts_with("grpc-") && name != http::header::CONTENT_TYPE {
+                to.append(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// Why the first message of a request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PeekError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("the request ended before its first gRPC message was complete ({got} bytes)")]
+    Incomplete { got: usize },
+    #[error("the client's request stream failed: {0}")]
+    Body(#[source] hyper::Error),
+}
+
+impl PeekError {
+    /// The gRPC status a client gets for this error.
+    pub fn code(&self) -> u32 {
+        match self {
+            PeekError::Wire(WireError::TooLarge { .. }) => code::RESOURCE_EXHAUSTED,
+            PeekError::Wire(WireError::Compressed) => code::UNIMPLEMENTED,
+            PeekError::Wire(_) | PeekError::Incomplete { .. } => code::INVALID_ARGUMENT,
+            PeekError::Body(_) => code::CANCELLED,
+        }
+    }
+}
+
+/// The first message of a request, read so the call can be routed.
+#[derive(Debug)]
+pub struct Peeked {
+    /// Every byte read from the body so far: the first message and possibly more. Sent to the
+    /// backend ahead of the rest of the body.
+    pub buffered: Bytes,
+    /// Where the first message's payload lies in `buffered`.
+    pub message: Range<usize>,
+}
+
+impl Peeked {
+    pub fn message(&self) -> &[u8] {
+        &self.buffered[self.message.clone()]
+    }
+}
+
+/// Reads the request body until its first gRPC message is complete.
+pub async fn read_first_message(body: &mut Incoming, max_len: usize) -> Result<Peeked, PeekError> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(header) = wire::parse_frame_header(&buf, max_len)? {
+            if header.compressed {
+                return Err(WireError::Compressed.into());
+            }
+            let end = GRPC_PREFIX_LEN + header.len;
+            if buf.len() >= end {
+                return Ok(Peeked { buffered: buf.freeze(), message: GRPC_PREFIX_LEN..end });
+            }
+            buf.reserve(end - buf.len());
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(error)) => return Err(PeekError::Body(error)),
+            None => return Err(PeekError::Incomplete { got: buf.len() }),
+        }
+    }
+}
+
+/// Splits a byte stream into whole framed gRPC messages (prefix included).
+#[derive(Debug, Default)]
+pub struct MessageSplitter {
+    buf: BytesMut,
+}
+
+impl MessageSplitter {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete framed message, if one is buffered.
+    pub fn next_message(&mut self, max_len: usize) -> Result<Option<Bytes>, WireError> {
+        match wire::parse_frame_header(&self.buf, max_len)? {
+            Some(header) if self.buf.len() >= GRPC_PREFIX_LEN + header.len => {
+                Ok(Some(self.buf.split_to(GRPC_PREFIX_LEN + header.len).freeze()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// One backend's complete answer to a unary call.
+pub struct Collected {
+    pub headers: HeaderMap,
+    /// grpc-status from the trailers, or from Trailers-Only headers.
+    pub status: u32,
+    pub message: String,
+    /// Framed messages.
+    pub body: Bytes,
+}
+
+/// Reads a whole (small) response.
+pub async fn collect(response: Response<Incoming>, max_len: usize) -> Result<Collected, hyper::Error> {
+    let (parts, mut body) = response.into_parts();
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(chunk) => {
+                if data.len() + chunk.len() > max_len + GRPC_PREFIX_LEN {
+                    break;
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    let status_source = trailers.as_ref().unwrap_or(&parts.headers);
+    let status = grpc_status_of(status_source).unwrap_or(code::UNKNOWN);
+    let message = status_source
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(Collected { headers: parts.headers, status, message, body: data.freeze() })
+}
+
+/// Concatenates the payloads of framed messages into one framed message. Protobuf merges
+/// repeated fields by concatenation, so this merges e.g. several DiskUsageResponses.
+pub fn merge_unary_payloads<'a>(bodies: impl Iterator<Item = &'a Bytes>, max_len: usize) -> Result<Bytes, WireError> {
+    let mut payload = BytesMut::new();
+    for body in bodies {
+        let mut splitter = MessageSplitter::default();
+        splitter.push(body);
+        while let Some(mut message) = splitter.next_message(max_len)? {
+            message.advance(GRPC_PREFIX_LEN);
+            payload.extend_from_slice(&message);
+        }
+    }
+    Ok(wire::encode_frame(&payload))
+}
+
+/// Forwards whole messages of a backend's streamed response into `tx`; returns its final status.
+pub async fn pump_messages(
+    response: Response<Incoming>,
+    tx: &mpsc::Sender<Frame<Bytes>>,
+    max_len: usize,
+) -> Result<(u32, String), String> {
+    let (parts, mut body) = response.into_parts();
+    if let Some(code) = grpc_status_of(&parts.headers) {
+        let message = parts.headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        return Ok((code, message.to_owned()));
+    }
+    let mut splitter = MessageSplitter::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        match frame.into_data() {
+            Ok(data) => {
+                splitter.push(&data);
+                while let Some(message) = splitter.next_message(max_len).map_err(|e| e.to_string())? {
+                    if tx.send(Frame::data(message)).await.is_err() {
+                        return Err("client went away".into());
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let code = grpc_status_of(&trailers).unwrap_or(code::UNKNOWN);
+                    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    return Ok((code, message.to_owned()));
+                }
+            }
+        }
+    }
+    if body.is_end_stream() && splitter.is_empty() {
+        Ok((code::OK, String::new()))
+    } else {
+        Err("stream ended without trailers".into())
+    }
 }

@@ -5,6 +5,7 @@
 //! are forwarded ([`forward`], [`session`]) to a backend ([`pool`]) that [`discovery`] found.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod body;
 pub mod classify;
 pub mod config;
@@ -18,5 +19,6 @@ pub mod proto;
 pub mod registry;
 pub mod router;
 pub mod session;
+pub mod status;
 pub mod tls;
 pub mod wire;

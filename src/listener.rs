@@ -1,1 +1,188 @@
-//! (in progress)
+//! TCP and TLS listeners, HTTP/2 server connections, limits, and graceful shutdown.
+//!
+//! The client port speaks only HTTP/2: h2c with prior knowledge, or TLS where ALPN `h2` is
+//! selected when offered and HTTP/2 is still spoken to clients that offer no ALPN (buildx's
+//! remote driver). `:authority` is never looked at.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::metrics::Metrics;
+use crate::router::{ConnState, Router};
+
+/// HTTP/2 server limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub tls_handshake_timeout: Duration,
+    /// Pings on idle client connections find clients that vanished without a FIN.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_concurrent_streams: 1024,
+            max_header_list_size: 64 * 1024,
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 8 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The client-facing listener.
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+impl Server {
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
+        Self { listener, tls: tls.map(tokio_rustls::TlsAcceptor::from), router, metrics, limits }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, asks every connection to
+    /// finish (GOAWAY) and waits up to `grace` for in-flight calls.
+    pub async fn serve(self, shutdown: CancellationToken, grace: Duration) {
+        let graceful = GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let limits = Arc::new(self.limits);
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // EMFILE and friends: keep serving the connections we have.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.router.clone();
+            let metrics = self.metrics.clone();
+            let limits = limits.clone();
+            let tls = self.tls.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    metrics.connections_active.inc();
+                    match tls {
+                        None => {
+                            metrics.connections_total.with_label_values(&["h2c"]).inc();
+                            serve_connection(stream, router, &limits, watcher).await;
+                        }
+                        Some(acceptor) => match accept_tls(acceptor, stream, &limits).await {
+                            Some(tls_stream) => {
+                                metrics.connections_total.with_label_values(&["tls"]).inc();
+                                serve_connection(tls_stream, router, &limits, watcher).await;
+                            }
+                            None => metrics.connections_total.with_label_values(&["tls_failed"]).inc(),
+                        },
+                    }
+                    metrics.connections_active.dec();
+                }
+                .instrument(tracing::debug_span!("conn", %peer)),
+            );
+        }
+        drop(self.listener);
+        info!(grace = ?grace, "stopped accepting; waiting for in-flight calls");
+        match tokio::time::timeout(grace, graceful.shutdown()).await {
+            Ok(()) => info!("every connection finished"),
+            Err(_) => warn!(grace = ?grace, "shutdown grace period over; closing the remaining connections"),
+        }
+    }
+}
+
+async fn accept_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    limits: &Limits,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+            debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS handshake done");
+            Some(tls)
+        }
+        Ok(Err(error)) => {
+            warn!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            warn!(timeout = ?limits.tls_handshake_timeout, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn serve_connection<S>(stream: S, router: Arc<Router>, limits: &Limits, watcher: hyper_util::server::graceful::Watcher)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_state = Arc::new(ConnState::default());
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let router = router.clone();
+        let conn_state = conn_state.clone();
+        async move { Ok::<_, Infallible>(router.handle(&conn_state, request).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .max_frame_size(limits.max_frame_size)
+        .max_send_buf_size(1024 * 1024)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .auto_date_header(false);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(connection).await {
+        debug!(%error, "client connection ended with an error");
+    }
+}

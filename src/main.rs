@@ -1,2 +1,73 @@
+//! buildkit-router: parse the command line, start everything, wait for a signal, drain.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::process::ExitCode;
+
+use buildkit_router::config::{Cli, Command, LogFormat, RunConfig};
+use buildkit_router::{app, placement, status};
+use clap::Parser;
+use tracing::{error, info};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Simulate(args)) => placement::simulate::run(args),
+        Some(Command::Status(args)) => runtime().and_then(|rt| rt.block_on(status::print(args))),
+        None => {
+            init_logging(&cli.run);
+            runtime().and_then(|rt| rt.block_on(run(cli.run)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("buildkit-router: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn init_logging(cfg: &RunConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match cfg.log_format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+async fn run(cfg: RunConfig) -> Result<(), BoxError> {
+    let running = app::start(cfg).await?;
+    let shutdown = running.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received; draining");
+        shutdown.cancel();
+    });
+    running.finished().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the router");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

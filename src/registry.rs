@@ -1,1 +1,411 @@
-//! (in progress)
+//! Live builds: build ref -> backend, session id -> backend.
+//!
+//! Every ref and session id has a slot holding its backend once bound. Waiters (a Status before
+//! its Solve, a Session before the Solve that names it) subscribe to the slot and wake when it is
+//! bound. Binding a Solve and all the sessions it names happens under one short lock, so
+//! concurrent Solves that share a session (bake) always agree on one backend. A slot is pinned
+//! while a Solve or Session stream uses it, lingers a little after the last pin drops (for the
+//! history and Content calls that follow a build), and is swept after that, or after the TTL as a
+//! backstop, so memory does not grow with the number of builds served.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::pool::Backend;
+
+/// Which namespace a key lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Ref,
+    Session,
+}
+
+struct Slot {
+    backend: watch::Sender<Option<Arc<Backend>>>,
+    created: Instant,
+    pins: AtomicUsize,
+    /// When an unpinned slot may be swept.
+    expires: Mutex<Instant>,
+}
+
+impl Slot {
+    fn new(now: Instant, expires: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            backend: watch::Sender::new(None),
+            created: now,
+            pins: AtomicUsize::new(0),
+            expires: Mutex::new(expires),
+        })
+    }
+
+    fn bound(&self) -> Option<Arc<Backend>> {
+        self.backend.borrow().clone()
+    }
+}
+
+/// Keeps a ref or session slot alive while a stream uses it.
+pub struct Pin {
+    slot: Arc<Slot>,
+    linger: Duration,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if self.slot.pins.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.slot.expires.lock().expect("expiry lock") = Instant::now() + self.linger;
+        }
+    }
+}
+
+/// The outcome of binding a Solve.
+pub struct BoundBuild {
+    pub backend: Arc<Backend>,
+    /// True when an already-bound session decided the backend (not placement).
+    pub pinned_by_session: bool,
+    /// Keeps the ref and every named session bound while the Solve runs.
+    pub pins: Vec<Pin>,
+}
+
+/// What a Solve's sessions say before placement runs.
+pub enum Precheck {
+    /// A named session (or the ref itself) is already bound: the build must go there.
+    Pinned(Arc<Backend>),
+    /// Nothing is bound yet: placement decides.
+    Free,
+}
+
+/// Registry sizing and timers.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrySettings {
+    /// How long a slot stays after its last user is gone.
+    pub linger: Duration,
+    /// Backstop: slots older than this are swept whatever their pins.
+    pub ttl: Duration,
+    /// How long a slot created only by a waiter stays unbound before it is swept.
+    pub unbound_expiry: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            linger: Duration::from_secs(120),
+            ttl: Duration::from_secs(24 * 3600),
+            unbound_expiry: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One running build, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildRecord {
+    pub backend: Arc<str>,
+    #[serde(skip)]
+    pub started: Instant,
+    /// Why placement chose the backend (`placement_total` reason).
+    pub reason: &'static str,
+    /// Rank of the backend for the build's affinity key (0 = home).
+    pub rank: usize,
+    /// Where the affinity key came from ("none" without one).
+    pub key_source: &'static str,
+    /// A short hash of the affinity key (never the raw key).
+    pub key_hash: Option<String>,
+    /// buildx's probe build.
+    pub internal: bool,
+}
+
+/// The routing state of live builds.
+pub struct Registry {
+    builds: DashMap<Arc<str>, BuildRecord>,
+    refs: DashMap<Arc<str>, Arc<Slot>>,
+    sessions: DashMap<Arc<str>, Arc<Slot>>,
+    /// Serialises bind decisions (never held across an await).
+    bind_lock: Mutex<()>,
+    settings: RegistrySettings,
+}
+
+impl Registry {
+    pub fn new(settings: RegistrySettings) -> Arc<Self> {
+        Arc::new(Self {
+            builds: DashMap::new(),
+            refs: DashMap::new(),
+            sessions: DashMap::new(),
+            bind_lock: Mutex::new(()),
+            settings,
+        })
+    }
+
+    fn map(&self, kind: KeyKind) -> &DashMap<Arc<str>, Arc<Slot>> {
+        match kind {
+            KeyKind::Ref => &self.refs,
+            KeyKind::Session => &self.sessions,
+        }
+    }
+
+    fn slot(&self, kind: KeyKind, key: &str) -> Arc<Slot> {
+        let map = self.map(kind);
+        if let Some(slot) = map.get(key) {
+            return slot.clone();
+        }
+        let now = Instant::now();
+        map.entry(Arc::from(key))
+            .or_insert_with(|| Slot::new(now, now + self.settings.unbound_expiry))
+            .clone()
+    }
+
+    fn pin(&self, slot: &Arc<Slot>) -> Pin {
+        slot.pins.fetch_add(1, Ordering::AcqRel);
+        Pin {
+            slot: slot.clone(),
+            linger: self.settings.linger,
+        }
+    }
+
+    /// The backend a ref or session is bound to, if any. Lock-free.
+    pub fn lookup(&self, kind: KeyKind, key: &str) -> Option<Arc<Backend>> {
+        self.map(kind).get(key).and_then(|slot| slot.bound())
+    }
+
+    /// Waits up to `timeout` for `key` to be bound.
+    pub async fn wait_bound(&self, kind: KeyKind, key: &str, timeout: Duration) -> Option<Arc<Backend>> {
+        let slot = self.slot(kind, key);
+        let mut rx = slot.backend.subscribe();
+        let result = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        match result {
+            Ok(Ok(bound)) => bound.clone(),
+            _ => None,
+        }
+    }
+
+    /// Whether a Solve naming `build_ref` and `sessions` is already tied to a backend.
+    pub fn precheck(&self, build_ref: &str, sessions: &[&str]) -> Precheck {
+        if let Some(backend) = self.lookup(KeyKind::Ref, build_ref) {
+            return Precheck::Pinned(backend);
+        }
+        match sessions.iter().find_map(|s| self.lookup(KeyKind::Session, s)) {
+            Some(backend) => Precheck::Pinned(backend),
+            None => Precheck::Free,
+        }
+    }
+
+    /// Binds a Solve's ref and every session it names to one backend, atomically.
+    ///
+    /// If another Solve bound one of the sessions (or the ref) meanwhile, that binding wins and
+    /// `chosen` is ignored: builds that share a session must share a daemon.
+    pub fn bind_solve(&self, build_ref: &str, sessions: &[&str], chosen: Arc<Backend>) -> BoundBuild {
+        let _guard = self.bind_lock.lock().expect("bind lock");
+        let ref_slot = self.slot(KeyKind::Ref, build_ref);
+        let session_slots: Vec<Arc<Slot>> = sessions.iter().map(|s| self.slot(KeyKind::Session, s)).collect();
+        let existing = ref_slot
+            .bound()
+            .or_else(|| session_slots.iter().find_map(|slot| slot.bound()));
+        let pinned_by_session = existing.is_some();
+        let backend = existing.unwrap_or(chosen);
+        let mut pins = Vec::with_capacity(1 + session_slots.len());
+        for (slot, key) in std::iter::once((&ref_slot, build_ref)).chain(session_slots.iter().zip(sessions.iter().copied())) {
+            match slot.bound() {
+                None => {
+                    slot.backend.send_replace(Some(backend.clone()));
+                }
+                Some(other) if !Arc::ptr_eq(&other, &backend) => {
+                    tracing::warn!(
+                        build_ref,
+                        key,
+                        bound = %other.identity(),
+                        backend = %backend.identity(),
+                        "a session named by this build is already bound to another backend; keeping its binding"
+                    );
+                }
+                Some(_) => {}
+            }
+            pins.push(self.pin(slot));
+        }
+        BoundBuild { backend, pinned_by_session, pins }
+    }
+
+    /// Binds a session no Solve named within the bind window, unless one did meanwhile.
+    /// `place` runs under the bind lock only when the session is still unbound.
+    pub fn bind_session<E>(
+        &self,
+        session: &str,
+        place: impl FnOnce() -> Result<Arc<Backend>, E>,
+    ) -> Result<(Arc<Backend>, bool), E> {
+        let _guard = self.bind_lock.lock().expect("bind lock");
+        let slot = self.slot(KeyKind::Session, session);
+        if let Some(backend) = slot.bound() {
+            return Ok((backend, false));
+        }
+        let backend = place()?;
+        slot.backend.send_replace(Some(backend.clone()));
+        Ok((backend, true))
+    }
+
+    /// Keeps a session bound while its stream is open.
+    pub fn pin_session(&self, session: &str) -> Pin {
+        let slot = self.slot(KeyKind::Session, session);
+        self.pin(&slot)
+    }
+
+    /// Records a running build for `/status`.
+    pub fn record_build(&self, build_ref: Arc<str>, record: BuildRecord) {
+        self.builds.insert(build_ref, record);
+    }
+
+    /// Forgets a build that ended.
+    pub fn end_build(&self, build_ref: &str) {
+        self.builds.remove(build_ref);
+    }
+
+    /// The running builds, oldest first.
+    pub fn running_builds(&self) -> Vec<(Arc<str>, BuildRecord)> {
+        let mut builds: Vec<_> = self.builds.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        builds.sort_by_key(|(_, record)| record.started);
+        builds
+    }
+
+    /// Removes expired slots. Returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let ttl = self.settings.ttl;
+        let mut removed = 0;
+        for map in [&self.refs, &self.sessions] {
+            map.retain(|_, slot| {
+                let expired = now.duration_since(slot.created) > ttl
+                    || (slot.pins.load(Ordering::Acquire) == 0 && *slot.expires.lock().expect("expiry lock") <= now);
+                removed += usize::from(expired);
+                !expired
+            });
+        }
+        removed
+    }
+
+    /// Sweeps every `interval`, forever.
+    pub async fn run_sweeper(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let removed = self.sweep();
+            if removed > 0 {
+                tracing::debug!(removed, "swept expired routing entries");
+            }
+        }
+    }
+
+    /// Number of (refs, sessions) tracked.
+    pub fn len(&self) -> (usize, usize) {
+        (self.refs.len(), self.sessions.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty() && self.sessions.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{BackendAddress, EndpointSpec, EndpointState, Pool, PoolSettings, PoolUpdate};
+
+    fn backends(n: usize) -> Vec<Arc<Backend>> {
+        let pool = Pool::new(PoolSettings::default());
+        let specs = (0..n)
+            .map(|i| EndpointSpec {
+                identity: format!("bk-{i}"),
+                address: BackendAddress::tcp("127.0.0.1", 1000 + i as u16),
+                state: EndpointState::Ready,
+                zone: None,
+                node: None,
+            })
+            .collect();
+        pool.apply(PoolUpdate::Reset(specs));
+        pool.snapshot().backends.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_waiting_for_its_solve_wakes_when_bound() {
+        let registry = Registry::new(RegistrySettings::default());
+        let b = backends(1);
+        let waiter = {
+            let registry = registry.clone();
+            tokio::spawn(async move { registry.wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        let bound = registry.bind_solve("r1", &["s1"], b[0].clone());
+        assert!(!bound.pinned_by_session);
+        let got = waiter.await.expect("join").expect("bound");
+        assert!(Arc::ptr_eq(&got, &b[0]));
+        assert!(Arc::ptr_eq(&registry.lookup(KeyKind::Session, "s1").expect("session"), &b[0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_an_unknown_ref_gives_up_after_the_timeout() {
+        let registry = Registry::new(RegistrySettings::default());
+        let started = Instant::now();
+        assert!(registry.wait_bound(KeyKind::Ref, "nope", Duration::from_secs(5)).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn solves_sharing_a_session_agree_on_one_backend() {
+        let registry = Registry::new(RegistrySettings::default());
+        let b = backends(2);
+        let first = registry.bind_solve("ra", &["own-a", "shared"], b[0].clone());
+        // The second target was placed elsewhere, but the shared session wins.
+        let second = registry.bind_solve("rb", &["own-b", "shared"], b[1].clone());
+        assert!(Arc::ptr_eq(&first.backend, &second.backend));
+        assert!(second.pinned_by_session);
+        assert!(Arc::ptr_eq(&registry.lookup(KeyKind::Session, "own-b").expect("own-b"), &b[0]));
+    }
+
+    #[test]
+    fn a_session_bound_by_fallback_pins_the_later_solve() {
+        let registry = Registry::new(RegistrySettings::default());
+        let b = backends(2);
+        let (backend, placed) = registry.bind_session::<()>("s", || Ok(b[1].clone())).expect("bind");
+        assert!(placed);
+        assert!(Arc::ptr_eq(&backend, &b[1]));
+        assert!(matches!(registry.precheck("r", &["s"]), Precheck::Pinned(p) if Arc::ptr_eq(&p, &b[1])));
+        let bound = registry.bind_solve("r", &["s"], b[0].clone());
+        assert!(Arc::ptr_eq(&bound.backend, &b[1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_linger_after_the_build_then_are_swept() {
+        let settings = RegistrySettings { linger: Duration::from_secs(60), ..Default::default() };
+        let registry = Registry::new(settings);
+        let b = backends(1);
+        let bound = registry.bind_solve("r", &["s"], b[0].clone());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(registry.sweep(), 0, "pinned while the Solve runs");
+        drop(bound);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(registry.sweep(), 0, "still lingering");
+        assert!(registry.lookup(KeyKind::Ref, "r").is_some());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(registry.sweep(), 2);
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_made_by_waiters_that_never_bind_expire() {
+        let registry = Registry::new(RegistrySettings::default());
+        let _ = registry.wait_bound(KeyKind::Ref, "ghost", Duration::from_millis(10)).await;
+        assert_eq!(registry.len(), (1, 0));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(registry.sweep(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ttl_is_a_backstop_even_for_pinned_entries() {
+        let settings = RegistrySettings { ttl: Duration::from_secs(100), ..Default::default() };
+        let registry = Registry::new(settings);
+        let b = backends(1);
+        let _bound = registry.bind_solve("r", &[], b[0].clone());
+        tokio::time::advance(Duration::from_secs(101)).await;
+        assert_eq!(registry.sweep(), 1);
+    }
+}

@@ -1,1 +1,700 @@
-//! (in progress)
+//! One request's way: classify it, find its backend (registry, else placement), and hand it to
+//! forwarding or session binding. The only module that knows every other module's role.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::{Frame, Incoming};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{field, info, warn, Instrument};
+
+use crate::body::{status_trailers, CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
+use crate::classify::{classify, Route};
+use crate::forward::{self, code, Head, PeekError};
+use crate::metrics::Metrics;
+use crate::placement::{BuildTraits, Choice, Placement, PlacementError, Reason};
+use crate::pool::{Backend, BackendState, Pool};
+use crate::registry::{BuildRecord, KeyKind, Precheck, Registry};
+use crate::session;
+use crate::wire;
+
+/// The header naming an LLBBridge call's build.
+pub const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
+
+/// Routing timers and limits.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub session_bind_window: Duration,
+    pub ref_wait: Duration,
+    pub max_message_size: usize,
+    /// How many backends a new build may try when connecting fails before anything was sent.
+    pub connect_attempts: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            session_bind_window: Duration::from_secs(3),
+            ref_wait: Duration::from_secs(5),
+            max_message_size: 16 * 1024 * 1024 + 64 * 1024,
+            connect_attempts: 3,
+        }
+    }
+}
+
+/// What the router remembers about one client connection.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    last_backend: Mutex<Option<Arc<Backend>>>,
+}
+
+impl ConnState {
+    fn last_backend(&self) -> Option<Arc<Backend>> {
+        self.last_backend.lock().expect("conn lock").clone()
+    }
+
+    fn used(&self, backend: &Arc<Backend>) {
+        let mut last = self.last_backend.lock().expect("conn lock");
+        if !last.as_ref().is_some_and(|b| Arc::ptr_eq(b, backend)) {
+            *last = Some(backend.clone());
+        }
+    }
+}
+
+/// A cached answer for ListWorkers/Info, served when no backend is ready.
+#[derive(Clone)]
+struct CachedAnswer {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Routes every call.
+pub struct Router {
+    pool: Arc<Pool>,
+    registry: Arc<Registry>,
+    placement: Placement,
+    metrics: Arc<Metrics>,
+    settings: RouterSettings,
+    cached: Mutex<HashMap<&'static str, CachedAnswer>>,
+}
+
+fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
+    forward::status_response(code, message.as_ref())
+}
+
+fn unavailable_backend(backend: &Backend, build_ref: Option<&str>, error: impl std::fmt::Display) -> Response<ResponseBody> {
+    let message = match build_ref {
+        Some(r) => format!("buildkit-router: buildkitd backend {} is unavailable for build {r}: {error}", backend.identity()),
+        None => format!("buildkit-router: buildkitd backend {} is unavailable: {error}", backend.identity()),
+    };
+    warn!(backend = %backend.identity(), build_ref, %error, "backend unavailable");
+    forward::status_response(code::UNAVAILABLE, &message)
+}
+
+fn placement_error(error: &PlacementError) -> Response<ResponseBody> {
+    let code = match error {
+        PlacementError::NoBackend => code::UNAVAILABLE,
+        PlacementError::NoPlatform { .. } => code::FAILED_PRECONDITION,
+    };
+    forward::status_response(code, &format!("buildkit-router: {error}"))
+}
+
+fn peek_error(what: &str, error: &PeekError) -> Response<ResponseBody> {
+    warn!(%error, "cannot read {what} request");
+    forward::status_response(error.code(), &format!("buildkit-router: cannot read {what} request: {error}"))
+}
+
+fn outcome_of(end: CallEnd) -> &'static str {
+    match end {
+        CallEnd::Status(0) => "success",
+        CallEnd::Status(1) | CallEnd::Cancelled => "cancelled",
+        CallEnd::Status(_) => "failed",
+    }
+}
+
+impl Router {
+    pub fn new(
+        pool: Arc<Pool>,
+        registry: Arc<Registry>,
+        placement: Placement,
+        metrics: Arc<Metrics>,
+        settings: RouterSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self { pool, registry, placement, metrics, settings, cached: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Handles one request from a client connection.
+    pub async fn handle(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let call = classify(request.uri().path());
+        let span = tracing::info_span!("call", method = call.method, build_ref = field::Empty, backend = field::Empty);
+        let response = self.route(call.route, conn, request).instrument(span).await;
+        let metrics = self.metrics.clone();
+        let method = call.method;
+        response.map(|body| {
+            body.with_hook(EndHook::new(move |end| {
+                metrics.record_call(
+                    method,
+                    match end {
+                        CallEnd::Status(code) => Some(code),
+                        CallEnd::Cancelled => None,
+                    },
+                )
+            }))
+        })
+    }
+
+    async fn route(self: &Arc<Self>, route: Route, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        match route {
+            Route::Solve => self.solve(conn, request).await,
+            Route::Session => self.session(conn, request).await,
+            Route::Status => self.status(conn, request).await,
+            Route::Bridge => self.bridge(conn, request).await,
+            Route::ListenHistory => self.history(conn, request, true).await,
+            Route::UpdateHistory => self.history(conn, request, false).await,
+            Route::FanOutUnary => self.fan_out_unary(request).await,
+            Route::FanOutStream => self.fan_out_stream(request).await,
+            Route::AnyReady => self.any_ready(conn, request).await,
+            Route::Sticky => self.sticky(conn, request).await,
+            Route::Health => self.health(request),
+        }
+    }
+
+    /// Sends the call to `backend` and relays the answer; the build ref names the build in errors.
+    async fn forward_to(
+        &self,
+        conn: &ConnState,
+        backend: &Arc<Backend>,
+        build_ref: Option<&str>,
+        parts: http::request::Parts,
+        body: RequestBody,
+    ) -> Response<ResponseBody> {
+        tracing::Span::current().record("backend", &**backend.identity());
+        conn.used(backend);
+        match forward::send(backend, parts, body).await {
+            Ok(response) => forward::relay(
+                response,
+                StreamContext { backend: backend.identity().clone(), build_ref: build_ref.map(Arc::from) },
+            ),
+            Err(error) => unavailable_backend(backend, build_ref, error),
+        }
+    }
+
+    /// Runs placement over the current snapshot, skipping `excluded` backends.
+    fn place(&self, traits: &BuildTraits, excluded: &[Arc<str>]) -> Result<(Arc<Backend>, Choice), PlacementError> {
+        let snapshot = self.pool.snapshot();
+        if excluded.is_empty() {
+            let choice = self.placement.choose(&snapshot.backends, traits)?;
+            return Ok((snapshot.backends[choice.index].clone(), choice));
+        }
+        let candidates: Vec<Arc<Backend>> =
+            snapshot.backends.iter().filter(|b| !excluded.contains(b.identity())).cloned().collect();
+        let choice = self.placement.choose(&candidates, traits)?;
+        Ok((candidates[choice.index].clone(), choice))
+    }
+
+    async fn solve(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let (parts, mut body) = request.into_parts();
+        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => peeked,
+            Err(error) => return peek_error("Control/Solve", &error),
+        };
+        let solve = match wire::decode_solve(peeked.message()) {
+            Ok(solve) => solve,
+            Err(error) => {
+                warn!(%error, "undecodable Control/Solve request");
+                return error_response_invalid("Control/Solve", &error);
+            }
+        };
+        let build_ref: Arc<str> = Arc::from(solve.build_ref);
+        tracing::Span::current().record("build_ref", &*build_ref);
+        let sessions = solve.session_ids();
+        let traits = self.placement.traits_for_solve(&solve);
+
+        // Choose a backend we can reach before binding anything to it, so a dead pod costs a
+        // retry on the next candidate instead of a failed build.
+        let mut excluded: Vec<Arc<str>> = Vec::new();
+        let (bound, choice) = loop {
+            let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
+                Precheck::Pinned(backend) => (backend, Choice { index: 0, reason: Reason::PinnedSession, rank: 0 }),
+                Precheck::Free => match self.place(&traits, &excluded) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        warn!(%error, "cannot place build");
+                        return placement_error(&error);
+                    }
+                },
+            };
+            if let Err(error) = candidate.sender().await {
+                let retry = choice.reason != Reason::PinnedSession && excluded.len() + 1 < self.settings.connect_attempts;
+                if retry {
+                    warn!(backend = %candidate.identity(), %error, "cannot reach the chosen backend; trying the next candidate");
+                    excluded.push(candidate.identity().clone());
+                    continue;
+                }
+                return unavailable_backend(&candidate, Some(&build_ref), error);
+            }
+            let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
+            let choice = if bound.pinned_by_session { Choice { reason: Reason::PinnedSession, ..choice } } else { choice };
+            break (bound, choice);
+        };
+        drop(solve);
+        let backend = bound.backend.clone();
+        let load = backend.start_build();
+        let started = Instant::now();
+        let record = BuildRecord {
+            backend: backend.identity().clone(),
+            started,
+            reason: choice.reason.as_str(),
+            rank: choice.rank,
+            key_source: "none",
+            key_hash: None,
+            internal: traits.internal,
+        };
+        self.registry.record_build(build_ref.clone(), record);
+        info!(
+            build_ref = %build_ref,
+            backend = %backend.identity(),
+            reason = choice.reason.as_str(),
+            sessions = sessions.len(),
+            internal = traits.internal,
+            "build placed"
+        );
+        let response = self
+            .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+            .await;
+        let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
+        let pins = bound.pins;
+        response.map(|body| {
+            body.with_hook(EndHook::new(move |end| {
+                let outcome = outcome_of(end);
+                let elapsed = started.elapsed();
+                metrics.builds_total.with_label_values(&[load.backend().identity(), outcome]).inc();
+                metrics.build_duration_seconds.observe(elapsed.as_secs_f64());
+                info!(build_ref = %build_ref, backend = %load.backend().identity(), outcome, seconds = elapsed.as_secs_f64(), "build ended");
+                registry.end_build(&build_ref);
+                drop(pins);
+                drop(load);
+            }))
+        })
+    }
+
+    async fn session(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let Some(uuid) = header(session::UUID_HEADER).filter(|u| !u.is_empty()) else {
+            // buildkitd rejects it with its own error; pass it on untouched.
+            return self.sticky(conn, request).await;
+        };
+        let shared_key = header(session::SHARED_KEY_HEADER).unwrap_or_default();
+        tracing::Span::current().record("build_ref", field::display(format_args!("session:{uuid}")));
+        let bound = match session::bind(
+            &self.registry,
+            &self.pool,
+            &self.placement,
+            &uuid,
+            &shared_key,
+            self.settings.session_bind_window,
+        )
+        .await
+        {
+            Ok(bound) => bound,
+            Err(error) => return placement_error(&error),
+        };
+        self.metrics
+            .session_bind_seconds
+            .with_label_values(&[bound.how.as_str()])
+            .observe(bound.waited.as_secs_f64());
+        let pin = self.registry.pin_session(&uuid);
+        let (parts, body) = request.into_parts();
+        let response = self.forward_to(conn, &bound.backend, None, parts, RequestBody::incoming(body)).await;
+        response.map(|body| body.with_hook(EndHook::new(move |_| drop(pin))))
+    }
+
+    /// The backend of `build_ref`, waiting up to the ref wait for its Solve.
+    async fn backend_of(&self, build_ref: &str) -> Option<Arc<Backend>> {
+        match self.registry.lookup(KeyKind::Ref, build_ref) {
+            Some(backend) => Some(backend),
+            None => self.registry.wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait).await,
+        }
+    }
+
+    async fn status(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let (parts, mut body) = request.into_parts();
+        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => peeked,
+            Err(error) => return peek_error("Control/Status", &error),
+        };
+        let build_ref = match wire::decode_status_ref(peeked.message()) {
+            Ok(r) => r.to_owned(),
+            Err(error) => return error_response_invalid("Control/Status", &error),
+        };
+        tracing::Span::current().record("build_ref", &*build_ref);
+        if let Some(backend) = self.backend_of(&build_ref).await {
+            return self
+                .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+                .await;
+        }
+        // Not a build this router placed (another replica's, or one that ended long ago): ask
+        // every backend and relay the one that knows it.
+        info!(build_ref = %build_ref, "unknown build ref; asking every backend");
+        let head = Head::from_parts(&parts);
+        self.first_answer(&head, peeked.buffered, Some(&build_ref)).await
+    }
+
+    /// Sends a copy of the call to every live backend and relays the first that answers with a
+    /// stream rather than an error; if every backend errs, relays the first error.
+    async fn first_answer(&self, head: &Head, request: Bytes, build_ref: Option<&str>) -> Response<ResponseBody> {
+        let backends = self.live_backends();
+        if backends.is_empty() {
+            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+        }
+        let mut pending: FuturesUnordered<_> = backends
+            .iter()
+            .map(|backend| {
+                let request = request.clone();
+                async move { (backend, forward::send_copy(backend, head, request).await) }
+            })
+            .collect();
+        let mut first_error: Option<Response<ResponseBody>> = None;
+        while let Some((backend, result)) = pending.next().await {
+            let context = StreamContext { backend: backend.identity().clone(), build_ref: build_ref.map(Arc::from) };
+            match result {
+                Ok(response) if crate::body::grpc_status_of(response.headers()).is_none() || pending.is_empty() => {
+                    tracing::Span::current().record("backend", &**backend.identity());
+                    if crate::body::grpc_status_of(response.headers()).is_some() {
+                        if let Some(first) = first_error {
+                            return first;
+                        }
+                    }
+                    return forward::relay(response, context);
+                }
+                Ok(response) => {
+                    first_error.get_or_insert_with(|| forward::relay(response, context));
+                }
+                Err(error) => {
+                    if pending.is_empty() {
+                        return first_error.unwrap_or_else(|| unavailable_backend(backend, build_ref, error));
+                    }
+                }
+            }
+        }
+        first_error.unwrap_or_else(|| error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend answered"))
+    }
+
+    async fn bridge(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let build_ref = request
+            .headers()
+            .get(BUILD_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned);
+        let Some(build_ref) = build_ref else {
+            // buildkitd answers "no buildid found in context" itself.
+            return self.sticky(conn, request).await;
+        };
+        tracing::Span::current().record("build_ref", &*build_ref);
+        let backend = match self.backend_of(&build_ref).await {
+            Some(backend) => backend,
+            None => {
+                // The daemon answers `no such job` with its own wait; send it where the
+                // connection's builds go.
+                warn!(build_ref = %build_ref, "LLBBridge call for a build ref no Solve named; forwarding to this connection's backend");
+                match self.connection_backend(conn) {
+                    Some(backend) => backend,
+                    None => return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready"),
+                }
+            }
+        };
+        let (parts, body) = request.into_parts();
+        self.forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::incoming(body)).await
+    }
+
+    async fn history(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>, listen: bool) -> Response<ResponseBody> {
+        let what = if listen { "Control/ListenBuildHistory" } else { "Control/UpdateBuildHistory" };
+        let (parts, mut body) = request.into_parts();
+        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => peeked,
+            Err(error) => return peek_error(what, &error),
+        };
+        let build_ref = if listen {
+            wire::decode_history_request(peeked.message()).map(|h| h.build_ref)
+        } else {
+            wire::decode_update_history_ref(peeked.message())
+        };
+        let build_ref = match build_ref {
+            Ok(r) => r.to_owned(),
+            Err(error) => return error_response_invalid(what, &error),
+        };
+        if !build_ref.is_empty() {
+            tracing::Span::current().record("build_ref", &*build_ref);
+            if let Some(backend) = self.registry.lookup(KeyKind::Ref, &build_ref) {
+                return self
+                    .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+                    .await;
+            }
+        }
+        // History is per daemon: ask them all.
+        let head = Head::from_parts(&parts);
+        if listen {
+            self.merge_streams(head, peeked.buffered)
+        } else {
+            self.first_ok(&head, peeked.buffered, (!build_ref.is_empty()).then_some(build_ref.as_str())).await
+        }
+    }
+
+    /// Every backend that may hold state: ready, draining or unhealthy (not gone).
+    fn live_backends(&self) -> Vec<Arc<Backend>> {
+        self.pool.snapshot().backends.iter().filter(|b| b.state() != BackendState::Gone).cloned().collect()
+    }
+
+    /// Unary call to every backend; relays the first OK answer, else the first error.
+    async fn first_ok(&self, head: &Head, request: Bytes, build_ref: Option<&str>) -> Response<ResponseBody> {
+        let backends = self.live_backends();
+        let answers = futures_util::future::join_all(backends.iter().map(|backend| {
+            let request = request.clone();
+            async move {
+                let response = forward::send_copy(backend, head, request).await.map_err(|e| e.to_string())?;
+                forward::collect(response, self.settings.max_message_size).await.map_err(|e| e.to_string())
+            }
+        }))
+        .await;
+        let mut first_error = None;
+        for (backend, answer) in backends.iter().zip(answers) {
+            match answer {
+                Ok(collected) if collected.status == code::OK => return forward::ok_response(Some(&collected.headers), collected.body),
+                Ok(collected) => {
+                    first_error.get_or_insert((collected.status, collected.message));
+                }
+                Err(e) => {
+                    first_error.get_or_insert((code::UNAVAILABLE, format!("buildkit-router: buildkitd backend {}: {e}", backend.identity())));
+                }
+            }
+        }
+        match first_error {
+            Some((code, message)) => error(code, message),
+            None => error(
+                code::UNAVAILABLE,
+                match build_ref {
+                    Some(r) => format!("buildkit-router: no buildkitd backend is ready for build {r}"),
+                    None => "buildkit-router: no buildkitd backend is ready".into(),
+                },
+            ),
+        }
+    }
+
+    async fn fan_out_unary(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let (parts, mut body) = request.into_parts();
+        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => peeked,
+            Err(error) => return peek_error(parts.uri.path(), &error),
+        };
+        let head = Head::from_parts(&parts);
+        let backends = self.live_backends();
+        if backends.is_empty() {
+            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+        }
+        let max = self.settings.max_message_size;
+        let answers = futures_util::future::join_all(backends.iter().map(|backend| {
+            let (head, request) = (&head, peeked.buffered.clone());
+            async move {
+                let response = forward::send_copy(backend, head, request).await.map_err(|e| e.to_string())?;
+                forward::collect(response, max).await.map_err(|e| e.to_string())
+            }
+        }))
+        .await;
+        let mut merged = Vec::new();
+        let mut first_error = None;
+        let mut headers = None;
+        for (backend, answer) in backends.iter().zip(answers) {
+            match answer {
+                Ok(collected) if collected.status == code::OK => {
+                    headers.get_or_insert(collected.headers);
+                    merged.push(collected.body);
+                }
+                Ok(collected) => {
+                    warn!(backend = %backend.identity(), code = collected.status, message = %collected.message, "fan-out call failed on one backend");
+                    first_error.get_or_insert((collected.status, collected.message));
+                }
+                Err(e) => {
+                    warn!(backend = %backend.identity(), error = %e, "fan-out call failed on one backend");
+                    first_error.get_or_insert((code::UNAVAILABLE, format!("buildkit-router: buildkitd backend {}: {e}", backend.identity())));
+                }
+            }
+        }
+        if merged.is_empty() {
+            let (code, message) = first_error.unwrap_or((code::UNAVAILABLE, "buildkit-router: no backend answered".into()));
+            return error(code, message);
+        }
+        match forward::merge_unary_payloads(merged.iter(), max) {
+            Ok(message) => forward::ok_response(headers.as_ref(), message),
+            Err(e) => error(code::INTERNAL, format!("buildkit-router: cannot merge answers: {e}")),
+        }
+    }
+
+    async fn fan_out_stream(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let (parts, mut body) = request.into_parts();
+        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => peeked,
+            Err(error) => return peek_error(parts.uri.path(), &error),
+        };
+        self.merge_streams(Head::from_parts(&parts), peeked.buffered)
+    }
+
+    /// Streams every backend's answer to the client, message by message, and ends with OK if
+    /// any backend ended OK, else with the first error.
+    fn merge_streams(&self, head: Head, request: Bytes) -> Response<ResponseBody> {
+        let backends = self.live_backends();
+        if backends.is_empty() {
+            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+        }
+        let (tx, rx) = mpsc::channel::<Frame<Bytes>>(16);
+        let max = self.settings.max_message_size;
+        tokio::spawn(
+            async move {
+                let results = futures_util::future::join_all(backends.iter().map(|backend| {
+                    let (head, request, tx) = (&head, request.clone(), &tx);
+                    async move {
+                        let response = forward::send_copy(backend, head, request).await.map_err(|e| e.to_string())?;
+                        forward::pump_messages(response, tx, max).await
+                    }
+                }))
+                .await;
+                let mut first_error = None;
+                let mut any_ok = false;
+                for (backend, result) in backends.iter().zip(results) {
+                    match result {
+                        Ok((code::OK, _)) => any_ok = true,
+                        Ok((code, message)) => {
+                            first_error.get_or_insert((code, message));
+                        }
+                        Err(e) => {
+                            warn!(backend = %backend.identity(), error = %e, "merged stream failed on one backend");
+                            first_error.get_or_insert((code::UNAVAILABLE, format!("buildkit-router: buildkitd backend {}: {e}", backend.identity())));
+                        }
+                    }
+                }
+                let trailers = match (any_ok, first_error) {
+                    (true, _) | (false, None) => status_trailers(code::OK, ""),
+                    (false, Some((code, message))) => status_trailers(code, &message),
+                };
+                let _ = tx.send(Frame::trailers(trailers)).await;
+            }
+            .in_current_span(),
+        );
+        let mut response = Response::new(ResponseBody::channel(rx));
+        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    }
+
+    /// This connection's backend if it still serves, else any ready one.
+    fn connection_backend(&self, conn: &ConnState) -> Option<Arc<Backend>> {
+        if let Some(backend) = conn.last_backend() {
+            if backend.state() != BackendState::Gone {
+                return Some(backend);
+            }
+        }
+        self.least_loaded_ready()
+    }
+
+    fn least_loaded_ready(&self) -> Option<Arc<Backend>> {
+        let snapshot = self.pool.snapshot();
+        snapshot
+            .backends
+            .iter()
+            .filter(|b| b.state() == BackendState::Ready)
+            .min_by_key(|b| b.active_builds())
+            .cloned()
+    }
+
+    async fn any_ready(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let path: &'static str = match request.uri().path() {
+            "/moby.buildkit.v1.Control/ListWorkers" => "/moby.buildkit.v1.Control/ListWorkers",
+            _ => "/moby.buildkit.v1.Control/Info",
+        };
+        let backend = conn
+            .last_backend()
+            .filter(|b| b.state() == BackendState::Ready)
+            .or_else(|| self.least_loaded_ready());
+        let Some(backend) = backend else {
+            return match self.cached.lock().expect("cache lock").get(path).cloned() {
+                Some(answer) => {
+                    info!("no backend is ready; serving the cached answer");
+                    forward::ok_response(Some(&answer.headers), answer.body)
+                }
+                None => error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready"),
+            };
+        };
+        tracing::Span::current().record("backend", &**backend.identity());
+        conn.used(&backend);
+        let (parts, body) = request.into_parts();
+        let response = match forward::send(&backend, parts, RequestBody::incoming(body)).await {
+            Ok(response) => response,
+            Err(error) => return unavailable_backend(&backend, None, error),
+        };
+        // Small answers: read them whole, to cache them and learn the workers' platforms.
+        let collected = match forward::collect(response, self.settings.max_message_size).await {
+            Ok(collected) => collected,
+            Err(error) => return unavailable_backend(&backend, None, error),
+        };
+        if collected.status != code::OK {
+            return error(collected.status, collected.message);
+        }
+        if path.ends_with("ListWorkers") {
+            let mut splitter = forward::MessageSplitter::default();
+            splitter.push(&collected.body);
+            if let Ok(Some(message)) = splitter.next_message(self.settings.max_message_size) {
+                if let Ok(platforms) = wire::decode_worker_platforms(&message[wire::GRPC_PREFIX_LEN..]) {
+                    backend.set_platforms(platforms);
+                }
+            }
+        }
+        self.cached
+            .lock()
+            .expect("cache lock")
+            .insert(path, CachedAnswer { headers: collected.headers.clone(), body: collected.body.clone() });
+        forward::ok_response(Some(&collected.headers), collected.body)
+    }
+
+    async fn sticky(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let Some(backend) = self.connection_backend(conn) else {
+            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+        };
+        let (parts, body) = request.into_parts();
+        self.forward_to(conn, &backend, None, parts, RequestBody::incoming(body)).await
+    }
+
+    /// grpc.health.v1: the router answers for itself. SERVING once it can route builds.
+    fn health(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        match request.uri().path() {
+            "/grpc.health.v1.Health/Check" => {
+                let serving = self.pool.is_synced() && self.pool.snapshot().any_ready().is_some();
+                // HealthCheckResponse { status = 1 SERVING | 2 NOT_SERVING }
+                let message = wire::encode_frame(&[0x08, if serving { 1 } else { 2 }]);
+                forward::ok_response(None, message)
+            }
+            _ => error(code::UNIMPLEMENTED, "buildkit-router: only grpc.health.v1.Health/Check is served"),
+        }
+    }
+}
+
+fn error_response_invalid(what: &str, error: &wire::WireError) -> Response<ResponseBody> {
+    warn!(%error, "undecodable {what} request");
+    let code = match error {
+        wire::WireError::TooLarge { .. } => code::RESOURCE_EXHAUSTED,
+        _ => code::INVALID_ARGUMENT,
+    };
+    forward::status_response(code, &format!("buildkit-router: undecodable {what} request: {error}"))
+}

@@ -1,0 +1,135 @@
+//! Wiring: builds every part from the configuration and starts the tasks. Used by `main` and by
+//! the tests, which run the real router in-process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::RunConfig;
+use crate::listener::{Limits, Server};
+use crate::metrics::{AdminState, Metrics};
+use crate::placement::Placement;
+use crate::pool::{Pool, PoolSettings};
+use crate::registry::{Registry, RegistrySettings};
+use crate::router::{Router, RouterSettings};
+use crate::tls::{self, BackendTlsFiles};
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("no backends configured: give --backend, --dns or --kubernetes-service")]
+    NoBackends,
+}
+
+/// A running router.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub pool: Arc<Pool>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// Cancel to drain and stop.
+    pub shutdown: CancellationToken,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until the listener has drained after `shutdown`, then stops background tasks.
+    pub async fn finished(self) {
+        let _ = self.server.await;
+        for task in self.background {
+            task.abort();
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts the router: listeners, pool, discovery, health checks, admin endpoints.
+pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
+    let backend_tls = BackendTlsFiles {
+        ca: cfg.backend_tls_ca.clone(),
+        cert: cfg.backend_tls_cert.clone(),
+        key: cfg.backend_tls_key.clone(),
+        server_name: cfg.backend_tls_server_name.clone(),
+    };
+    let static_backends = cfg
+        .backends
+        .iter()
+        .map(|url| tls::parse_backend_url(url, &backend_tls))
+        .collect::<Result<Vec<_>, _>>()?;
+    let server_tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key, cfg.tls_client_ca.as_deref())?),
+        _ => None,
+    };
+
+    let placement_config = cfg.placement.to_config();
+    let pool = Pool::new(PoolSettings {
+        connect_timeout: cfg.connect_timeout,
+        health_interval: cfg.health_interval,
+        health_failures: cfg.health_failures,
+        max_builds_per_backend: placement_config.max_builds_per_backend,
+        ..PoolSettings::default()
+    });
+    let registry = Registry::new(RegistrySettings {
+        linger: cfg.build_linger,
+        ttl: cfg.registry_ttl,
+        unbound_expiry: (cfg.ref_wait + cfg.session_bind_window) * 4,
+    });
+    let metrics = Metrics::new(pool.clone(), cfg.target_builds_per_backend)?;
+    let router = Router::new(
+        pool.clone(),
+        registry.clone(),
+        Placement::new(placement_config),
+        metrics.clone(),
+        RouterSettings {
+            session_bind_window: cfg.session_bind_window,
+            ref_wait: cfg.ref_wait,
+            max_message_size: cfg.max_message_size,
+            ..RouterSettings::default()
+        },
+    );
+
+    let shutdown = CancellationToken::new();
+    let mut background = Vec::new();
+    let (updates_tx, updates_rx) = mpsc::channel(64);
+    background.push(tokio::spawn(pool.clone().run_updates(updates_rx)));
+    if static_backends.is_empty() {
+        return Err(StartError::NoBackends);
+    }
+    background.push(tokio::spawn(crate::discovery::static_source(static_backends, updates_tx)));
+    background.push(tokio::spawn(pool.clone().run_health_checks()));
+    background.push(tokio::spawn(registry.clone().run_sweeper(std::time::Duration::from_secs(15))));
+
+    let admin = bind(cfg.admin_listen).await?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: cfg.admin_listen, source })?;
+    let admin_state = AdminState { metrics: metrics.clone(), pool: pool.clone(), registry: registry.clone() };
+    background.push(tokio::spawn(crate::metrics::serve_admin(admin, admin_state, shutdown.clone())));
+
+    let listener = bind(cfg.listen).await?;
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        max_header_list_size: cfg.max_header_list_size,
+        ..Limits::default()
+    };
+    let server = Server::new(listener, server_tls.clone(), router, metrics.clone(), limits);
+    let addr = server.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    info!(%addr, %admin_addr, tls = server_tls.is_some(), mtls = cfg.tls_client_ca.is_some(), "buildkit-router listening");
+    let server = tokio::spawn(server.serve(shutdown.clone(), cfg.shutdown_grace));
+    Ok(Running { addr, admin_addr, pool, registry, metrics, shutdown, server, background })
+}
