@@ -33,6 +33,8 @@ const ROUTER_METRICS: &[(&str, MetricKind)] = &[
     ("buildkit_router_requests_total", MetricKind::Counter),
     ("buildkit_router_discovery_updates_total", MetricKind::Counter),
     ("buildkit_router_discovery_errors_total", MetricKind::Counter),
+    ("buildkit_router_connections_active", MetricKind::Gauge),
+    ("buildkit_router_connections_total", MetricKind::Counter),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -317,7 +319,7 @@ fn pool<'a>(r: &'a Rendered) -> Pool<'a> {
     Pool { router, router_container, router_flags, router_labels, statefulset, buildkitd, buildkitd_labels, headless }
 }
 
-fn each_variant(check: impl Fn(&Rendered)) {
+fn each_variant(mut check: impl FnMut(&Rendered)) {
     let Some(variants) = rendered() else { return };
     for r in variants {
         check(r);
@@ -837,4 +839,39 @@ fn router_binary_accepts_every_flag_the_manifests_use() {
         .filter(|flag| !help.split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[').any(|w| w == *flag))
         .collect();
     assert!(missing.is_empty(), "the manifests use router flags that `buildkit-router --help` does not list: {missing:?}");
+}
+
+#[test]
+fn gitlab_ci_example_builds_through_the_router_without_a_daemon() {
+    let path = deploy_dir().join("examples/gitlab-ci.yml");
+    let text = std::fs::read_to_string(&path).expect("deploy/examples/gitlab-ci.yml");
+    let ci: Value = serde_yaml::from_str(&text).expect("gitlab-ci.yml parses");
+    let jobs: Vec<(&String, &Value)> = ci
+        .as_object()
+        .expect("a mapping of jobs")
+        .iter()
+        .filter(|(k, v)| !k.starts_with('.') && v.get("script").is_some())
+        .collect();
+    assert!(jobs.len() >= 2, "expected a build job and a multi-platform job");
+    // No Docker-in-Docker anywhere: no services, no dind image, no privileged flags.
+    let code: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(!code.contains("dind") && !code.contains("privileged"), "the example must not need DinD or privileged runners");
+    for (job, v) in &ci.as_object().unwrap().iter().collect::<Vec<_>>() {
+        assert!(v.get("services").is_none(), "job {job} declares services (DinD?)");
+    }
+    for needle in [
+        "--driver remote",
+        "tcp://buildkit-router.buildkit.svc:1234",
+        "--cache-to \"type=registry,ref=",
+        "mode=max",
+        "--cache-from \"type=registry,ref=",
+        "--platform linux/amd64,linux/arm64",
+        "BUILDKIT_ROUTER_KEY=",
+        "cacert=${BUILDKIT_CA},cert=${BUILDKIT_CERT},key=${BUILDKIT_KEY}",
+        "--push",
+    ] {
+        assert!(text.contains(needle), "gitlab-ci.yml lacks {needle:?}");
+    }
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).expect("deploy/README.md");
+    assert!(readme.contains("examples/gitlab-ci.yml"), "deploy/README.md must link the CI example");
 }
