@@ -173,17 +173,11 @@ fn lookup<'a>(attrs: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
 pub fn decode_solve(msg: &[u8]) -> Result<SolveInfo<'_>, WireError> {
     let mut info = SolveInfo::default();
     let mut exporter_deprecated = "";
-    let mut exporter_attrs_deprecated = Vec::new();
     let mut fields = Fields::new(msg);
     while let Some((number, value)) = fields.next_field()? {
         match (number, value) {
             (1, Value::Len(b)) => info.build_ref = utf8(b, "SolveRequest.Ref")?,
             (3, Value::Len(b)) => exporter_deprecated = utf8(b, "SolveRequest.ExporterDeprecated")?,
-            (4, Value::Len(b)) => exporter_attrs_deprecated.push(map_entry(
-                b,
-                "SolveRequest.ExporterAttrsDeprecated.key",
-                "SolveRequest.ExporterAttrsDeprecated.value",
-            )?),
             (5, Value::Len(b)) => info.session = utf8(b, "SolveRequest.Session")?,
             (6, Value::Len(b)) => info.frontend = utf8(b, "SolveRequest.Frontend")?,
             (7, Value::Len(b)) => info.frontend_attrs.push(map_entry(
@@ -207,10 +201,22 @@ pub fn decode_solve(msg: &[u8]) -> Result<SolveInfo<'_>, WireError> {
         }
     }
     // Older clients fill only the deprecated pair; newer ones fill both (then 13 is the truth).
+    // Field 4 is read only then, in a second walk, so the common case allocates nothing for it.
     if info.exporters.is_empty() && !exporter_deprecated.is_empty() {
+        let mut attrs = Vec::new();
+        let mut fields = Fields::new(msg);
+        while let Some((number, value)) = fields.next_field()? {
+            if let (4, Value::Len(b)) = (number, value) {
+                attrs.push(map_entry(
+                    b,
+                    "SolveRequest.ExporterAttrsDeprecated.key",
+                    "SolveRequest.ExporterAttrsDeprecated.value",
+                )?);
+            }
+        }
         info.exporters.push(TypedAttrs {
             kind: exporter_deprecated,
-            attrs: exporter_attrs_deprecated,
+            attrs,
         });
     }
     Ok(info)
