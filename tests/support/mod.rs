@@ -1,0 +1,33 @@
+//! Test support: a faithful fake buildkitd ([`fake_daemon`]) and a client that speaks like
+//! buildctl and buildx ([`client`]). Both sides of the Session tunnel are real HTTP/2
+//! connections carried in `BytesMessage` payloads ([`tunnel`]). [`tls`] makes throwaway PKI.
+//!
+//! Use from an integration test with `mod support;`.
+#![forbid(unsafe_code)]
+#![allow(dead_code)]
+
+pub mod client;
+pub mod fake_daemon;
+pub mod tls;
+pub mod tunnel;
+
+use rand::Rng;
+
+/// The largest gRPC message either side of BuildKit accepts.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// A BuildKit identity (`identity.NewID()`): 25 base36 characters, used for build refs and
+/// session ids.
+pub fn new_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..25)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// A per-client node id as buildx puts in session shared keys (`app:<node id>`).
+pub fn new_node_id() -> String {
+    let mut rng = rand::rng();
+    format!("{:016x}", rng.random::<u64>())
+}
