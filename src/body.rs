@@ -68,11 +68,13 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let mut hint = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        hint.set_lower(hint.lower() + prefix);
-        if let Some(upper) = hint.upper() {
+        let inner = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        // Upper first: SizeHint asserts lower <= upper at every step.
+        if let Some(upper) = inner.upper() {
             hint.set_upper(upper + prefix);
         }
+        hint.set_lower(inner.lower() + prefix);
         hint
     }
 }

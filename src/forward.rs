@@ -38,7 +38,7 @@ pub enum ForwardError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The request may have reached the backend: never retried.
-    #[error("buildkitd backend {backend} failed the call: {source}")]
+    #[error("the call failed: {source}")]
     Send {
         backend: Arc<str>,
         #[source]

@@ -124,9 +124,9 @@ impl BackendState {
 /// Why a backend could not be reached.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to buildkitd backend {backend} ({address}): {reason}")]
+    #[error("cannot connect to {address}: {reason}")]
     Failed { backend: Arc<str>, address: String, reason: String },
-    #[error("buildkitd backend {backend} ({address}) is unreachable, next connect attempt in {retry_in:?}: {reason}")]
+    #[error("{address} is unreachable ({reason}); next connect attempt in {retry_in:.1?}")]
     BackingOff { backend: Arc<str>, address: String, retry_in: Duration, reason: String },
 }
 
@@ -217,6 +217,16 @@ impl Backend {
 
     pub fn identity(&self) -> &Arc<str> {
         &self.identity
+    }
+
+    /// How errors name the backend: its identity, with the address when that differs.
+    pub fn label(&self) -> String {
+        let address = self.address.read().expect("address lock").to_string();
+        if *self.identity == *address {
+            address
+        } else {
+            format!("{} ({address})", self.identity)
+        }
     }
 
     pub fn address(&self) -> BackendAddress {

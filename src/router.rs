@@ -89,8 +89,8 @@ fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
 
 fn unavailable_backend(backend: &Backend, build_ref: Option<&str>, error: impl std::fmt::Display) -> Response<ResponseBody> {
     let message = match build_ref {
-        Some(r) => format!("buildkit-router: buildkitd backend {} is unavailable for build {r}: {error}", backend.identity()),
-        None => format!("buildkit-router: buildkitd backend {} is unavailable: {error}", backend.identity()),
+        Some(r) => format!("buildkit-router: buildkitd backend {} is unavailable for build {r}: {error}", backend.label()),
+        None => format!("buildkit-router: buildkitd backend {} is unavailable: {error}", backend.label()),
     };
     warn!(backend = %backend.identity(), build_ref, %error, "backend unavailable");
     forward::status_response(code::UNAVAILABLE, &message)
@@ -226,12 +226,17 @@ impl Router {
         // Choose a backend we can reach before binding anything to it, so a dead pod costs a
         // retry on the next candidate instead of a failed build.
         let mut excluded: Vec<Arc<str>> = Vec::new();
+        let mut last_failure: Option<(Arc<Backend>, crate::pool::ConnectError)> = None;
         let (bound, choice) = loop {
             let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
                 Precheck::Pinned(backend) => (backend, Choice { index: 0, reason: Reason::PinnedSession, rank: 0 }),
                 Precheck::Free => match self.place(&traits, &excluded) {
                     Ok(found) => found,
                     Err(error) => {
+                        // Every candidate failed to connect: say which and why.
+                        if let Some((backend, connect_error)) = last_failure {
+                            return unavailable_backend(&backend, Some(&build_ref), connect_error);
+                        }
                         warn!(%error, "cannot place build");
                         return placement_error(&error);
                     }
@@ -242,6 +247,7 @@ impl Router {
                 if retry {
                     warn!(backend = %candidate.identity(), %error, "cannot reach the chosen backend; trying the next candidate");
                     excluded.push(candidate.identity().clone());
+                    last_failure = Some((candidate, error));
                     continue;
                 }
                 return unavailable_backend(&candidate, Some(&build_ref), error);
