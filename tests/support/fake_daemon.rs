@@ -100,6 +100,10 @@ pub struct DaemonOpts {
     pub build_duration: Option<Duration>,
     /// Bytes sent to the client by a local/oci/tar export (FileSend). Default 1 MiB.
     pub export_size: usize,
+    /// Test knob, not BuildKit behaviour: accept Session streams but never start the inner
+    /// connection nor register the session (what a proxy that holds a Session too long looks
+    /// like to the client).
+    pub stall_sessions: bool,
 }
 
 impl Default for DaemonOpts {
@@ -111,6 +115,7 @@ impl Default for DaemonOpts {
             hold_builds: false,
             build_duration: None,
             export_size: 1 << 20,
+            stall_sessions: false,
         }
     }
 }
@@ -825,6 +830,16 @@ impl Control for ControlSvc {
             s.shared_key = shared_key;
             s.methods = methods;
         });
+        if state.opts.stall_sessions {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel::<Result<BytesMessage, Status>>(1);
+            tokio::spawn(async move {
+                // Swallow the client's bytes; answer nothing until the client goes away.
+                while let Ok(Some(_)) = inbound.message().await {}
+                drop(tx);
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let inbound = request
             .into_inner()
             .take_while(|m| std::future::ready(m.is_ok()))
