@@ -116,6 +116,21 @@ async fn buildx_build_runs_probe_then_build_with_oci_export() {
     assert!(key.starts_with("app:"), "{key}");
     assert_eq!(k.routing_errors(), 0);
     assert_eq!(k.connections(), 1);
+    // Status and ListenBuildHistory answer with buildkit-current-timestamp (RFC 3339).
+    let mut raw = buildkit_router::proto::control::control_client::ControlClient::new(c.channel());
+    let resp = raw
+        .listen_build_history(pb::BuildHistoryRequest {
+            early_exit: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ts = resp.metadata().get("buildkit-current-timestamp").unwrap();
+    let ts = ts.to_str().unwrap();
+    assert!(
+        ts.len() == 30 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+        "{ts}"
+    );
 }
 
 #[tokio::test]

@@ -389,14 +389,35 @@ impl State {
     }
 
     fn now_header(&self) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        // RFC 3339-like, as buildkitd sends; the exact value does not matter to clients.
-        format!("{}.{:09}Z", t.as_secs(), t.subsec_nanos())
-            .parse()
-            .expect("ascii")
+        rfc3339_now().parse().expect("ascii")
     }
+}
+
+/// The current time as RFC 3339 with nanoseconds (`2026-11-23T22:31:32.548699869Z`), as
+/// buildkitd's `buildkit-current-timestamp` header carries it.
+fn rfc3339_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = t.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        t.subsec_nanos()
+    )
 }
 
 /// Increments `cancels` when a Solve's future is dropped before it finished: that is what
@@ -590,6 +611,8 @@ async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationT
                 let Ok((tcp, _)) = accepted else { continue };
                 state.counters.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = tcp.set_nodelay(true);
+                // Dropping the socket on kill resets it (RST), like a vanished pod's kernel.
+                let _ = tcp.set_zero_linger();
                 let state = state.clone();
                 let shutdown = shutdown.clone();
                 let acceptor = acceptor.clone();
@@ -597,8 +620,6 @@ async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationT
                     match acceptor {
                         None => serve_conn(tcp, state, shutdown).await,
                         Some(acc) => {
-                            // Keep the raw socket able to RST on kill.
-                            let _ = tcp.set_zero_linger();
                             if let Ok(tls) = acc.accept(tcp).await {
                                 serve_conn(tls, state, shutdown).await;
                             }
