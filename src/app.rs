@@ -28,8 +28,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("no backends configured: give --backend, --dns or --kubernetes-service")]
-    NoBackends,
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
 /// A running router.
@@ -108,10 +108,12 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
     let mut background = Vec::new();
     let (updates_tx, updates_rx) = mpsc::channel(64);
     background.push(tokio::spawn(pool.clone().run_updates(updates_rx)));
-    if static_backends.is_empty() {
-        return Err(StartError::NoBackends);
-    }
-    background.push(tokio::spawn(crate::discovery::static_source(static_backends, updates_tx)));
+    // Discovered endpoints use the backend TLS settings when --discovered-backend-tls is set.
+    let discovered_tls = match &backend_tls.ca {
+        Some(_) => Some(backend_tls.for_host(backend_tls.server_name.as_deref().unwrap_or("buildkitd"))?),
+        None => None,
+    };
+    crate::discovery::run(&cfg.discovery, static_backends, discovered_tls, updates_tx, metrics.discovery.clone()).await?;
     background.push(tokio::spawn(pool.clone().run_health_checks()));
     background.push(tokio::spawn(registry.clone().run_sweeper(std::time::Duration::from_secs(15))));
 

@@ -22,6 +22,8 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::discovery::DiscoveryMetrics;
+use crate::placement::PlacementMetrics;
 use crate::pool::{BackendState, Pool};
 use crate::registry::Registry;
 
@@ -38,21 +40,25 @@ pub struct Metrics {
     pub queue_wait_seconds: Histogram,
     pub connections_active: IntGauge,
     pub connections_total: IntCounterVec,
+    pub placement: PlacementMetrics,
+    pub discovery: DiscoveryMetrics,
 }
 
 impl Metrics {
     pub fn new(pool: Arc<Pool>, target_builds_per_backend: usize) -> Result<Arc<Self>, prometheus::Error> {
-        let registry = PromRegistry::new_custom(Some(PREFIX.into()), None)?;
+        // Every metric carries its full `buildkit_router_` name; the registry adds no prefix.
+        let registry = PromRegistry::new();
         let requests_total = IntCounterVec::new(
-            Opts::new("requests_total", "gRPC calls handled, by method and final grpc-status code name"),
+            Opts::new("requests_total", "gRPC calls handled, by method and final grpc-status code name").namespace(PREFIX),
             &["method", "code"],
         )?;
         let builds_total = IntCounterVec::new(
-            Opts::new("builds_total", "Builds (Control/Solve calls) finished, by backend and outcome"),
+            Opts::new("builds_total", "Builds (Control/Solve calls) finished, by backend and outcome").namespace(PREFIX),
             &["backend", "outcome"],
         )?;
         let build_duration_seconds = Histogram::with_opts(
             HistogramOpts::new("build_duration_seconds", "Duration of builds, from Solve to its answer")
+                .namespace(PREFIX)
                 .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0]),
         )?;
         let session_bind_seconds = HistogramVec::new(
@@ -60,17 +66,19 @@ impl Metrics {
                 "session_bind_seconds",
                 "Time a Control/Session waited before it was bound to a backend, by how it was bound",
             )
+            .namespace(PREFIX)
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             &["how"],
         )?;
-        let builds_queued = IntGauge::new("builds_queued", "Builds waiting for a backend slot")?;
+        let builds_queued = IntGauge::with_opts(Opts::new("builds_queued", "Builds waiting for a backend slot").namespace(PREFIX))?;
         let queue_wait_seconds = Histogram::with_opts(
             HistogramOpts::new("queue_wait_seconds", "Time builds waited in the queue for a backend slot")
+                .namespace(PREFIX)
                 .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
         )?;
-        let connections_active = IntGauge::new("connections_active", "Client connections open")?;
+        let connections_active = IntGauge::with_opts(Opts::new("connections_active", "Client connections open").namespace(PREFIX))?;
         let connections_total =
-            IntCounterVec::new(Opts::new("connections_total", "Client connections accepted, by transport"), &["transport"])?;
+            IntCounterVec::new(Opts::new("connections_total", "Client connections accepted, by transport").namespace(PREFIX), &["transport"])?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(build_duration_seconds.clone()))?;
@@ -80,6 +88,10 @@ impl Metrics {
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(PoolCollector::new(pool, builds_queued.clone(), target_builds_per_backend)?))?;
+        let placement = PlacementMetrics::new();
+        placement.register(&registry)?;
+        let discovery = DiscoveryMetrics::new();
+        discovery.register(&registry)?;
         Ok(Arc::new(Self {
             registry,
             requests_total,
@@ -90,6 +102,8 @@ impl Metrics {
             queue_wait_seconds,
             connections_active,
             connections_total,
+            placement,
+            discovery,
         }))
     }
 

@@ -260,13 +260,14 @@ impl Router {
         let backend = bound.backend.clone();
         let load = backend.start_build();
         let started = Instant::now();
+        self.metrics.placement.observe(&choice, &traits);
         let record = BuildRecord {
             backend: backend.identity().clone(),
             started,
             reason: choice.reason.as_str(),
             rank: choice.rank,
-            key_source: "none",
-            key_hash: None,
+            key_source: traits.key_source().as_str(),
+            key_hash: traits.key_hash().map(|h| format!("{h:016x}")),
             internal: traits.internal,
         };
         self.registry.record_build(build_ref.clone(), record);
@@ -274,6 +275,9 @@ impl Router {
             build_ref = %build_ref,
             backend = %backend.identity(),
             reason = choice.reason.as_str(),
+            rank = choice.rank,
+            key_source = traits.key_source().as_str(),
+            key = traits.key.as_ref().map(|k| k.text.as_str()),
             sessions = sessions.len(),
             internal = traits.internal,
             "build placed"

@@ -705,7 +705,7 @@ fn monitoring_scrapes_the_admin_port_and_dashboard_uses_real_metrics() {
             assert!(allowed.is_empty() || allowed.contains(&namespace(p.router)), "{v}: ServiceMonitor namespaceSelector");
         }
         for cm in of_kind(&r.objects, "ConfigMap") {
-            if string_map(&cm["metadata"]["labels"]).get("grafana_dashboard").is_none() {
+            if !string_map(&cm["metadata"]["labels"]).contains_key("grafana_dashboard") {
                 continue;
             }
             for (key, text) in string_map(&cm["data"]) {

@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use buildkit_router::app::{self, Running};
@@ -277,7 +276,7 @@ async fn undecodable_requests_get_invalid_argument_and_the_router_keeps_serving(
         .unary::<_, pb::SolveResponse, _>(
             tonic::Request::new(RawBytes(vec![0x0a, 0x7f, b'x'])),
             path,
-            RawCodec::default(),
+            RawCodec,
         )
         .await
         .expect_err("malformed Solve");
@@ -333,6 +332,9 @@ async fn metrics_and_readiness_are_served_on_the_admin_port() {
         "buildkit_router_backends{state=\"ready\"} 2",
         "buildkit_router_builds_active{backend=",
         "buildkit_router_desired_backends 0",
+        "buildkit_router_placement_total{reason=\"affinity\"} 1",
+        "buildkit_router_affinity_key_source_total{source=",
+        "buildkit_router_discovery_updates_total{",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }
@@ -421,6 +423,3 @@ impl tonic::codec::Codec for RawCodec {
 }
 
 type RawBytesDummy = pb::SolveRequest;
-
-#[allow(dead_code)]
-fn _unused(_: Arc<()>) {}
