@@ -25,7 +25,10 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
@@ -56,7 +59,9 @@ impl Running {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Starts the router: listeners, pool, discovery, health checks, admin endpoints.
@@ -73,7 +78,9 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         .map(|url| tls::parse_backend_url(url, &backend_tls))
         .collect::<Result<Vec<_>, _>>()?;
     let server_tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::server_config(cert, key, cfg.tls_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => {
+            Some(tls::server_config(cert, key, cfg.tls_client_ca.as_deref())?)
+        }
         _ => None,
     };
 
@@ -110,17 +117,41 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
     background.push(tokio::spawn(pool.clone().run_updates(updates_rx)));
     // Discovered endpoints use the backend TLS settings when --discovered-backend-tls is set.
     let discovered_tls = match &backend_tls.ca {
-        Some(_) => Some(backend_tls.for_host(backend_tls.server_name.as_deref().unwrap_or("buildkitd"))?),
+        Some(_) => {
+            Some(backend_tls.for_host(backend_tls.server_name.as_deref().unwrap_or("buildkitd"))?)
+        }
         None => None,
     };
-    crate::discovery::run(&cfg.discovery, static_backends, discovered_tls, updates_tx, metrics.discovery.clone()).await?;
+    crate::discovery::run(
+        &cfg.discovery,
+        static_backends,
+        discovered_tls,
+        updates_tx,
+        metrics.discovery.clone(),
+    )
+    .await?;
     background.push(tokio::spawn(pool.clone().run_health_checks()));
-    background.push(tokio::spawn(registry.clone().run_sweeper(std::time::Duration::from_secs(15))));
+    background.push(tokio::spawn(
+        registry
+            .clone()
+            .run_sweeper(std::time::Duration::from_secs(15)),
+    ));
 
     let admin = bind(cfg.admin_listen).await?;
-    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: cfg.admin_listen, source })?;
-    let admin_state = AdminState { metrics: metrics.clone(), pool: pool.clone(), registry: registry.clone() };
-    background.push(tokio::spawn(crate::metrics::serve_admin(admin, admin_state, shutdown.clone())));
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.admin_listen,
+        source,
+    })?;
+    let admin_state = AdminState {
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        registry: registry.clone(),
+    };
+    background.push(tokio::spawn(crate::metrics::serve_admin(
+        admin,
+        admin_state,
+        shutdown.clone(),
+    )));
 
     let listener = bind(cfg.listen).await?;
     let limits = Limits {
@@ -129,9 +160,27 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         max_header_list_size: cfg.max_header_list_size,
         ..Limits::default()
     };
-    let server = Server::new(listener, server_tls.clone(), router, metrics.clone(), limits);
-    let addr = server.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let server = Server::new(
+        listener,
+        server_tls.clone(),
+        router,
+        metrics.clone(),
+        limits,
+    );
+    let addr = server.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     info!(%addr, %admin_addr, tls = server_tls.is_some(), mtls = cfg.tls_client_ca.is_some(), "buildkit-router listening");
     let server = tokio::spawn(server.serve(shutdown.clone(), cfg.shutdown_grace));
-    Ok(Running { addr, admin_addr, pool, registry, metrics, shutdown, server, background })
+    Ok(Running {
+        addr,
+        admin_addr,
+        pool,
+        registry,
+        metrics,
+        shutdown,
+        server,
+        background,
+    })
 }

@@ -25,7 +25,10 @@ pub struct RequestBody {
 impl RequestBody {
     /// The client's body, untouched.
     pub fn incoming(inner: Incoming) -> Self {
-        Self { prefix: None, inner: Some(inner) }
+        Self {
+            prefix: None,
+            inner: Some(inner),
+        }
     }
 
     /// The client's body with the bytes already read from it put back in front.
@@ -68,7 +71,10 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let inner = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let inner = self
+            .inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
         let mut hint = SizeHint::new();
         // Upper first: SizeHint asserts lower <= upper at every step.
         if let Some(upper) = inner.upper() {
@@ -142,14 +148,23 @@ impl StreamContext {
                 "buildkit-router: lost buildkitd backend {} during build {r}: {error}",
                 self.backend
             ),
-            None => format!("buildkit-router: lost buildkitd backend {}: {error}", self.backend),
+            None => format!(
+                "buildkit-router: lost buildkitd backend {}: {error}",
+                self.backend
+            ),
         }
     }
 }
 
 enum Source {
-    Backend { inner: Incoming, context: StreamContext },
-    Local { data: Option<Bytes>, trailers: Option<HeaderMap> },
+    Backend {
+        inner: Incoming,
+        context: StreamContext,
+    },
+    Local {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
     Channel(mpsc::Receiver<Frame<Bytes>>),
     Done,
 }
@@ -191,17 +206,29 @@ impl ResponseBody {
 
     /// Messages (already framed) followed by trailers.
     pub fn local(data: Option<Bytes>, trailers: Option<HeaderMap>) -> Self {
-        Self { source: Source::Local { data, trailers }, hook: None, end_if_dropped: CallEnd::Cancelled }
+        Self {
+            source: Source::Local { data, trailers },
+            hook: None,
+            end_if_dropped: CallEnd::Cancelled,
+        }
     }
 
     /// An empty body: the response headers said everything (Trailers-Only with `status`).
     pub fn empty(status: u32) -> Self {
-        Self { source: Source::Done, hook: None, end_if_dropped: CallEnd::Status(status) }
+        Self {
+            source: Source::Done,
+            hook: None,
+            end_if_dropped: CallEnd::Status(status),
+        }
     }
 
     /// Frames produced by a task (merged fan-out streams). The last frame should be trailers.
     pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
-        Self { source: Source::Channel(rx), hook: None, end_if_dropped: CallEnd::Cancelled }
+        Self {
+            source: Source::Channel(rx),
+            hook: None,
+            end_if_dropped: CallEnd::Cancelled,
+        }
     }
 
     /// Runs `hook` (after any hook already set) when the body ends or is dropped.
@@ -244,7 +271,8 @@ fn percent_encode_message(message: &str) -> HeaderValue {
             out.push_str(&format!("%{byte:02X}"));
         }
     }
-    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("buildkit-router error"))
+    HeaderValue::from_str(&out)
+        .unwrap_or_else(|_| HeaderValue::from_static("buildkit-router error"))
 }
 
 /// Whether a stream error is the peer resetting the stream (cancel), as opposed to the

@@ -56,10 +56,16 @@ pub fn classify(path: &str) -> Call {
             "Info" => (Route::AnyReady, "Control/Info"),
             _ => (Route::Sticky, "other"),
         };
-        return Call { route, method: label };
+        return Call {
+            route,
+            method: label,
+        };
     }
     if let Some(method) = path.strip_prefix(BRIDGE) {
-        return Call { route: Route::Bridge, method: bridge_label(method) };
+        return Call {
+            route: Route::Bridge,
+            method: bridge_label(method),
+        };
     }
     if let Some(method) = path.strip_prefix(HEALTH) {
         let label = match method {
@@ -68,7 +74,10 @@ pub fn classify(path: &str) -> Call {
             "List" => "Health/List",
             _ => "other",
         };
-        return Call { route: Route::Health, method: label };
+        return Call {
+            route: Route::Health,
+            method: label,
+        };
     }
     let label = if path.starts_with("/containerd.services.content.v1.Content/") {
         "Content"
@@ -79,7 +88,10 @@ pub fn classify(path: &str) -> Call {
     } else {
         "other"
     };
-    Call { route: Route::Sticky, method: label }
+    Call {
+        route: Route::Sticky,
+        method: label,
+    }
 }
 
 fn bridge_label(method: &str) -> &'static str {
@@ -116,16 +128,34 @@ mod tests {
             ("/moby.buildkit.v1.Control/Session", Route::Session),
             ("/moby.buildkit.v1.Control/Status", Route::Status),
             ("/moby.buildkit.v1.frontend.LLBBridge/Ping", Route::Bridge),
-            ("/moby.buildkit.v1.frontend.LLBBridge/ExecProcess", Route::Bridge),
-            ("/moby.buildkit.v1.Control/ListenBuildHistory", Route::ListenHistory),
-            ("/moby.buildkit.v1.Control/UpdateBuildHistory", Route::UpdateHistory),
+            (
+                "/moby.buildkit.v1.frontend.LLBBridge/ExecProcess",
+                Route::Bridge,
+            ),
+            (
+                "/moby.buildkit.v1.Control/ListenBuildHistory",
+                Route::ListenHistory,
+            ),
+            (
+                "/moby.buildkit.v1.Control/UpdateBuildHistory",
+                Route::UpdateHistory,
+            ),
             ("/moby.buildkit.v1.Control/DiskUsage", Route::FanOutUnary),
             ("/moby.buildkit.v1.Control/Prune", Route::FanOutStream),
             ("/moby.buildkit.v1.Control/ListWorkers", Route::AnyReady),
             ("/moby.buildkit.v1.Control/Info", Route::AnyReady),
-            ("/containerd.services.content.v1.Content/Read", Route::Sticky),
-            ("/opentelemetry.proto.collector.trace.v1.TraceService/Export", Route::Sticky),
-            ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Route::Sticky),
+            (
+                "/containerd.services.content.v1.Content/Read",
+                Route::Sticky,
+            ),
+            (
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                Route::Sticky,
+            ),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                Route::Sticky,
+            ),
             ("/grpc.health.v1.Health/Check", Route::Health),
             ("/some.unknown.Service/Method", Route::Sticky),
             ("/moby.buildkit.v1.Control/NewFancyCall", Route::Sticky),
@@ -139,6 +169,9 @@ mod tests {
     fn unknown_methods_share_one_metrics_label() {
         assert_eq!(classify("/a.B/C").method, "other");
         assert_eq!(classify("/moby.buildkit.v1.Control/Nope").method, "other");
-        assert_eq!(classify("/moby.buildkit.v1.Control/Solve").method, "Control/Solve");
+        assert_eq!(
+            classify("/moby.buildkit.v1.Control/Solve").method,
+            "Control/Solve"
+        );
     }
 }

@@ -47,7 +47,11 @@ pub struct RunConfig {
     #[arg(long, default_value = "0.0.0.0:1234", env = "BUILDKIT_ROUTER_LISTEN")]
     pub listen: SocketAddr,
     /// Address of the admin HTTP endpoints (/metrics, /healthz, /readyz, /status).
-    #[arg(long, default_value = "0.0.0.0:9180", env = "BUILDKIT_ROUTER_ADMIN_LISTEN")]
+    #[arg(
+        long,
+        default_value = "0.0.0.0:9180",
+        env = "BUILDKIT_ROUTER_ADMIN_LISTEN"
+    )]
     pub admin_listen: SocketAddr,
 
     /// Serve TLS with this certificate chain (PEM). Without it the listener speaks h2c.
@@ -62,16 +66,29 @@ pub struct RunConfig {
 
     /// A buildkitd backend: tcp://host:port (h2c) or tls://host:port. Repeatable. Per-backend TLS
     /// settings go in the query: tls://host:1234?ca=/ca.pem&cert=/c.pem&key=/k.pem&server-name=bk
-    #[arg(long = "backend", value_name = "URL", env = "BUILDKIT_ROUTER_BACKENDS", value_delimiter = ',')]
+    #[arg(
+        long = "backend",
+        value_name = "URL",
+        env = "BUILDKIT_ROUTER_BACKENDS",
+        value_delimiter = ','
+    )]
     pub backends: Vec<String>,
     /// CA (PEM) that signs the backends' certificates, for tls:// backends.
     #[arg(long, env = "BUILDKIT_ROUTER_BACKEND_TLS_CA")]
     pub backend_tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) presented to tls:// backends.
-    #[arg(long, requires = "backend_tls_key", env = "BUILDKIT_ROUTER_BACKEND_TLS_CERT")]
+    #[arg(
+        long,
+        requires = "backend_tls_key",
+        env = "BUILDKIT_ROUTER_BACKEND_TLS_CERT"
+    )]
     pub backend_tls_cert: Option<PathBuf>,
     /// Private key (PEM) of --backend-tls-cert.
-    #[arg(long, requires = "backend_tls_cert", env = "BUILDKIT_ROUTER_BACKEND_TLS_KEY")]
+    #[arg(
+        long,
+        requires = "backend_tls_cert",
+        env = "BUILDKIT_ROUTER_BACKEND_TLS_KEY"
+    )]
     pub backend_tls_key: Option<PathBuf>,
     /// Server name to verify on tls:// backends (default: the backend's host).
     #[arg(long, env = "BUILDKIT_ROUTER_BACKEND_TLS_SERVER_NAME")]
@@ -81,7 +98,11 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 4096, env = "BUILDKIT_ROUTER_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Most concurrent HTTP/2 streams per client connection.
-    #[arg(long, default_value_t = 1024, env = "BUILDKIT_ROUTER_MAX_CONCURRENT_STREAMS")]
+    #[arg(
+        long,
+        default_value_t = 1024,
+        env = "BUILDKIT_ROUTER_MAX_CONCURRENT_STREAMS"
+    )]
     pub max_concurrent_streams: u32,
     /// Largest request header list accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024, env = "BUILDKIT_ROUTER_MAX_HEADER_LIST_SIZE")]
@@ -120,14 +141,23 @@ pub struct RunConfig {
     pub discovery: crate::discovery::DiscoveryArgs,
 
     /// Builds one backend should run: `desired_backends` = ceil((active + queued) / this).
-    #[arg(long, default_value_t = 4, env = "BUILDKIT_ROUTER_TARGET_BUILDS_PER_BACKEND")]
+    #[arg(
+        long,
+        default_value_t = 4,
+        env = "BUILDKIT_ROUTER_TARGET_BUILDS_PER_BACKEND"
+    )]
     pub target_builds_per_backend: usize,
 
     /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
     #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]
     pub shutdown_grace: Duration,
     /// Log format.
-    #[arg(long, value_enum, default_value = "plain", env = "BUILDKIT_ROUTER_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "plain",
+        env = "BUILDKIT_ROUTER_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info", env = "BUILDKIT_ROUTER_LOG")]
@@ -159,7 +189,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use ms, s, m or h"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }

@@ -65,13 +65,22 @@ impl Head {
     pub fn from_parts(parts: &Parts) -> Self {
         Self {
             method: parts.method.clone(),
-            path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
             headers: parts.headers.clone(),
         }
     }
 }
 
-fn prepare(backend: &Backend, method: http::Method, path: &str, mut headers: HeaderMap, body: RequestBody) -> Request<RequestBody> {
+fn prepare(
+    backend: &Backend,
+    method: http::Method,
+    path: &str,
+    mut headers: HeaderMap,
+    body: RequestBody,
+) -> Request<RequestBody> {
     // HTTP/2 carries the authority in :authority; a stale Host header would contradict it.
     headers.remove(http::header::HOST);
     let mut request = Request::new(body);
@@ -84,20 +93,43 @@ fn prepare(backend: &Backend, method: http::Method, path: &str, mut headers: Hea
 
 /// Sends a client's request to `backend` and returns the backend's response head and body.
 /// A request the connection refused before sending anything is retried once on a new connection.
-pub async fn send(backend: &Arc<Backend>, parts: Parts, body: RequestBody) -> Result<Response<Incoming>, ForwardError> {
-    let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path(), |p| p.as_str());
+pub async fn send(
+    backend: &Arc<Backend>,
+    parts: Parts,
+    body: RequestBody,
+) -> Result<Response<Incoming>, ForwardError> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path(), |p| p.as_str());
     let request = prepare(backend, parts.method.clone(), path, parts.headers, body);
     send_request(backend, request).await
 }
 
 /// Sends a router-made copy of a call (`head` + one complete request body) to `backend`.
-pub async fn send_copy(backend: &Arc<Backend>, head: &Head, body: Bytes) -> Result<Response<Incoming>, ForwardError> {
-    let request = prepare(backend, head.method.clone(), &head.path_and_query, head.headers.clone(), RequestBody::full(body));
+pub async fn send_copy(
+    backend: &Arc<Backend>,
+    head: &Head,
+    body: Bytes,
+) -> Result<Response<Incoming>, ForwardError> {
+    let request = prepare(
+        backend,
+        head.method.clone(),
+        &head.path_and_query,
+        head.headers.clone(),
+        RequestBody::full(body),
+    );
     send_request(backend, request).await
 }
 
-async fn send_request(backend: &Arc<Backend>, request: Request<RequestBody>) -> Result<Response<Incoming>, ForwardError> {
-    let send_error = |source| ForwardError::Send { backend: backend.identity().clone(), source };
+async fn send_request(
+    backend: &Arc<Backend>,
+    request: Request<RequestBody>,
+) -> Result<Response<Incoming>, ForwardError> {
+    let send_error = |source| ForwardError::Send {
+        backend: backend.identity().clone(),
+        source,
+    };
     let mut sender = backend.sender().await?;
     if sender.ready().await.is_err() {
         // The cached connection just died; the pool drops it and connects anew.
@@ -129,7 +161,10 @@ pub fn relay(response: Response<Incoming>, context: StreamContext) -> Response<R
 pub fn status_response(code: u32, message: &str) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::empty(code));
     let headers = response.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     headers.extend(status_trailers(code, message));
     response
 }
@@ -145,7 +180,10 @@ pub fn ok_response(head_from: Option<&HeaderMap>, messages: Bytes) -> Response<R
 }
 
 fn copy_response_headers(from: Option<&HeaderMap>, to: &mut HeaderMap) {
-    to.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    to.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     if let Some(from) = from {
         for (name, value) in from {
             if !name.as_str().starts_with("grpc-") && name != http::header::CONTENT_TYPE {
@@ -204,7 +242,10 @@ pub async fn read_first_message(body: &mut Incoming, max_len: usize) -> Result<P
             }
             let end = GRPC_PREFIX_LEN + header.len;
             if buf.len() >= end {
-                return Ok(Peeked { buffered: buf.freeze(), message: GRPC_PREFIX_LEN..end });
+                return Ok(Peeked {
+                    buffered: buf.freeze(),
+                    message: GRPC_PREFIX_LEN..end,
+                });
             }
             buf.reserve(end - buf.len());
         }
@@ -234,9 +275,9 @@ impl MessageSplitter {
     /// The next complete framed message, if one is buffered.
     pub fn next_message(&mut self, max_len: usize) -> Result<Option<Bytes>, WireError> {
         match wire::parse_frame_header(&self.buf, max_len)? {
-            Some(header) if self.buf.len() >= GRPC_PREFIX_LEN + header.len => {
-                Ok(Some(self.buf.split_to(GRPC_PREFIX_LEN + header.len).freeze()))
-            }
+            Some(header) if self.buf.len() >= GRPC_PREFIX_LEN + header.len => Ok(Some(
+                self.buf.split_to(GRPC_PREFIX_LEN + header.len).freeze(),
+            )),
             _ => Ok(None),
         }
     }
@@ -257,7 +298,10 @@ pub struct Collected {
 }
 
 /// Reads a whole (small) response.
-pub async fn collect(response: Response<Incoming>, max_len: usize) -> Result<Collected, hyper::Error> {
+pub async fn collect(
+    response: Response<Incoming>,
+    max_len: usize,
+) -> Result<Collected, hyper::Error> {
     let (parts, mut body) = response.into_parts();
     let mut data = BytesMut::new();
     let mut trailers = None;
@@ -280,12 +324,20 @@ pub async fn collect(response: Response<Incoming>, max_len: usize) -> Result<Col
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    Ok(Collected { headers: parts.headers, status, message, body: data.freeze() })
+    Ok(Collected {
+        headers: parts.headers,
+        status,
+        message,
+        body: data.freeze(),
+    })
 }
 
 /// Concatenates the payloads of framed messages into one framed message. Protobuf merges
 /// repeated fields by concatenation, so this merges e.g. several DiskUsageResponses.
-pub fn merge_unary_payloads<'a>(bodies: impl Iterator<Item = &'a Bytes>, max_len: usize) -> Result<Bytes, WireError> {
+pub fn merge_unary_payloads<'a>(
+    bodies: impl Iterator<Item = &'a Bytes>,
+    max_len: usize,
+) -> Result<Bytes, WireError> {
     let mut payload = BytesMut::new();
     for body in bodies {
         let mut splitter = MessageSplitter::default();
@@ -306,7 +358,11 @@ pub async fn pump_messages(
 ) -> Result<(u32, String), String> {
     let (parts, mut body) = response.into_parts();
     if let Some(code) = grpc_status_of(&parts.headers) {
-        let message = parts.headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let message = parts
+            .headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         return Ok((code, message.to_owned()));
     }
     let mut splitter = MessageSplitter::default();
@@ -315,7 +371,9 @@ pub async fn pump_messages(
         match frame.into_data() {
             Ok(data) => {
                 splitter.push(&data);
-                while let Some(message) = splitter.next_message(max_len).map_err(|e| e.to_string())? {
+                while let Some(message) =
+                    splitter.next_message(max_len).map_err(|e| e.to_string())?
+                {
                     if tx.send(Frame::data(message)).await.is_err() {
                         return Err("client went away".into());
                     }
@@ -324,7 +382,10 @@ pub async fn pump_messages(
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let code = grpc_status_of(&trailers).unwrap_or(code::UNKNOWN);
-                    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    let message = trailers
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
                     return Ok((code, message.to_owned()));
                 }
             }

@@ -70,7 +70,13 @@ impl Server {
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Self {
-        Self { listener, tls: tls.map(tokio_rustls::TlsAcceptor::from), router, metrics, limits }
+        Self {
+            listener,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            router,
+            metrics,
+            limits,
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -120,7 +126,10 @@ impl Server {
                                 metrics.connections_total.with_label_values(&["tls"]).inc();
                                 serve_connection(tls_stream, router, &limits, watcher).await;
                             }
-                            None => metrics.connections_total.with_label_values(&["tls_failed"]).inc(),
+                            None => metrics
+                                .connections_total
+                                .with_label_values(&["tls_failed"])
+                                .inc(),
                         },
                     }
                     metrics.connections_active.dec();
@@ -132,7 +141,9 @@ impl Server {
         info!(grace = ?grace, "stopped accepting; waiting for in-flight calls");
         match tokio::time::timeout(grace, graceful.shutdown()).await {
             Ok(()) => info!("every connection finished"),
-            Err(_) => warn!(grace = ?grace, "shutdown grace period over; closing the remaining connections"),
+            Err(_) => {
+                warn!(grace = ?grace, "shutdown grace period over; closing the remaining connections")
+            }
         }
     }
 }
@@ -144,8 +155,15 @@ async fn accept_tls(
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
-            let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
-            debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS handshake done");
+            let alpn = tls
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            debug!(
+                alpn = alpn.as_deref().unwrap_or("none"),
+                "TLS handshake done"
+            );
             Some(tls)
         }
         Ok(Err(error)) => {
@@ -159,8 +177,12 @@ async fn accept_tls(
     }
 }
 
-async fn serve_connection<S>(stream: S, router: Arc<Router>, limits: &Limits, watcher: hyper_util::server::graceful::Watcher)
-where
+async fn serve_connection<S>(
+    stream: S,
+    router: Arc<Router>,
+    limits: &Limits,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_state = Arc::new(ConnState::default());

@@ -16,8 +16,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry as PromRegistry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,21 +45,37 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(pool: Arc<Pool>, target_builds_per_backend: usize) -> Result<Arc<Self>, prometheus::Error> {
+    pub fn new(
+        pool: Arc<Pool>,
+        target_builds_per_backend: usize,
+    ) -> Result<Arc<Self>, prometheus::Error> {
         // Every metric carries its full `buildkit_router_` name; the registry adds no prefix.
         let registry = PromRegistry::new();
         let requests_total = IntCounterVec::new(
-            Opts::new("requests_total", "gRPC calls handled, by method and final grpc-status code name").namespace(PREFIX),
+            Opts::new(
+                "requests_total",
+                "gRPC calls handled, by method and final grpc-status code name",
+            )
+            .namespace(PREFIX),
             &["method", "code"],
         )?;
         let builds_total = IntCounterVec::new(
-            Opts::new("builds_total", "Builds (Control/Solve calls) finished, by backend and outcome").namespace(PREFIX),
+            Opts::new(
+                "builds_total",
+                "Builds (Control/Solve calls) finished, by backend and outcome",
+            )
+            .namespace(PREFIX),
             &["backend", "outcome"],
         )?;
         let build_duration_seconds = Histogram::with_opts(
-            HistogramOpts::new("build_duration_seconds", "Duration of builds, from Solve to its answer")
-                .namespace(PREFIX)
-                .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0]),
+            HistogramOpts::new(
+                "build_duration_seconds",
+                "Duration of builds, from Solve to its answer",
+            )
+            .namespace(PREFIX)
+            .buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0,
+            ]),
         )?;
         let session_bind_seconds = HistogramVec::new(
             HistogramOpts::new(
@@ -70,15 +86,30 @@ impl Metrics {
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             &["how"],
         )?;
-        let builds_queued = IntGauge::with_opts(Opts::new("builds_queued", "Builds waiting for a backend slot").namespace(PREFIX))?;
-        let queue_wait_seconds = Histogram::with_opts(
-            HistogramOpts::new("queue_wait_seconds", "Time builds waited in the queue for a backend slot")
-                .namespace(PREFIX)
-                .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+        let builds_queued = IntGauge::with_opts(
+            Opts::new("builds_queued", "Builds waiting for a backend slot").namespace(PREFIX),
         )?;
-        let connections_active = IntGauge::with_opts(Opts::new("connections_active", "Client connections open").namespace(PREFIX))?;
-        let connections_total =
-            IntCounterVec::new(Opts::new("connections_total", "Client connections accepted, by transport").namespace(PREFIX), &["transport"])?;
+        let queue_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "queue_wait_seconds",
+                "Time builds waited in the queue for a backend slot",
+            )
+            .namespace(PREFIX)
+            .buckets(vec![
+                0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+        )?;
+        let connections_active = IntGauge::with_opts(
+            Opts::new("connections_active", "Client connections open").namespace(PREFIX),
+        )?;
+        let connections_total = IntCounterVec::new(
+            Opts::new(
+                "connections_total",
+                "Client connections accepted, by transport",
+            )
+            .namespace(PREFIX),
+            &["transport"],
+        )?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(build_duration_seconds.clone()))?;
@@ -87,7 +118,11 @@ impl Metrics {
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
-        registry.register(Box::new(PoolCollector::new(pool, builds_queued.clone(), target_builds_per_backend)?))?;
+        registry.register(Box::new(PoolCollector::new(
+            pool,
+            builds_queued.clone(),
+            target_builds_per_backend,
+        )?))?;
         let placement = PlacementMetrics::new();
         placement.register(&registry)?;
         let discovery = DiscoveryMetrics::new();
@@ -172,7 +207,12 @@ impl PoolCollector {
                 Default::default(),
             )?,
         ];
-        Ok(Self { pool, queued, target: target.max(1), descs })
+        Ok(Self {
+            pool,
+            queued,
+            target: target.max(1),
+            descs,
+        })
     }
 }
 
@@ -184,22 +224,35 @@ impl Collector for PoolCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let snapshot = self.pool.snapshot();
         let gauge_vec = |name: &str, help: &str, label: &str| {
-            IntGaugeVec::new(Opts::new(format!("{PREFIX}_{name}"), help), &[label]).expect("valid metric")
+            IntGaugeVec::new(Opts::new(format!("{PREFIX}_{name}"), help), &[label])
+                .expect("valid metric")
         };
         let active = gauge_vec("builds_active", "Builds running, by backend", "backend");
-        let capacity = gauge_vec("backend_capacity", "Hard build capacity of each backend (absent when unlimited)", "backend");
+        let capacity = gauge_vec(
+            "backend_capacity",
+            "Hard build capacity of each backend (absent when unlimited)",
+            "backend",
+        );
         let states = gauge_vec("backends", "Backends, by state", "state");
         let mut total_active = 0usize;
         for backend in &snapshot.backends {
             let n = backend.active_builds();
             total_active += n;
-            active.with_label_values(&[backend.identity()]).set(n as i64);
+            active
+                .with_label_values(&[backend.identity()])
+                .set(n as i64);
             if let Some(cap) = backend.capacity() {
-                capacity.with_label_values(&[backend.identity()]).set(cap as i64);
+                capacity
+                    .with_label_values(&[backend.identity()])
+                    .set(cap as i64);
             }
         }
         for state in BackendState::ALL {
-            let n = snapshot.backends.iter().filter(|b| b.state() == state).count();
+            let n = snapshot
+                .backends
+                .iter()
+                .filter(|b| b.state() == state)
+                .count();
             states.with_label_values(&[state.as_str()]).set(n as i64);
         }
         let queued = self.queued.get().max(0) as usize;
@@ -311,23 +364,42 @@ impl AdminState {
                 .expect("static response parts")
         };
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into(), "text/plain");
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET\n".into(),
+                "text/plain",
+            );
         }
         match request.uri().path() {
             "/metrics" => match self.metrics.render() {
                 Ok(body) => Response::builder()
-                    .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                    .header(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
                     .body(Full::new(Bytes::from(body)))
                     .expect("static response parts"),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n"), "text/plain"),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot encode metrics: {e}\n"),
+                    "text/plain",
+                ),
             },
             "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
             "/readyz" => match self.ready() {
                 Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"), "text/plain"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                    "text/plain",
+                ),
             },
             "/status" => text(StatusCode::OK, self.status_json(), "application/json"),
-            _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz, /readyz or /status\n".into(), "text/plain"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "try /metrics, /healthz, /readyz or /status\n".into(),
+                "text/plain",
+            ),
         }
     }
 }
@@ -352,7 +424,10 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState, shutdown: Can
                 async move { Ok::<_, Infallible>(response) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, %error, "admin connection ended with an error");
             }
         });

@@ -29,7 +29,9 @@ pub struct BackendTls {
 
 impl fmt::Debug for BackendTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackendTls").field("server_name", &self.server_name).finish()
+        f.debug_struct("BackendTls")
+            .field("server_name", &self.server_name)
+            .finish()
     }
 }
 
@@ -44,11 +46,17 @@ pub struct BackendAddress {
 
 impl BackendAddress {
     pub fn tcp(host: impl Into<String>, port: u16) -> Self {
-        Self { host: host.into(), port, tls: None }
+        Self {
+            host: host.into(),
+            port,
+            tls: None,
+        }
     }
 
     fn same_endpoint(&self, other: &Self) -> bool {
-        self.host == other.host && self.port == other.port && self.tls.is_some() == other.tls.is_some()
+        self.host == other.host
+            && self.port == other.port
+            && self.tls.is_some() == other.tls.is_some()
     }
 }
 
@@ -125,9 +133,18 @@ impl BackendState {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot connect to {address}: {reason}")]
-    Failed { backend: Arc<str>, address: String, reason: String },
+    Failed {
+        backend: Arc<str>,
+        address: String,
+        reason: String,
+    },
     #[error("{address} is unreachable ({reason}); next connect attempt in {retry_in:.1?}")]
-    BackingOff { backend: Arc<str>, address: String, retry_in: Duration, reason: String },
+    BackingOff {
+        backend: Arc<str>,
+        address: String,
+        retry_in: Duration,
+        reason: String,
+    },
 }
 
 /// HTTP/2 and connect settings for backend connections.
@@ -327,15 +344,27 @@ impl Backend {
             result => {
                 let reason = match result {
                     Ok(Err(reason)) => reason,
-                    _ => format!("connect timed out after {:?}", self.settings.connect_timeout),
+                    _ => format!(
+                        "connect timed out after {:?}",
+                        self.settings.connect_timeout
+                    ),
                 };
                 let mut backoff = self.backoff.lock().expect("backoff lock");
                 let failures = backoff.as_ref().map_or(0, |b| b.failures) + 1;
                 // 100 ms, doubling, capped at 10 s.
-                let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(10));
-                *backoff = Some(Backoff { failures, next_attempt: Instant::now() + delay, last_error: reason.clone() });
+                let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(7)))
+                    .min(Duration::from_secs(10));
+                *backoff = Some(Backoff {
+                    failures,
+                    next_attempt: Instant::now() + delay,
+                    last_error: reason.clone(),
+                });
                 warn!(backend = %self.identity, address = %address, %reason, retry_in = ?delay, "backend connect failed");
-                Err(ConnectError::Failed { backend: self.identity.clone(), address: address.to_string(), reason })
+                Err(ConnectError::Failed {
+                    backend: self.identity.clone(),
+                    address: address.to_string(),
+                    reason,
+                })
             }
         }
     }
@@ -370,7 +399,10 @@ impl Backend {
         let identity = self.identity.clone();
         match &address.tls {
             None => {
-                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     if let Err(error) = conn.await {
                         debug!(backend = %identity, %error, "backend connection ended");
@@ -384,7 +416,10 @@ impl Backend {
                     .connect(tls.server_name.clone(), tcp)
                     .await
                     .map_err(|e| format!("TLS handshake: {e}"))?;
-                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     if let Err(error) = conn.await {
                         debug!(backend = %identity, %error, "backend connection ended");
@@ -398,7 +433,11 @@ impl Backend {
     /// The URI of `path` on this backend (scheme and authority as a direct client would send).
     pub fn uri_for(&self, path_and_query: &str) -> Uri {
         let address = self.address.read().expect("address lock");
-        let scheme = if address.tls.is_some() { "https" } else { "http" };
+        let scheme = if address.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let authority = if address.host.contains(':') {
             format!("[{}]:{}", address.host, address.port)
         } else {
@@ -413,7 +452,12 @@ impl Backend {
     }
 
     /// One unary gRPC call with a router-made request, for health checks and worker refresh.
-    pub async fn unary_call(&self, path: &'static str, message: &[u8], timeout: Duration) -> Result<Bytes, String> {
+    pub async fn unary_call(
+        &self,
+        path: &'static str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, String> {
         let call = async {
             let mut sender = self.sender().await.map_err(|e| e.to_string())?;
             let request = Request::post(self.uri_for(path))
@@ -422,14 +466,20 @@ impl Backend {
                 .body(RequestBody::full(crate::wire::encode_frame(message)))
                 .map_err(|e| e.to_string())?;
             sender.ready().await.map_err(|e| e.to_string())?;
-            let response: Response<hyper::body::Incoming> =
-                sender.send_request(request).await.map_err(|e| e.to_string())?;
+            let response: Response<hyper::body::Incoming> = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
             if let Some(code) = crate::body::grpc_status_of(response.headers()) {
                 if code != 0 {
                     return Err(format!("{path} answered grpc-status {code}"));
                 }
             }
-            let collected = response.into_body().collect().await.map_err(|e| e.to_string())?;
+            let collected = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
             if let Some(code) = collected.trailers().and_then(crate::body::grpc_status_of) {
                 if code != 0 {
                     return Err(format!("{path} answered grpc-status {code}"));
@@ -437,8 +487,11 @@ impl Backend {
             }
             let bytes = collected.to_bytes();
             match crate::wire::parse_frame_header(&bytes, 64 * 1024 * 1024) {
-                Ok(Some(header)) if bytes.len() >= crate::wire::GRPC_PREFIX_LEN + header.len => Ok(bytes
-                    .slice(crate::wire::GRPC_PREFIX_LEN..crate::wire::GRPC_PREFIX_LEN + header.len)),
+                Ok(Some(header)) if bytes.len() >= crate::wire::GRPC_PREFIX_LEN + header.len => {
+                    Ok(bytes.slice(
+                        crate::wire::GRPC_PREFIX_LEN..crate::wire::GRPC_PREFIX_LEN + header.len,
+                    ))
+                }
                 Ok(_) => Err(format!("{path} answered no complete message")),
                 Err(e) => Err(format!("{path} answered a bad message: {e}")),
             }
@@ -470,14 +523,20 @@ impl Backend {
                 match self.unary_call(LIST_WORKERS, &[], timeout).await {
                     Ok(message) => match crate::wire::decode_worker_platforms(&message) {
                         Ok(platforms) => self.set_platforms(platforms),
-                        Err(e) => warn!(backend = %self.identity, error = %e, "cannot decode ListWorkers answer"),
+                        Err(e) => {
+                            warn!(backend = %self.identity, error = %e, "cannot decode ListWorkers answer")
+                        }
                     },
-                    Err(e) => debug!(backend = %self.identity, error = %e, "ListWorkers refresh failed"),
+                    Err(e) => {
+                        debug!(backend = %self.identity, error = %e, "ListWorkers refresh failed")
+                    }
                 }
             }
             Err(reason) => {
                 let failures = self.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures >= self.settings.health_failures && self.healthy.swap(false, Ordering::AcqRel) {
+                if failures >= self.settings.health_failures
+                    && self.healthy.swap(false, Ordering::AcqRel)
+                {
                     warn!(backend = %self.identity, %reason, failures, "backend failed its health checks; ejected");
                 } else {
                     debug!(backend = %self.identity, %reason, failures, "backend health check failed");
@@ -526,7 +585,10 @@ impl crate::placement::Node for Arc<Backend> {
 
 /// `linux/arm64` is served by a worker listing `linux/arm64` or `linux/arm64/v8`.
 fn platform_matches(worker: &str, wanted: &str) -> bool {
-    worker == wanted || worker.strip_prefix(wanted).is_some_and(|rest| rest.starts_with('/'))
+    worker == wanted
+        || worker
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The backends at one instant. Cheap to take: an `Arc` clone.
@@ -542,7 +604,9 @@ impl Snapshot {
     }
 
     pub fn any_ready(&self) -> Option<&Arc<Backend>> {
-        self.backends.iter().find(|b| b.state() == BackendState::Ready)
+        self.backends
+            .iter()
+            .find(|b| b.state() == BackendState::Ready)
     }
 }
 
@@ -555,7 +619,9 @@ pub struct Pool {
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool").field("backends", &self.snapshot().backends).finish()
+        f.debug_struct("Pool")
+            .field("backends", &self.snapshot().backends)
+            .finish()
     }
 }
 
@@ -589,7 +655,8 @@ impl Pool {
         let mut backends = guard.backends.clone();
         match update {
             PoolUpdate::Reset(specs) => {
-                let wanted: HashMap<&str, &EndpointSpec> = specs.iter().map(|s| (s.identity.as_str(), s)).collect();
+                let wanted: HashMap<&str, &EndpointSpec> =
+                    specs.iter().map(|s| (s.identity.as_str(), s)).collect();
                 backends.retain(|b| {
                     let keep = wanted.contains_key(&*b.identity);
                     if !keep {
@@ -613,7 +680,11 @@ impl Pool {
                 keep
             }),
         }
-        let index = backends.iter().enumerate().map(|(i, b)| (b.identity.clone(), i)).collect();
+        let index = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.identity.clone(), i))
+            .collect();
         *guard = Arc::new(Snapshot { backends, index });
     }
 
@@ -649,7 +720,16 @@ impl Pool {
     /// Number of backends in each state.
     pub fn state_counts(&self) -> [(BackendState, usize); 4] {
         let snapshot = self.snapshot();
-        BackendState::ALL.map(|state| (state, snapshot.backends.iter().filter(|b| b.state() == state).count()))
+        BackendState::ALL.map(|state| {
+            (
+                state,
+                snapshot
+                    .backends
+                    .iter()
+                    .filter(|b| b.state() == state)
+                    .count(),
+            )
+        })
     }
 }
 
@@ -658,21 +738,37 @@ mod tests {
     use super::*;
 
     fn spec(id: &str, state: EndpointState) -> EndpointSpec {
-        EndpointSpec { identity: id.into(), address: BackendAddress::tcp("127.0.0.1", 1), state, zone: None, node: None }
+        EndpointSpec {
+            identity: id.into(),
+            address: BackendAddress::tcp("127.0.0.1", 1),
+            state,
+            zone: None,
+            node: None,
+        }
     }
 
     #[test]
     fn reset_adds_updates_and_removes() {
         let pool = Pool::new(PoolSettings::default());
         assert!(!pool.is_synced());
-        pool.apply(PoolUpdate::Reset(vec![spec("a", EndpointState::Ready), spec("b", EndpointState::Ready)]));
+        pool.apply(PoolUpdate::Reset(vec![
+            spec("a", EndpointState::Ready),
+            spec("b", EndpointState::Ready),
+        ]));
         assert!(pool.is_synced());
         let a = pool.snapshot().get("a").cloned().expect("a");
-        pool.apply(PoolUpdate::Reset(vec![spec("a", EndpointState::Draining), spec("c", EndpointState::Ready)]));
+        pool.apply(PoolUpdate::Reset(vec![
+            spec("a", EndpointState::Draining),
+            spec("c", EndpointState::Ready),
+        ]));
         let snap = pool.snapshot();
         assert_eq!(snap.backends.len(), 2);
         assert!(snap.get("b").is_none());
-        assert_eq!(a.state(), BackendState::Draining, "same backend object keeps its builds");
+        assert_eq!(
+            a.state(),
+            BackendState::Draining,
+            "same backend object keeps its builds"
+        );
         pool.apply(PoolUpdate::Remove("a".into()));
         assert_eq!(a.state(), BackendState::Gone);
         assert!(pool.snapshot().get("a").is_none());

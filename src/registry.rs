@@ -171,7 +171,12 @@ impl Registry {
     }
 
     /// Waits up to `timeout` for `key` to be bound.
-    pub async fn wait_bound(&self, kind: KeyKind, key: &str, timeout: Duration) -> Option<Arc<Backend>> {
+    pub async fn wait_bound(
+        &self,
+        kind: KeyKind,
+        key: &str,
+        timeout: Duration,
+    ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
         let mut rx = slot.backend.subscribe();
         let result = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
@@ -186,7 +191,10 @@ impl Registry {
         if let Some(backend) = self.lookup(KeyKind::Ref, build_ref) {
             return Precheck::Pinned(backend);
         }
-        match sessions.iter().find_map(|s| self.lookup(KeyKind::Session, s)) {
+        match sessions
+            .iter()
+            .find_map(|s| self.lookup(KeyKind::Session, s))
+        {
             Some(backend) => Precheck::Pinned(backend),
             None => Precheck::Free,
         }
@@ -196,17 +204,27 @@ impl Registry {
     ///
     /// If another Solve bound one of the sessions (or the ref) meanwhile, that binding wins and
     /// `chosen` is ignored: builds that share a session must share a daemon.
-    pub fn bind_solve(&self, build_ref: &str, sessions: &[&str], chosen: Arc<Backend>) -> BoundBuild {
+    pub fn bind_solve(
+        &self,
+        build_ref: &str,
+        sessions: &[&str],
+        chosen: Arc<Backend>,
+    ) -> BoundBuild {
         let _guard = self.bind_lock.lock().expect("bind lock");
         let ref_slot = self.slot(KeyKind::Ref, build_ref);
-        let session_slots: Vec<Arc<Slot>> = sessions.iter().map(|s| self.slot(KeyKind::Session, s)).collect();
+        let session_slots: Vec<Arc<Slot>> = sessions
+            .iter()
+            .map(|s| self.slot(KeyKind::Session, s))
+            .collect();
         let existing = ref_slot
             .bound()
             .or_else(|| session_slots.iter().find_map(|slot| slot.bound()));
         let pinned_by_session = existing.is_some();
         let backend = existing.unwrap_or(chosen);
         let mut pins = Vec::with_capacity(1 + session_slots.len());
-        for (slot, key) in std::iter::once((&ref_slot, build_ref)).chain(session_slots.iter().zip(sessions.iter().copied())) {
+        for (slot, key) in std::iter::once((&ref_slot, build_ref))
+            .chain(session_slots.iter().zip(sessions.iter().copied()))
+        {
             match slot.bound() {
                 None => {
                     slot.backend.send_replace(Some(backend.clone()));
@@ -224,7 +242,11 @@ impl Registry {
             }
             pins.push(self.pin(slot));
         }
-        BoundBuild { backend, pinned_by_session, pins }
+        BoundBuild {
+            backend,
+            pinned_by_session,
+            pins,
+        }
     }
 
     /// Binds a session no Solve named within the bind window, unless one did meanwhile.
@@ -262,7 +284,11 @@ impl Registry {
 
     /// The running builds, oldest first.
     pub fn running_builds(&self) -> Vec<(Arc<str>, BuildRecord)> {
-        let mut builds: Vec<_> = self.builds.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        let mut builds: Vec<_> = self
+            .builds
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
         builds.sort_by_key(|(_, record)| record.started);
         builds
     }
@@ -275,7 +301,8 @@ impl Registry {
         for map in [&self.refs, &self.sessions] {
             map.retain(|_, slot| {
                 let expired = now.duration_since(slot.created) > ttl
-                    || (slot.pins.load(Ordering::Acquire) == 0 && *slot.expires.lock().expect("expiry lock") <= now);
+                    || (slot.pins.load(Ordering::Acquire) == 0
+                        && *slot.expires.lock().expect("expiry lock") <= now);
                 removed += usize::from(expired);
                 !expired
             });
@@ -308,7 +335,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{BackendAddress, EndpointSpec, EndpointState, Pool, PoolSettings, PoolUpdate};
+    use crate::pool::{
+        BackendAddress, EndpointSpec, EndpointState, Pool, PoolSettings, PoolUpdate,
+    };
 
     fn backends(n: usize) -> Vec<Arc<Backend>> {
         let pool = Pool::new(PoolSettings::default());
@@ -331,21 +360,31 @@ mod tests {
         let b = backends(1);
         let waiter = {
             let registry = registry.clone();
-            tokio::spawn(async move { registry.wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5)).await })
+            tokio::spawn(async move {
+                registry
+                    .wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5))
+                    .await
+            })
         };
         tokio::task::yield_now().await;
         let bound = registry.bind_solve("r1", &["s1"], b[0].clone());
         assert!(!bound.pinned_by_session);
         let got = waiter.await.expect("join").expect("bound");
         assert!(Arc::ptr_eq(&got, &b[0]));
-        assert!(Arc::ptr_eq(&registry.lookup(KeyKind::Session, "s1").expect("session"), &b[0]));
+        assert!(Arc::ptr_eq(
+            &registry.lookup(KeyKind::Session, "s1").expect("session"),
+            &b[0]
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiting_for_an_unknown_ref_gives_up_after_the_timeout() {
         let registry = Registry::new(RegistrySettings::default());
         let started = Instant::now();
-        assert!(registry.wait_bound(KeyKind::Ref, "nope", Duration::from_secs(5)).await.is_none());
+        assert!(registry
+            .wait_bound(KeyKind::Ref, "nope", Duration::from_secs(5))
+            .await
+            .is_none());
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
@@ -358,24 +397,34 @@ mod tests {
         let second = registry.bind_solve("rb", &["own-b", "shared"], b[1].clone());
         assert!(Arc::ptr_eq(&first.backend, &second.backend));
         assert!(second.pinned_by_session);
-        assert!(Arc::ptr_eq(&registry.lookup(KeyKind::Session, "own-b").expect("own-b"), &b[0]));
+        assert!(Arc::ptr_eq(
+            &registry.lookup(KeyKind::Session, "own-b").expect("own-b"),
+            &b[0]
+        ));
     }
 
     #[test]
     fn a_session_bound_by_fallback_pins_the_later_solve() {
         let registry = Registry::new(RegistrySettings::default());
         let b = backends(2);
-        let (backend, placed) = registry.bind_session::<()>("s", || Ok(b[1].clone())).expect("bind");
+        let (backend, placed) = registry
+            .bind_session::<()>("s", || Ok(b[1].clone()))
+            .expect("bind");
         assert!(placed);
         assert!(Arc::ptr_eq(&backend, &b[1]));
-        assert!(matches!(registry.precheck("r", &["s"]), Precheck::Pinned(p) if Arc::ptr_eq(&p, &b[1])));
+        assert!(
+            matches!(registry.precheck("r", &["s"]), Precheck::Pinned(p) if Arc::ptr_eq(&p, &b[1]))
+        );
         let bound = registry.bind_solve("r", &["s"], b[0].clone());
         assert!(Arc::ptr_eq(&bound.backend, &b[1]));
     }
 
     #[tokio::test(start_paused = true)]
     async fn entries_linger_after_the_build_then_are_swept() {
-        let settings = RegistrySettings { linger: Duration::from_secs(60), ..Default::default() };
+        let settings = RegistrySettings {
+            linger: Duration::from_secs(60),
+            ..Default::default()
+        };
         let registry = Registry::new(settings);
         let b = backends(1);
         let bound = registry.bind_solve("r", &["s"], b[0].clone());
@@ -393,7 +442,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slots_made_by_waiters_that_never_bind_expire() {
         let registry = Registry::new(RegistrySettings::default());
-        let _ = registry.wait_bound(KeyKind::Ref, "ghost", Duration::from_millis(10)).await;
+        let _ = registry
+            .wait_bound(KeyKind::Ref, "ghost", Duration::from_millis(10))
+            .await;
         assert_eq!(registry.len(), (1, 0));
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(registry.sweep(), 1);
@@ -401,7 +452,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_ttl_is_a_backstop_even_for_pinned_entries() {
-        let settings = RegistrySettings { ttl: Duration::from_secs(100), ..Default::default() };
+        let settings = RegistrySettings {
+            ttl: Duration::from_secs(100),
+            ..Default::default()
+        };
         let registry = Registry::new(settings);
         let b = backends(1);
         let _bound = registry.bind_solve("r", &[], b[0].clone());

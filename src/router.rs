@@ -87,10 +87,20 @@ fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
     forward::status_response(code, message.as_ref())
 }
 
-fn unavailable_backend(backend: &Backend, build_ref: Option<&str>, error: impl std::fmt::Display) -> Response<ResponseBody> {
+fn unavailable_backend(
+    backend: &Backend,
+    build_ref: Option<&str>,
+    error: impl std::fmt::Display,
+) -> Response<ResponseBody> {
     let message = match build_ref {
-        Some(r) => format!("buildkit-router: buildkitd backend {} is unavailable for build {r}: {error}", backend.label()),
-        None => format!("buildkit-router: buildkitd backend {} is unavailable: {error}", backend.label()),
+        Some(r) => format!(
+            "buildkit-router: buildkitd backend {} is unavailable for build {r}: {error}",
+            backend.label()
+        ),
+        None => format!(
+            "buildkit-router: buildkitd backend {} is unavailable: {error}",
+            backend.label()
+        ),
     };
     warn!(backend = %backend.identity(), build_ref, %error, "backend unavailable");
     forward::status_response(code::UNAVAILABLE, &message)
@@ -106,7 +116,10 @@ fn placement_error(error: &PlacementError) -> Response<ResponseBody> {
 
 fn peek_error(what: &str, error: &PeekError) -> Response<ResponseBody> {
     warn!(%error, "cannot read {what} request");
-    forward::status_response(error.code(), &format!("buildkit-router: cannot read {what} request: {error}"))
+    forward::status_response(
+        error.code(),
+        &format!("buildkit-router: cannot read {what} request: {error}"),
+    )
 }
 
 fn outcome_of(end: CallEnd) -> &'static str {
@@ -125,7 +138,14 @@ impl Router {
         metrics: Arc<Metrics>,
         settings: RouterSettings,
     ) -> Arc<Self> {
-        Arc::new(Self { pool, registry, placement, metrics, settings, cached: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            pool,
+            registry,
+            placement,
+            metrics,
+            settings,
+            cached: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -137,9 +157,18 @@ impl Router {
     }
 
     /// Handles one request from a client connection.
-    pub async fn handle(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let call = classify(request.uri().path());
-        let span = tracing::info_span!("call", method = call.method, build_ref = field::Empty, backend = field::Empty);
+        let span = tracing::info_span!(
+            "call",
+            method = call.method,
+            build_ref = field::Empty,
+            backend = field::Empty
+        );
         let response = self.route(call.route, conn, request).instrument(span).await;
         let metrics = self.metrics.clone();
         let method = call.method;
@@ -156,7 +185,12 @@ impl Router {
         })
     }
 
-    async fn route(self: &Arc<Self>, route: Route, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn route(
+        self: &Arc<Self>,
+        route: Route,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         match route {
             Route::Solve => self.solve(conn, request).await,
             Route::Session => self.session(conn, request).await,
@@ -186,31 +220,47 @@ impl Router {
         match forward::send(backend, parts, body).await {
             Ok(response) => forward::relay(
                 response,
-                StreamContext { backend: backend.identity().clone(), build_ref: build_ref.map(Arc::from) },
+                StreamContext {
+                    backend: backend.identity().clone(),
+                    build_ref: build_ref.map(Arc::from),
+                },
             ),
             Err(error) => unavailable_backend(backend, build_ref, error),
         }
     }
 
     /// Runs placement over the current snapshot, skipping `excluded` backends.
-    fn place(&self, traits: &BuildTraits, excluded: &[Arc<str>]) -> Result<(Arc<Backend>, Choice), PlacementError> {
+    fn place(
+        &self,
+        traits: &BuildTraits,
+        excluded: &[Arc<str>],
+    ) -> Result<(Arc<Backend>, Choice), PlacementError> {
         let snapshot = self.pool.snapshot();
         if excluded.is_empty() {
             let choice = self.placement.choose(&snapshot.backends, traits)?;
             return Ok((snapshot.backends[choice.index].clone(), choice));
         }
-        let candidates: Vec<Arc<Backend>> =
-            snapshot.backends.iter().filter(|b| !excluded.contains(b.identity())).cloned().collect();
+        let candidates: Vec<Arc<Backend>> = snapshot
+            .backends
+            .iter()
+            .filter(|b| !excluded.contains(b.identity()))
+            .cloned()
+            .collect();
         let choice = self.placement.choose(&candidates, traits)?;
         Ok((candidates[choice.index].clone(), choice))
     }
 
-    async fn solve(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn solve(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let (parts, mut body) = request.into_parts();
-        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-            Ok(peeked) => peeked,
-            Err(error) => return peek_error("Control/Solve", &error),
-        };
+        let peeked =
+            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+                Ok(peeked) => peeked,
+                Err(error) => return peek_error("Control/Solve", &error),
+            };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
             Err(error) => {
@@ -229,7 +279,14 @@ impl Router {
         let mut last_failure: Option<(Arc<Backend>, crate::pool::ConnectError)> = None;
         let (bound, choice) = loop {
             let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
-                Precheck::Pinned(backend) => (backend, Choice { index: 0, reason: Reason::PinnedSession, rank: 0 }),
+                Precheck::Pinned(backend) => (
+                    backend,
+                    Choice {
+                        index: 0,
+                        reason: Reason::PinnedSession,
+                        rank: 0,
+                    },
+                ),
                 Precheck::Free => match self.place(&traits, &excluded) {
                     Ok(found) => found,
                     Err(error) => {
@@ -243,7 +300,8 @@ impl Router {
                 },
             };
             if let Err(error) = candidate.sender().await {
-                let retry = choice.reason != Reason::PinnedSession && excluded.len() + 1 < self.settings.connect_attempts;
+                let retry = choice.reason != Reason::PinnedSession
+                    && excluded.len() + 1 < self.settings.connect_attempts;
                 if retry {
                     warn!(backend = %candidate.identity(), %error, "cannot reach the chosen backend; trying the next candidate");
                     excluded.push(candidate.identity().clone());
@@ -253,7 +311,14 @@ impl Router {
                 return unavailable_backend(&candidate, Some(&build_ref), error);
             }
             let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
-            let choice = if bound.pinned_by_session { Choice { reason: Reason::PinnedSession, ..choice } } else { choice };
+            let choice = if bound.pinned_by_session {
+                Choice {
+                    reason: Reason::PinnedSession,
+                    ..choice
+                }
+            } else {
+                choice
+            };
             break (bound, choice);
         };
         drop(solve);
@@ -283,7 +348,13 @@ impl Router {
             "build placed"
         );
         let response = self
-            .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+            .forward_to(
+                conn,
+                &backend,
+                Some(&build_ref),
+                parts,
+                RequestBody::prefixed(peeked.buffered, body),
+            )
             .await;
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
@@ -302,14 +373,25 @@ impl Router {
         })
     }
 
-    async fn session(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
-        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    async fn session(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let Some(uuid) = header(session::UUID_HEADER).filter(|u| !u.is_empty()) else {
             // buildkitd rejects it with its own error; pass it on untouched.
             return self.sticky(conn, request).await;
         };
         let shared_key = header(session::SHARED_KEY_HEADER).unwrap_or_default();
-        tracing::Span::current().record("build_ref", field::display(format_args!("session:{uuid}")));
+        tracing::Span::current()
+            .record("build_ref", field::display(format_args!("session:{uuid}")));
         let bound = match session::bind(
             &self.registry,
             &self.pool,
@@ -329,7 +411,15 @@ impl Router {
             .observe(bound.waited.as_secs_f64());
         let pin = self.registry.pin_session(&uuid);
         let (parts, body) = request.into_parts();
-        let response = self.forward_to(conn, &bound.backend, None, parts, RequestBody::incoming(body)).await;
+        let response = self
+            .forward_to(
+                conn,
+                &bound.backend,
+                None,
+                parts,
+                RequestBody::incoming(body),
+            )
+            .await;
         response.map(|body| body.with_hook(EndHook::new(move |_| drop(pin))))
     }
 
@@ -337,16 +427,25 @@ impl Router {
     async fn backend_of(&self, build_ref: &str) -> Option<Arc<Backend>> {
         match self.registry.lookup(KeyKind::Ref, build_ref) {
             Some(backend) => Some(backend),
-            None => self.registry.wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait).await,
+            None => {
+                self.registry
+                    .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
+                    .await
+            }
         }
     }
 
-    async fn status(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn status(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let (parts, mut body) = request.into_parts();
-        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-            Ok(peeked) => peeked,
-            Err(error) => return peek_error("Control/Status", &error),
-        };
+        let peeked =
+            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+                Ok(peeked) => peeked,
+                Err(error) => return peek_error("Control/Status", &error),
+            };
         let build_ref = match wire::decode_status_ref(peeked.message()) {
             Ok(r) => r.to_owned(),
             Err(error) => return error_response_invalid("Control/Status", &error),
@@ -354,22 +453,37 @@ impl Router {
         tracing::Span::current().record("build_ref", &*build_ref);
         if let Some(backend) = self.backend_of(&build_ref).await {
             return self
-                .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+                .forward_to(
+                    conn,
+                    &backend,
+                    Some(&build_ref),
+                    parts,
+                    RequestBody::prefixed(peeked.buffered, body),
+                )
                 .await;
         }
         // Not a build this router placed (another replica's, or one that ended long ago): ask
         // every backend and relay the one that knows it.
         info!(build_ref = %build_ref, "unknown build ref; asking every backend");
         let head = Head::from_parts(&parts);
-        self.first_answer(&head, peeked.buffered, Some(&build_ref)).await
+        self.first_answer(&head, peeked.buffered, Some(&build_ref))
+            .await
     }
 
     /// Sends a copy of the call to every live backend and relays the first that answers with a
     /// stream rather than an error; if every backend errs, relays the first error.
-    async fn first_answer(&self, head: &Head, request: Bytes, build_ref: Option<&str>) -> Response<ResponseBody> {
+    async fn first_answer(
+        &self,
+        head: &Head,
+        request: Bytes,
+        build_ref: Option<&str>,
+    ) -> Response<ResponseBody> {
         let backends = self.live_backends();
         if backends.is_empty() {
-            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+            return error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend is ready",
+            );
         }
         let mut pending: FuturesUnordered<_> = backends
             .iter()
@@ -380,9 +494,15 @@ impl Router {
             .collect();
         let mut first_error: Option<Response<ResponseBody>> = None;
         while let Some((backend, result)) = pending.next().await {
-            let context = StreamContext { backend: backend.identity().clone(), build_ref: build_ref.map(Arc::from) };
+            let context = StreamContext {
+                backend: backend.identity().clone(),
+                build_ref: build_ref.map(Arc::from),
+            };
             match result {
-                Ok(response) if crate::body::grpc_status_of(response.headers()).is_none() || pending.is_empty() => {
+                Ok(response)
+                    if crate::body::grpc_status_of(response.headers()).is_none()
+                        || pending.is_empty() =>
+                {
                     tracing::Span::current().record("backend", &**backend.identity());
                     if crate::body::grpc_status_of(response.headers()).is_some() {
                         if let Some(first) = first_error {
@@ -396,15 +516,25 @@ impl Router {
                 }
                 Err(error) => {
                     if pending.is_empty() {
-                        return first_error.unwrap_or_else(|| unavailable_backend(backend, build_ref, error));
+                        return first_error
+                            .unwrap_or_else(|| unavailable_backend(backend, build_ref, error));
                     }
                 }
             }
         }
-        first_error.unwrap_or_else(|| error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend answered"))
+        first_error.unwrap_or_else(|| {
+            error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend answered",
+            )
+        })
     }
 
-    async fn bridge(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn bridge(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let build_ref = request
             .headers()
             .get(BUILD_ID_HEADER)
@@ -424,21 +554,43 @@ impl Router {
                 warn!(build_ref = %build_ref, "LLBBridge call for a build ref no Solve named; forwarding to this connection's backend");
                 match self.connection_backend(conn) {
                     Some(backend) => backend,
-                    None => return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready"),
+                    None => {
+                        return error(
+                            code::UNAVAILABLE,
+                            "buildkit-router: no buildkitd backend is ready",
+                        )
+                    }
                 }
             }
         };
         let (parts, body) = request.into_parts();
-        self.forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::incoming(body)).await
+        self.forward_to(
+            conn,
+            &backend,
+            Some(&build_ref),
+            parts,
+            RequestBody::incoming(body),
+        )
+        .await
     }
 
-    async fn history(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>, listen: bool) -> Response<ResponseBody> {
-        let what = if listen { "Control/ListenBuildHistory" } else { "Control/UpdateBuildHistory" };
-        let (parts, mut body) = request.into_parts();
-        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-            Ok(peeked) => peeked,
-            Err(error) => return peek_error(what, &error),
+    async fn history(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+        listen: bool,
+    ) -> Response<ResponseBody> {
+        let what = if listen {
+            "Control/ListenBuildHistory"
+        } else {
+            "Control/UpdateBuildHistory"
         };
+        let (parts, mut body) = request.into_parts();
+        let peeked =
+            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+                Ok(peeked) => peeked,
+                Err(error) => return peek_error(what, &error),
+            };
         let build_ref = if listen {
             wire::decode_history_request(peeked.message()).map(|h| h.build_ref)
         } else {
@@ -452,7 +604,13 @@ impl Router {
             tracing::Span::current().record("build_ref", &*build_ref);
             if let Some(backend) = self.registry.lookup(KeyKind::Ref, &build_ref) {
                 return self
-                    .forward_to(conn, &backend, Some(&build_ref), parts, RequestBody::prefixed(peeked.buffered, body))
+                    .forward_to(
+                        conn,
+                        &backend,
+                        Some(&build_ref),
+                        parts,
+                        RequestBody::prefixed(peeked.buffered, body),
+                    )
                     .await;
             }
         }
@@ -461,35 +619,63 @@ impl Router {
         if listen {
             self.merge_streams(head, peeked.buffered)
         } else {
-            self.first_ok(&head, peeked.buffered, (!build_ref.is_empty()).then_some(build_ref.as_str())).await
+            self.first_ok(
+                &head,
+                peeked.buffered,
+                (!build_ref.is_empty()).then_some(build_ref.as_str()),
+            )
+            .await
         }
     }
 
     /// Every backend that may hold state: ready, draining or unhealthy (not gone).
     fn live_backends(&self) -> Vec<Arc<Backend>> {
-        self.pool.snapshot().backends.iter().filter(|b| b.state() != BackendState::Gone).cloned().collect()
+        self.pool
+            .snapshot()
+            .backends
+            .iter()
+            .filter(|b| b.state() != BackendState::Gone)
+            .cloned()
+            .collect()
     }
 
     /// Unary call to every backend; relays the first OK answer, else the first error.
-    async fn first_ok(&self, head: &Head, request: Bytes, build_ref: Option<&str>) -> Response<ResponseBody> {
+    async fn first_ok(
+        &self,
+        head: &Head,
+        request: Bytes,
+        build_ref: Option<&str>,
+    ) -> Response<ResponseBody> {
         let backends = self.live_backends();
         let answers = futures_util::future::join_all(backends.iter().map(|backend| {
             let request = request.clone();
             async move {
-                let response = forward::send_copy(backend, head, request).await.map_err(|e| e.to_string())?;
-                forward::collect(response, self.settings.max_message_size).await.map_err(|e| e.to_string())
+                let response = forward::send_copy(backend, head, request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                forward::collect(response, self.settings.max_message_size)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         }))
         .await;
         let mut first_error = None;
         for (backend, answer) in backends.iter().zip(answers) {
             match answer {
-                Ok(collected) if collected.status == code::OK => return forward::ok_response(Some(&collected.headers), collected.body),
+                Ok(collected) if collected.status == code::OK => {
+                    return forward::ok_response(Some(&collected.headers), collected.body)
+                }
                 Ok(collected) => {
                     first_error.get_or_insert((collected.status, collected.message));
                 }
                 Err(e) => {
-                    first_error.get_or_insert((code::UNAVAILABLE, format!("buildkit-router: buildkitd backend {}: {e}", backend.identity())));
+                    first_error.get_or_insert((
+                        code::UNAVAILABLE,
+                        format!(
+                            "buildkit-router: buildkitd backend {}: {e}",
+                            backend.identity()
+                        ),
+                    ));
                 }
             }
         }
@@ -498,7 +684,9 @@ impl Router {
             None => error(
                 code::UNAVAILABLE,
                 match build_ref {
-                    Some(r) => format!("buildkit-router: no buildkitd backend is ready for build {r}"),
+                    Some(r) => {
+                        format!("buildkit-router: no buildkitd backend is ready for build {r}")
+                    }
                     None => "buildkit-router: no buildkitd backend is ready".into(),
                 },
             ),
@@ -507,21 +695,29 @@ impl Router {
 
     async fn fan_out_unary(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let (parts, mut body) = request.into_parts();
-        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-            Ok(peeked) => peeked,
-            Err(error) => return peek_error(parts.uri.path(), &error),
-        };
+        let peeked =
+            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+                Ok(peeked) => peeked,
+                Err(error) => return peek_error(parts.uri.path(), &error),
+            };
         let head = Head::from_parts(&parts);
         let backends = self.live_backends();
         if backends.is_empty() {
-            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+            return error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend is ready",
+            );
         }
         let max = self.settings.max_message_size;
         let answers = futures_util::future::join_all(backends.iter().map(|backend| {
             let (head, request) = (&head, peeked.buffered.clone());
             async move {
-                let response = forward::send_copy(backend, head, request).await.map_err(|e| e.to_string())?;
-                forward::collect(response, max).await.map_err(|e| e.to_string())
+                let response = forward::send_copy(backend, head, request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                forward::collect(response, max)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         }))
         .await;
@@ -540,26 +736,42 @@ impl Router {
                 }
                 Err(e) => {
                     warn!(backend = %backend.identity(), error = %e, "fan-out call failed on one backend");
-                    first_error.get_or_insert((code::UNAVAILABLE, format!("buildkit-router: buildkitd backend {}: {e}", backend.identity())));
+                    first_error.get_or_insert((
+                        code::UNAVAILABLE,
+                        format!(
+                            "buildkit-router: buildkitd backend {}: {e}",
+                            backend.identity()
+                        ),
+                    ));
                 }
             }
         }
         if merged.is_empty() {
-            let (code, message) = first_error.unwrap_or((code::UNAVAILABLE, "buildkit-router: no backend answered".into()));
+            let (code, message) = first_error.unwrap_or((
+                code::UNAVAILABLE,
+                "buildkit-router: no backend answered".into(),
+            ));
             return error(code, message);
         }
         match forward::merge_unary_payloads(merged.iter(), max) {
             Ok(message) => forward::ok_response(headers.as_ref(), message),
-            Err(e) => error(code::INTERNAL, format!("buildkit-router: cannot merge answers: {e}")),
+            Err(e) => error(
+                code::INTERNAL,
+                format!("buildkit-router: cannot merge answers: {e}"),
+            ),
         }
     }
 
-    async fn fan_out_stream(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn fan_out_stream(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let (parts, mut body) = request.into_parts();
-        let peeked = match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-            Ok(peeked) => peeked,
-            Err(error) => return peek_error(parts.uri.path(), &error),
-        };
+        let peeked =
+            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+                Ok(peeked) => peeked,
+                Err(error) => return peek_error(parts.uri.path(), &error),
+            };
         self.merge_streams(Head::from_parts(&parts), peeked.buffered)
     }
 
@@ -568,7 +780,10 @@ impl Router {
     fn merge_streams(&self, head: Head, request: Bytes) -> Response<ResponseBody> {
         let backends = self.live_backends();
         if backends.is_empty() {
-            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+            return error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend is ready",
+            );
         }
         let (tx, rx) = mpsc::channel::<Frame<Bytes>>(16);
         let max = self.settings.max_message_size;
@@ -605,7 +820,10 @@ impl Router {
             .in_current_span(),
         );
         let mut response = Response::new(ResponseBody::channel(rx));
-        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         response
     }
 
@@ -629,7 +847,11 @@ impl Router {
             .cloned()
     }
 
-    async fn any_ready(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn any_ready(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let path: &'static str = match request.uri().path() {
             "/moby.buildkit.v1.Control/ListWorkers" => "/moby.buildkit.v1.Control/ListWorkers",
             _ => "/moby.buildkit.v1.Control/Info",
@@ -644,7 +866,10 @@ impl Router {
                     info!("no backend is ready; serving the cached answer");
                     forward::ok_response(Some(&answer.headers), answer.body)
                 }
-                None => error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready"),
+                None => error(
+                    code::UNAVAILABLE,
+                    "buildkit-router: no buildkitd backend is ready",
+                ),
             };
         };
         tracing::Span::current().record("backend", &**backend.identity());
@@ -666,24 +891,37 @@ impl Router {
             let mut splitter = forward::MessageSplitter::default();
             splitter.push(&collected.body);
             if let Ok(Some(message)) = splitter.next_message(self.settings.max_message_size) {
-                if let Ok(platforms) = wire::decode_worker_platforms(&message[wire::GRPC_PREFIX_LEN..]) {
+                if let Ok(platforms) =
+                    wire::decode_worker_platforms(&message[wire::GRPC_PREFIX_LEN..])
+                {
                     backend.set_platforms(platforms);
                 }
             }
         }
-        self.cached
-            .lock()
-            .expect("cache lock")
-            .insert(path, CachedAnswer { headers: collected.headers.clone(), body: collected.body.clone() });
+        self.cached.lock().expect("cache lock").insert(
+            path,
+            CachedAnswer {
+                headers: collected.headers.clone(),
+                body: collected.body.clone(),
+            },
+        );
         forward::ok_response(Some(&collected.headers), collected.body)
     }
 
-    async fn sticky(self: &Arc<Self>, conn: &Arc<ConnState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn sticky(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let Some(backend) = self.connection_backend(conn) else {
-            return error(code::UNAVAILABLE, "buildkit-router: no buildkitd backend is ready");
+            return error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend is ready",
+            );
         };
         let (parts, body) = request.into_parts();
-        self.forward_to(conn, &backend, None, parts, RequestBody::incoming(body)).await
+        self.forward_to(conn, &backend, None, parts, RequestBody::incoming(body))
+            .await
     }
 
     /// grpc.health.v1: the router answers for itself. SERVING once it can route builds.
@@ -695,7 +933,10 @@ impl Router {
                 let message = wire::encode_frame(&[0x08, if serving { 1 } else { 2 }]);
                 forward::ok_response(None, message)
             }
-            _ => error(code::UNIMPLEMENTED, "buildkit-router: only grpc.health.v1.Health/Check is served"),
+            _ => error(
+                code::UNIMPLEMENTED,
+                "buildkit-router: only grpc.health.v1.Health/Check is served",
+            ),
         }
     }
 }
@@ -706,5 +947,8 @@ fn error_response_invalid(what: &str, error: &wire::WireError) -> Response<Respo
         wire::WireError::TooLarge { .. } => code::RESOURCE_EXHAUSTED,
         _ => code::INVALID_ARGUMENT,
     };
-    forward::status_response(code, &format!("buildkit-router: undecodable {what} request: {error}"))
+    forward::status_response(
+        code,
+        &format!("buildkit-router: undecodable {what} request: {error}"),
+    )
 }

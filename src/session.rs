@@ -59,10 +59,21 @@ pub async fn bind(
 ) -> Result<Bound, PlacementError> {
     let started = Instant::now();
     if let Some(backend) = registry.lookup(KeyKind::Session, uuid) {
-        return Ok(Bound { backend, how: BindHow::Immediate, waited: started.elapsed() });
+        return Ok(Bound {
+            backend,
+            how: BindHow::Immediate,
+            waited: started.elapsed(),
+        });
     }
-    if let Some(backend) = registry.wait_bound(KeyKind::Session, uuid, bind_window).await {
-        return Ok(Bound { backend, how: BindHow::Solve, waited: started.elapsed() });
+    if let Some(backend) = registry
+        .wait_bound(KeyKind::Session, uuid, bind_window)
+        .await
+    {
+        return Ok(Bound {
+            backend,
+            how: BindHow::Solve,
+            waited: started.elapsed(),
+        });
     }
     let traits = placement.traits_for_session(shared_key);
     let (backend, placed) = registry.bind_session(uuid, || {
@@ -70,7 +81,11 @@ pub async fn bind(
         let choice = placement.choose(&snapshot.backends, &traits)?;
         Ok(snapshot.backends[choice.index].clone())
     })?;
-    let how = if placed { BindHow::Fallback } else { BindHow::Solve };
+    let how = if placed {
+        BindHow::Fallback
+    } else {
+        BindHow::Solve
+    };
     if placed {
         tracing::info!(
             session = uuid,
@@ -78,5 +93,9 @@ pub async fn bind(
             "no Solve named this session within the bind window; placed it on its own"
         );
     }
-    Ok(Bound { backend, how, waited: started.elapsed() })
+    Ok(Bound {
+        backend,
+        how,
+        waited: started.elapsed(),
+    })
 }

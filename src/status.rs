@@ -26,7 +26,9 @@ async fn fetch(admin: &str) -> Result<String, BoxError> {
         .map_err(|e| format!("cannot reach the router's admin endpoint {admin}: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let request = http::Request::get("/status").header("host", admin).body(Empty::<Bytes>::new())?;
+    let request = http::Request::get("/status")
+        .header("host", admin)
+        .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     if !response.status().is_success() {
         return Err(format!("{admin}/status answered {}", response.status()).into());
@@ -40,7 +42,11 @@ pub fn render(doc: &serde_json::Value) -> String {
     let str_of = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
-        serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap_or("?")).collect::<Vec<_>>().join(","),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(","),
         other => other.to_string(),
     };
     let mut out = String::new();
@@ -49,13 +55,30 @@ pub fn render(doc: &serde_json::Value) -> String {
         .into_iter()
         .flatten()
         .map(|b| {
-            ["identity", "address", "state", "active_builds", "capacity", "platforms"]
-                .iter()
-                .map(|k| str_of(&b[*k]))
-                .collect()
+            [
+                "identity",
+                "address",
+                "state",
+                "active_builds",
+                "capacity",
+                "platforms",
+            ]
+            .iter()
+            .map(|k| str_of(&b[*k]))
+            .collect()
         })
         .collect();
-    out.push_str(&table(&["BACKEND", "ADDRESS", "STATE", "ACTIVE", "CAPACITY", "PLATFORMS"], &backends));
+    out.push_str(&table(
+        &[
+            "BACKEND",
+            "ADDRESS",
+            "STATE",
+            "ACTIVE",
+            "CAPACITY",
+            "PLATFORMS",
+        ],
+        &backends,
+    ));
     out.push('\n');
     let builds: Vec<Vec<String>> = doc["builds"]
         .as_array()
@@ -73,8 +96,22 @@ pub fn render(doc: &serde_json::Value) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(&["BUILD", "BACKEND", "AGE", "REASON", "RANK", "KEY SOURCE", "KEY HASH"], &builds));
-    out.push_str(&format!("\nqueued: {}\n", doc["builds_queued"].as_i64().unwrap_or(0)));
+    out.push_str(&table(
+        &[
+            "BUILD",
+            "BACKEND",
+            "AGE",
+            "REASON",
+            "RANK",
+            "KEY SOURCE",
+            "KEY HASH",
+        ],
+        &builds,
+    ));
+    out.push_str(&format!(
+        "\nqueued: {}\n",
+        doc["builds_queued"].as_i64().unwrap_or(0)
+    ));
     out
 }
 
@@ -118,7 +155,10 @@ mod tests {
             "builds_queued": 0
         });
         let text = render(&doc);
-        assert!(text.contains("buildkitd-0  tcp://10.0.0.5:1234  ready"), "{text}");
+        assert!(
+            text.contains("buildkitd-0  tcp://10.0.0.5:1234  ready"),
+            "{text}"
+        );
         assert!(text.contains("abc    buildkitd-0  12s  affinity"), "{text}");
         assert!(text.contains("queued: 0"));
     }

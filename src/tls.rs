@@ -30,48 +30,72 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Reads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError::Certs { path: path.into(), reason: e.to_string() })?
+        .map_err(|e| TlsError::Certs {
+            path: path.into(),
+            reason: e.to_string(),
+        })?
         .collect();
-    let certs = certs.map_err(|e| TlsError::Certs { path: path.into(), reason: e.to_string() })?;
+    let certs = certs.map_err(|e| TlsError::Certs {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     if certs.is_empty() {
-        return Err(TlsError::Certs { path: path.into(), reason: "no PEM certificate found".into() });
+        return Err(TlsError::Certs {
+            path: path.into(),
+            reason: "no PEM certificate found".into(),
+        });
     }
     Ok(certs)
 }
 
 /// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key { path: path.into(), reason: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     for cert in load_certs(path)? {
-        store
-            .add(cert)
-            .map_err(|e| TlsError::Certs { path: path.into(), reason: e.to_string() })?;
+        store.add(cert).map_err(|e| TlsError::Certs {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(store)
 }
 
 /// The listener's TLS settings. ALPN offers `h2`; a client that offers no ALPN at all (buildx's
 /// remote driver) is still served HTTP/2, since this port only speaks HTTP/2.
-pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match client_ca {
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                .build()
-                .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| TlsError::Config(format!("certificate {} / key {}: {e}", cert.display(), key.display())))?;
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "certificate {} / key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -94,10 +118,9 @@ impl BackendTlsFiles {
     /// The client configuration for backends. A CA is required: backends are private daemons,
     /// never signed by a public authority.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        let ca = self
-            .ca
-            .as_deref()
-            .ok_or_else(|| TlsError::Config("tls:// backends need a CA (--backend-tls-ca or ?ca=)".into()))?;
+        let ca = self.ca.as_deref().ok_or_else(|| {
+            TlsError::Config("tls:// backends need a CA (--backend-tls-ca or ?ca=)".into())
+        })?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -105,9 +128,15 @@ impl BackendTlsFiles {
         let mut config = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => builder
                 .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-                .map_err(|e| TlsError::Config(format!("client certificate {}: {e}", cert.display())))?,
+                .map_err(|e| {
+                    TlsError::Config(format!("client certificate {}: {e}", cert.display()))
+                })?,
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(TlsError::Config("a backend client certificate needs both cert and key".into())),
+            _ => {
+                return Err(TlsError::Config(
+                    "a backend client certificate needs both cert and key".into(),
+                ))
+            }
         };
         // buildkitd (grpc-go) speaks HTTP/2 only and selects h2.
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -119,14 +148,25 @@ impl BackendTlsFiles {
         let name = self.server_name.clone().unwrap_or_else(|| host.to_owned());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| TlsError::Config(format!("server name {name:?}: {e}")))?;
-        Ok(BackendTls { client_config: self.client_config()?, server_name })
+        Ok(BackendTls {
+            client_config: self.client_config()?,
+            server_name,
+        })
     }
 }
 
 /// Parses a `--backend` URL; `defaults` supplies TLS files not given in the URL's query.
-pub fn parse_backend_url(url: &str, defaults: &BackendTlsFiles) -> Result<BackendAddress, TlsError> {
-    let bad = |reason: &str| TlsError::BackendUrl { url: url.to_owned(), reason: reason.to_owned() };
-    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+pub fn parse_backend_url(
+    url: &str,
+    defaults: &BackendTlsFiles,
+) -> Result<BackendAddress, TlsError> {
+    let bad = |reason: &str| TlsError::BackendUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
     let tls = match uri.scheme_str() {
         Some("tcp") => false,
         Some("tls") => true,
@@ -134,7 +174,11 @@ pub fn parse_backend_url(url: &str, defaults: &BackendTlsFiles) -> Result<Backen
         None => return Err(bad("missing scheme")),
     };
     let authority = uri.authority().ok_or_else(|| bad("missing host:port"))?;
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = authority.port_u16().ok_or_else(|| bad("missing port"))?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad("a path is not allowed"));
@@ -145,7 +189,9 @@ pub fn parse_backend_url(url: &str, defaults: &BackendTlsFiles) -> Result<Backen
             return Err(bad("TLS options need the tls:// scheme"));
         }
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').ok_or_else(|| bad("query options are key=value"))?;
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("query options are key=value"))?;
             match key {
                 "ca" => files.ca = Some(value.into()),
                 "cert" => files.cert = Some(value.into()),
@@ -155,7 +201,11 @@ pub fn parse_backend_url(url: &str, defaults: &BackendTlsFiles) -> Result<Backen
             }
         }
     }
-    let tls = if tls { Some(files.for_host(&host)?) } else { None };
+    let tls = if tls {
+        Some(files.for_host(&host)?)
+    } else {
+        None
+    };
     Ok(BackendAddress { host, port, tls })
 }
 
@@ -165,8 +215,12 @@ mod tests {
 
     #[test]
     fn tcp_backend_urls_parse() {
-        let a = parse_backend_url("tcp://10.0.0.5:1234", &BackendTlsFiles::default()).expect("parse");
-        assert_eq!((a.host.as_str(), a.port, a.tls.is_none()), ("10.0.0.5", 1234, true));
+        let a =
+            parse_backend_url("tcp://10.0.0.5:1234", &BackendTlsFiles::default()).expect("parse");
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls.is_none()),
+            ("10.0.0.5", 1234, true)
+        );
         assert_eq!(a.to_string(), "tcp://10.0.0.5:1234");
         let v6 = parse_backend_url("tcp://[::1]:1234", &BackendTlsFiles::default()).expect("parse");
         assert_eq!(v6.host, "::1");
@@ -182,7 +236,9 @@ mod tests {
             ("tcp://a:1?ca=/x", "tls:// scheme"),
             ("tcp://a:1/path", "path"),
         ] {
-            let err = parse_backend_url(url, &BackendTlsFiles::default()).expect_err(url).to_string();
+            let err = parse_backend_url(url, &BackendTlsFiles::default())
+                .expect_err(url)
+                .to_string();
             assert!(err.contains(needle), "{url}: {err}");
         }
     }

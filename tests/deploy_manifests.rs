@@ -23,16 +23,31 @@ const ROUTER_METRICS: &[(&str, MetricKind)] = &[
     ("buildkit_router_builds_queued", MetricKind::Gauge),
     ("buildkit_router_queue_wait_seconds", MetricKind::Histogram),
     ("buildkit_router_builds_total", MetricKind::Counter),
-    ("buildkit_router_build_duration_seconds", MetricKind::Histogram),
+    (
+        "buildkit_router_build_duration_seconds",
+        MetricKind::Histogram,
+    ),
     ("buildkit_router_placement_total", MetricKind::Counter),
-    ("buildkit_router_affinity_key_source_total", MetricKind::Counter),
+    (
+        "buildkit_router_affinity_key_source_total",
+        MetricKind::Counter,
+    ),
     ("buildkit_router_backends", MetricKind::Gauge),
     ("buildkit_router_backend_capacity", MetricKind::Gauge),
     ("buildkit_router_desired_backends", MetricKind::Gauge),
-    ("buildkit_router_session_bind_seconds", MetricKind::Histogram),
+    (
+        "buildkit_router_session_bind_seconds",
+        MetricKind::Histogram,
+    ),
     ("buildkit_router_requests_total", MetricKind::Counter),
-    ("buildkit_router_discovery_updates_total", MetricKind::Counter),
-    ("buildkit_router_discovery_errors_total", MetricKind::Counter),
+    (
+        "buildkit_router_discovery_updates_total",
+        MetricKind::Counter,
+    ),
+    (
+        "buildkit_router_discovery_errors_total",
+        MetricKind::Counter,
+    ),
     ("buildkit_router_connections_active", MetricKind::Gauge),
     ("buildkit_router_connections_total", MetricKind::Counter),
 ];
@@ -143,11 +158,19 @@ fn rendered() -> Option<&'static [Rendered]> {
                             String::from_utf8_lossy(&out.stderr)
                         );
                         let text = String::from_utf8(out.stdout).expect("utf-8 output");
-                        Rendered { objects: parse_documents(&name, &text), name }
+                        Rendered {
+                            objects: parse_documents(&name, &text),
+                            name,
+                        }
                     })
                 })
                 .collect();
-            Some(handles.into_iter().map(|h| h.join().expect("render thread")).collect())
+            Some(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("render thread"))
+                    .collect(),
+            )
         })
         .as_deref()
 }
@@ -181,19 +204,30 @@ fn of_kind<'a>(objects: &'a [Value], k: &'a str) -> impl Iterator<Item = &'a Val
     objects.iter().filter(move |o| kind(o) == k)
 }
 fn find<'a>(objects: &'a [Value], k: &str, ns: &str, n: &str) -> Option<&'a Value> {
-    objects.iter().find(|o| kind(o) == k && namespace(o) == ns && name(o) == n)
+    objects
+        .iter()
+        .find(|o| kind(o) == k && namespace(o) == ns && name(o) == n)
 }
 fn string_map(v: &Value) -> BTreeMap<String, String> {
     v.as_object()
         .map(|m| {
             m.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
 }
 fn str_list(v: &Value) -> Vec<&str> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 /// `selector` (a label map) matches `labels` when every pair is present.
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -218,10 +252,14 @@ fn flags(args: &[&str]) -> BTreeMap<String, Vec<String>> {
     while i < args.len() {
         let arg = args[i];
         if let Some((flag, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
-            out.entry(flag.to_string()).or_default().push(value.to_string());
+            out.entry(flag.to_string())
+                .or_default()
+                .push(value.to_string());
         } else if arg.starts_with("--") {
             let value = args.get(i + 1).filter(|v| !v.starts_with("--"));
-            out.entry(arg.to_string()).or_default().push(value.map(|v| v.to_string()).unwrap_or_default());
+            out.entry(arg.to_string())
+                .or_default()
+                .push(value.map(|v| v.to_string()).unwrap_or_default());
             if value.is_some() {
                 i += 1;
             }
@@ -241,19 +279,32 @@ fn one_flag<'a>(flags: &'a BTreeMap<String, Vec<String>>, flag: &str, context: &
 fn container_port(container: &Value, port: &Value, context: &str) -> u64 {
     let ports = container["ports"].as_array().cloned().unwrap_or_default();
     let found = match port {
-        Value::String(n) => ports.iter().find(|p| p["name"].as_str() == Some(n.as_str())),
-        Value::Number(n) => ports.iter().find(|p| p["containerPort"].as_u64() == n.as_u64()),
+        Value::String(n) => ports
+            .iter()
+            .find(|p| p["name"].as_str() == Some(n.as_str())),
+        Value::Number(n) => ports
+            .iter()
+            .find(|p| p["containerPort"].as_u64() == n.as_u64()),
         _ => None,
     };
     found
         .and_then(|p| p["containerPort"].as_u64())
-        .unwrap_or_else(|| panic!("{context}: port {port} is not a port of container {}", container["name"]))
+        .unwrap_or_else(|| {
+            panic!(
+                "{context}: port {port} is not a port of container {}",
+                container["name"]
+            )
+        })
 }
 /// `90s`, `10m`, `1h` or bare seconds, as the router's duration flags take them.
 fn seconds(text: &str) -> u64 {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().unwrap_or_else(|_| panic!("bad duration {text:?}"));
+    let n: u64 = n
+        .parse()
+        .unwrap_or_else(|_| panic!("bad duration {text:?}"));
     match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -262,7 +313,10 @@ fn seconds(text: &str) -> u64 {
     }
 }
 fn port_of_addr(addr: &str) -> u64 {
-    addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {addr:?}"))
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,12 +342,19 @@ fn pool<'a>(r: &'a Rendered) -> Pool<'a> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|c| str_list(&c["args"]).iter().any(|a| a.starts_with("--kubernetes-service")))
+                .filter(|c| {
+                    str_list(&c["args"])
+                        .iter()
+                        .any(|a| a.starts_with("--kubernetes-service"))
+                })
                 .map(move |c| (d, c))
         })
         .collect();
     let [(router, router_container)] = routers[..] else {
-        panic!("{v}: expected one router Deployment container with --kubernetes-service, found {}", routers.len());
+        panic!(
+            "{v}: expected one router Deployment container with --kubernetes-service, found {}",
+            routers.len()
+        );
     };
     let router_flags = flags(&str_list(&router_container["args"]));
     let router_labels = pod_labels(router);
@@ -303,8 +364,9 @@ fn pool<'a>(r: &'a Rendered) -> Pool<'a> {
     let (svc_ns, svc_name) = service_ref
         .split_once('/')
         .unwrap_or((namespace(router), service_ref));
-    let headless = find(objects, "Service", svc_ns, svc_name)
-        .unwrap_or_else(|| panic!("{v}: --kubernetes-service {service_ref} names no rendered Service"));
+    let headless = find(objects, "Service", svc_ns, svc_name).unwrap_or_else(|| {
+        panic!("{v}: --kubernetes-service {service_ref} names no rendered Service")
+    });
     let statefulsets: Vec<&Value> = of_kind(objects, "StatefulSet")
         .filter(|s| namespace(s) == svc_ns && s["spec"]["serviceName"].as_str() == Some(svc_name))
         .collect();
@@ -314,9 +376,23 @@ fn pool<'a>(r: &'a Rendered) -> Pool<'a> {
     let buildkitd = statefulset["spec"]["template"]["spec"]["containers"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["name"] == "buildkitd"))
-        .unwrap_or_else(|| panic!("{v}: StatefulSet {} has no buildkitd container", name(statefulset)));
+        .unwrap_or_else(|| {
+            panic!(
+                "{v}: StatefulSet {} has no buildkitd container",
+                name(statefulset)
+            )
+        });
     let buildkitd_labels = pod_labels(statefulset);
-    Pool { router, router_container, router_flags, router_labels, statefulset, buildkitd, buildkitd_labels, headless }
+    Pool {
+        router,
+        router_container,
+        router_flags,
+        router_labels,
+        statefulset,
+        buildkitd,
+        buildkitd_labels,
+        headless,
+    }
 }
 
 fn each_variant(mut check: impl FnMut(&Rendered)) {
@@ -331,21 +407,41 @@ fn each_variant(mut check: impl FnMut(&Rendered)) {
 
 #[test]
 fn every_variant_renders_and_every_object_is_namespaced() {
-    const CLUSTER_SCOPED: &[&str] =
-        &["Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "APIService", "ClusterIssuer"];
+    const CLUSTER_SCOPED: &[&str] = &[
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "APIService",
+        "ClusterIssuer",
+    ];
     each_variant(|r| {
         let mut seen = BTreeSet::new();
         for o in &r.objects {
             let id = format!("{}/{}/{}", kind(o), namespace(o), name(o));
-            assert!(!name(o).is_empty(), "{}: an object without a name: {o}", r.name);
+            assert!(
+                !name(o).is_empty(),
+                "{}: an object without a name: {o}",
+                r.name
+            );
             assert!(seen.insert(id.clone()), "{}: {id} rendered twice", r.name);
             if !CLUSTER_SCOPED.contains(&kind(o)) {
                 // Without a namespace `kubectl apply` would drop it wherever the context points.
-                assert!(!namespace(o).is_empty(), "{}: {id} has no namespace", r.name);
+                assert!(
+                    !namespace(o).is_empty(),
+                    "{}: {id} has no namespace",
+                    r.name
+                );
             }
         }
-        let ns = of_kind(&r.objects, "Namespace").map(name).collect::<Vec<_>>();
-        assert!(ns.contains(&"buildkit"), "{}: the buildkit Namespace is missing", r.name);
+        let ns = of_kind(&r.objects, "Namespace")
+            .map(name)
+            .collect::<Vec<_>>();
+        assert!(
+            ns.contains(&"buildkit"),
+            "{}: the buildkit Namespace is missing",
+            r.name
+        );
     });
 }
 
@@ -361,34 +457,74 @@ fn rbac_is_least_privilege() {
             .as_str()
             .unwrap_or_else(|| panic!("{v}: the router needs its own ServiceAccount"));
         let ns = namespace(p.router);
-        assert!(find(&r.objects, "ServiceAccount", ns, sa).is_some(), "{v}: ServiceAccount {sa} missing");
+        assert!(
+            find(&r.objects, "ServiceAccount", ns, sa).is_some(),
+            "{v}: ServiceAccount {sa} missing"
+        );
         let bindings: Vec<&Value> = of_kind(&r.objects, "RoleBinding")
             .filter(|b| {
                 b["subjects"].as_array().into_iter().flatten().any(|s| {
-                    s["kind"] == "ServiceAccount" && s["name"] == sa && s["namespace"].as_str() == Some(ns)
+                    s["kind"] == "ServiceAccount"
+                        && s["name"] == sa
+                        && s["namespace"].as_str() == Some(ns)
                 })
             })
             .collect();
-        assert_eq!(bindings.len(), 1, "{v}: expected one RoleBinding for ServiceAccount {ns}/{sa}");
+        assert_eq!(
+            bindings.len(),
+            1,
+            "{v}: expected one RoleBinding for ServiceAccount {ns}/{sa}"
+        );
         let binding = bindings[0];
-        assert_eq!(namespace(binding), ns, "{v}: the RoleBinding must be in the router's namespace");
-        assert_eq!(binding["roleRef"]["kind"], "Role", "{v}: bind a Role, not a ClusterRole");
+        assert_eq!(
+            namespace(binding),
+            ns,
+            "{v}: the RoleBinding must be in the router's namespace"
+        );
+        assert_eq!(
+            binding["roleRef"]["kind"], "Role",
+            "{v}: bind a Role, not a ClusterRole"
+        );
         let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
         let role = find(&r.objects, "Role", ns, role_name)
             .unwrap_or_else(|| panic!("{v}: RoleBinding points at missing Role {role_name}"));
         // The router watches the headless Service's slices, so the Role must be in its namespace.
-        assert_eq!(namespace(role), namespace(p.headless), "{v}: Role not in the watched namespace");
+        assert_eq!(
+            namespace(role),
+            namespace(p.headless),
+            "{v}: Role not in the watched namespace"
+        );
         let rules = role["rules"].as_array().expect("Role has rules");
         assert_eq!(rules.len(), 1, "{v}: the Role must have exactly one rule");
         let rule = &rules[0];
-        assert_eq!(str_list(&rule["apiGroups"]), ["discovery.k8s.io"], "{v}: apiGroups");
-        assert_eq!(str_list(&rule["resources"]), ["endpointslices"], "{v}: resources");
+        assert_eq!(
+            str_list(&rule["apiGroups"]),
+            ["discovery.k8s.io"],
+            "{v}: apiGroups"
+        );
+        assert_eq!(
+            str_list(&rule["resources"]),
+            ["endpointslices"],
+            "{v}: resources"
+        );
         let verbs: BTreeSet<&str> = str_list(&rule["verbs"]).into_iter().collect();
-        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]), "{v}: verbs");
-        assert!(rule.get("nonResourceURLs").is_none(), "{v}: no nonResourceURLs");
+        assert_eq!(
+            verbs,
+            BTreeSet::from(["get", "list", "watch"]),
+            "{v}: verbs"
+        );
+        assert!(
+            rule.get("nonResourceURLs").is_none(),
+            "{v}: no nonResourceURLs"
+        );
         // Every Role in the variant is as narrow (no other Role grants anything else).
         for other in of_kind(&r.objects, "Role") {
-            assert_eq!(other["rules"], role["rules"], "{v}: Role {} grants more", name(other));
+            assert_eq!(
+                other["rules"],
+                role["rules"],
+                "{v}: Role {} grants more",
+                name(other)
+            );
         }
     });
 }
@@ -399,33 +535,59 @@ fn router_discovery_flags_name_the_real_headless_service_and_port() {
         let v = &r.name;
         let p = pool(r);
         let svc = &p.headless["spec"];
-        assert_eq!(svc["clusterIP"], "None", "{v}: the buildkitd Service must be headless");
-        assert_eq!(svc["publishNotReadyAddresses"], false, "{v}: publishNotReadyAddresses must stay false");
+        assert_eq!(
+            svc["clusterIP"], "None",
+            "{v}: the buildkitd Service must be headless"
+        );
+        assert_eq!(
+            svc["publishNotReadyAddresses"], false,
+            "{v}: publishNotReadyAddresses must stay false"
+        );
         assert!(
             selects(&string_map(&svc["selector"]), &p.buildkitd_labels),
             "{v}: headless Service selector does not select the StatefulSet pods"
         );
         let ss_selector = match_labels(&p.statefulset["spec"]["selector"], v);
-        assert!(selects(&ss_selector, &p.buildkitd_labels), "{v}: StatefulSet selector vs template labels");
-        assert!(!selects(&ss_selector, &p.router_labels), "{v}: StatefulSet selector also matches router pods");
+        assert!(
+            selects(&ss_selector, &p.buildkitd_labels),
+            "{v}: StatefulSet selector vs template labels"
+        );
+        assert!(
+            !selects(&ss_selector, &p.router_labels),
+            "{v}: StatefulSet selector also matches router pods"
+        );
 
         let port_ref = one_flag(&p.router_flags, "--kubernetes-port", v);
         let service_port = svc["ports"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|sp| sp["name"].as_str() == Some(port_ref) || sp["port"].as_u64().map(|n| n.to_string()).as_deref() == Some(port_ref))
-            .unwrap_or_else(|| panic!("{v}: --kubernetes-port {port_ref} is not a port of Service {}", name(p.headless)));
+            .find(|sp| {
+                sp["name"].as_str() == Some(port_ref)
+                    || sp["port"].as_u64().map(|n| n.to_string()).as_deref() == Some(port_ref)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{v}: --kubernetes-port {port_ref} is not a port of Service {}",
+                    name(p.headless)
+                )
+            });
         assert!(
             port_ref.parse::<u16>().is_err(),
             "{v}: name the port (--kubernetes-port buildkit), EndpointSlice ports are looked up by name"
         );
-        let target = service_port.get("targetPort").unwrap_or(&service_port["port"]);
+        let target = service_port
+            .get("targetPort")
+            .unwrap_or(&service_port["port"]);
         let daemon_port = container_port(p.buildkitd, target, v);
         // buildkitd really listens there.
-        let addrs = flags(&str_list(&p.buildkitd["args"])).remove("--addr").unwrap_or_default();
+        let addrs = flags(&str_list(&p.buildkitd["args"]))
+            .remove("--addr")
+            .unwrap_or_default();
         assert!(
-            addrs.iter().any(|a| a.starts_with("tcp://") && port_of_addr(a) == daemon_port),
+            addrs
+                .iter()
+                .any(|a| a.starts_with("tcp://") && port_of_addr(a) == daemon_port),
             "{v}: buildkitd has no --addr tcp://...:{daemon_port} ({addrs:?})"
         );
         assert!(
@@ -441,18 +603,38 @@ fn router_ports_labels_and_service_match() {
         let v = &r.name;
         let p = pool(r);
         let selector = match_labels(&p.router["spec"]["selector"], v);
-        assert!(selects(&selector, &p.router_labels), "{v}: router Deployment selector vs template labels");
-        assert!(!selects(&selector, &p.buildkitd_labels), "{v}: router selector also matches buildkitd pods");
-        assert!(p.router["spec"]["replicas"].as_u64().unwrap_or(1) >= 2, "{v}: run at least 2 router replicas");
+        assert!(
+            selects(&selector, &p.router_labels),
+            "{v}: router Deployment selector vs template labels"
+        );
+        assert!(
+            !selects(&selector, &p.buildkitd_labels),
+            "{v}: router selector also matches buildkitd pods"
+        );
+        assert!(
+            p.router["spec"]["replicas"].as_u64().unwrap_or(1) >= 2,
+            "{v}: run at least 2 router replicas"
+        );
 
         let listen = port_of_addr(one_flag(&p.router_flags, "--listen", v));
         let admin = port_of_addr(one_flag(&p.router_flags, "--admin-listen", v));
         assert_eq!((listen, admin), (1234, 9180), "{v}: router listen ports");
-        assert_eq!(container_port(p.router_container, &Value::from("grpc"), v), listen, "{v}: grpc containerPort");
-        assert_eq!(container_port(p.router_container, &Value::from("admin"), v), admin, "{v}: admin containerPort");
+        assert_eq!(
+            container_port(p.router_container, &Value::from("grpc"), v),
+            listen,
+            "{v}: grpc containerPort"
+        );
+        assert_eq!(
+            container_port(p.router_container, &Value::from("admin"), v),
+            admin,
+            "{v}: admin containerPort"
+        );
 
         let services: Vec<&Value> = of_kind(&r.objects, "Service")
-            .filter(|s| namespace(s) == namespace(p.router) && selects(&string_map(&s["spec"]["selector"]), &p.router_labels))
+            .filter(|s| {
+                namespace(s) == namespace(p.router)
+                    && selects(&string_map(&s["spec"]["selector"]), &p.router_labels)
+            })
             .collect();
         let service = services
             .iter()
@@ -462,19 +644,38 @@ fn router_ports_labels_and_service_match() {
         for sp in service["spec"]["ports"].as_array().expect("Service ports") {
             let target = sp.get("targetPort").unwrap_or(&sp["port"]);
             let resolved = container_port(p.router_container, target, v);
-            by_name.insert(sp["name"].as_str().unwrap_or_default().to_string(), (sp["port"].as_u64().unwrap_or(0), resolved));
+            by_name.insert(
+                sp["name"].as_str().unwrap_or_default().to_string(),
+                (sp["port"].as_u64().unwrap_or(0), resolved),
+            );
         }
-        assert_eq!(by_name.get("grpc"), Some(&(1234, listen)), "{v}: Service port grpc");
-        assert_eq!(by_name.get("admin"), Some(&(9180, admin)), "{v}: Service port admin");
+        assert_eq!(
+            by_name.get("grpc"),
+            Some(&(1234, listen)),
+            "{v}: Service port grpc"
+        );
+        assert_eq!(
+            by_name.get("admin"),
+            Some(&(9180, admin)),
+            "{v}: Service port admin"
+        );
         // No Service other than the headless one selects the builders (clients go via the router).
         for s in of_kind(&r.objects, "Service") {
             if selects(&string_map(&s["spec"]["selector"]), &p.buildkitd_labels) {
-                assert_eq!(name(s), name(p.headless), "{v}: Service {} exposes buildkitd directly", name(s));
+                assert_eq!(
+                    name(s),
+                    name(p.headless),
+                    "{v}: Service {} exposes buildkitd directly",
+                    name(s)
+                );
             }
         }
         // Every flag the manifests pass is one the router is known to have.
         for flag in p.router_flags.keys() {
-            assert!(ROUTER_FLAGS.contains(&flag.as_str()), "{v}: unknown router flag {flag}");
+            assert!(
+                ROUTER_FLAGS.contains(&flag.as_str()),
+                "{v}: unknown router flag {flag}"
+            );
         }
     });
 }
@@ -488,28 +689,58 @@ fn probes_point_at_real_ports_and_admin_paths() {
         for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
             let get = &p.router_container[probe]["httpGet"];
             assert_eq!(get["path"], path, "{v}: router {probe} path");
-            assert_eq!(container_port(p.router_container, &get["port"], v), admin, "{v}: router {probe} port");
-            assert!(get.get("scheme").is_none() || get["scheme"] == "HTTP", "{v}: admin port is plain HTTP");
+            assert_eq!(
+                container_port(p.router_container, &get["port"], v),
+                admin,
+                "{v}: router {probe} port"
+            );
+            assert!(
+                get.get("scheme").is_none() || get["scheme"] == "HTTP",
+                "{v}: admin port is plain HTTP"
+            );
         }
         let readiness = str_list(&p.buildkitd["readinessProbe"]["exec"]["command"]);
-        assert_eq!(readiness, ["buildctl", "debug", "workers"], "{v}: buildkitd readiness probe");
+        assert_eq!(
+            readiness,
+            ["buildctl", "debug", "workers"],
+            "{v}: buildkitd readiness probe"
+        );
         // Grace: the router's --shutdown-grace must fit in its pod's termination grace, and
         // buildkitd's grace must be at least as long (builds outlive the router's drain).
         let grace = seconds(one_flag(&p.router_flags, "--shutdown-grace", v));
-        let router_tgps = p.router["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-        let bk_tgps = p.statefulset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-        assert!(router_tgps > grace, "{v}: router terminationGracePeriodSeconds {router_tgps} <= --shutdown-grace {grace}s");
-        assert!(bk_tgps >= router_tgps, "{v}: buildkitd grace {bk_tgps}s shorter than the router's {router_tgps}s");
+        let router_tgps = p.router["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30);
+        let bk_tgps = p.statefulset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30);
+        assert!(
+            router_tgps > grace,
+            "{v}: router terminationGracePeriodSeconds {router_tgps} <= --shutdown-grace {grace}s"
+        );
+        assert!(
+            bk_tgps >= router_tgps,
+            "{v}: buildkitd grace {bk_tgps}s shorter than the router's {router_tgps}s"
+        );
         assert!(
             p.buildkitd["lifecycle"]["preStop"]["exec"]["command"].is_array(),
             "{v}: buildkitd needs a preStop that waits for running builds"
         );
         // The router's security posture.
         let sc = &p.router_container["securityContext"];
-        assert_eq!(sc["readOnlyRootFilesystem"], true, "{v}: router root fs read-only");
-        assert_eq!(sc["allowPrivilegeEscalation"], false, "{v}: router privilege escalation");
+        assert_eq!(
+            sc["readOnlyRootFilesystem"], true,
+            "{v}: router root fs read-only"
+        );
+        assert_eq!(
+            sc["allowPrivilegeEscalation"], false,
+            "{v}: router privilege escalation"
+        );
         let pod_sc = &p.router["spec"]["template"]["spec"]["securityContext"];
-        assert!(pod_sc["runAsNonRoot"] == true || sc["runAsNonRoot"] == true, "{v}: router runs as non-root");
+        assert!(
+            pod_sc["runAsNonRoot"] == true || sc["runAsNonRoot"] == true,
+            "{v}: router runs as non-root"
+        );
         // A PVC per builder for the cache, mounted by buildkitd.
         let claims: Vec<&str> = p.statefulset["spec"]["volumeClaimTemplates"]
             .as_array()
@@ -517,8 +748,16 @@ fn probes_point_at_real_ports_and_admin_paths() {
             .flatten()
             .map(name)
             .collect();
-        let mounts: Vec<&str> = p.buildkitd["volumeMounts"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
-        assert!(claims.iter().any(|c| mounts.contains(c)), "{v}: buildkitd mounts no volumeClaimTemplate ({claims:?})");
+        let mounts: Vec<&str> = p.buildkitd["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
+        assert!(
+            claims.iter().any(|c| mounts.contains(c)),
+            "{v}: buildkitd mounts no volumeClaimTemplate ({claims:?})"
+        );
     });
 }
 
@@ -531,31 +770,81 @@ fn network_policy_lets_only_the_router_reach_buildkitd() {
         let daemon_port_name = "buildkit";
         let daemon_port = container_port(p.buildkitd, &Value::from(daemon_port_name), v);
         let policies: Vec<&Value> = of_kind(&r.objects, "NetworkPolicy")
-            .filter(|np| namespace(np) == ns && selects(&match_labels(&np["spec"]["podSelector"], v), &p.buildkitd_labels))
+            .filter(|np| {
+                namespace(np) == ns
+                    && selects(
+                        &match_labels(&np["spec"]["podSelector"], v),
+                        &p.buildkitd_labels,
+                    )
+            })
             .collect();
-        assert!(!policies.is_empty(), "{v}: no NetworkPolicy selects the buildkitd pods");
+        assert!(
+            !policies.is_empty(),
+            "{v}: no NetworkPolicy selects the buildkitd pods"
+        );
         for np in policies {
             let spec = &np["spec"];
-            assert!(str_list(&spec["policyTypes"]).contains(&"Ingress"), "{v}: {} must restrict Ingress", name(np));
-            assert!(!selects(&match_labels(&spec["podSelector"], v), &p.router_labels), "{v}: {} also selects the router", name(np));
+            assert!(
+                str_list(&spec["policyTypes"]).contains(&"Ingress"),
+                "{v}: {} must restrict Ingress",
+                name(np)
+            );
+            assert!(
+                !selects(&match_labels(&spec["podSelector"], v), &p.router_labels),
+                "{v}: {} also selects the router",
+                name(np)
+            );
             for rule in spec["ingress"].as_array().into_iter().flatten() {
-                let from = rule["from"].as_array().unwrap_or_else(|| panic!("{v}: {}: an ingress rule without `from` admits everyone", name(np)));
-                assert!(!from.is_empty(), "{v}: {}: empty `from` admits everyone", name(np));
+                let from = rule["from"].as_array().unwrap_or_else(|| {
+                    panic!(
+                        "{v}: {}: an ingress rule without `from` admits everyone",
+                        name(np)
+                    )
+                });
+                assert!(
+                    !from.is_empty(),
+                    "{v}: {}: empty `from` admits everyone",
+                    name(np)
+                );
                 for peer in from {
-                    assert!(peer.get("namespaceSelector").is_none() && peer.get("ipBlock").is_none(), "{v}: {}: peer {peer} is wider than the router pods", name(np));
+                    assert!(
+                        peer.get("namespaceSelector").is_none() && peer.get("ipBlock").is_none(),
+                        "{v}: {}: peer {peer} is wider than the router pods",
+                        name(np)
+                    );
                     let sel = match_labels(&peer["podSelector"], v);
-                    assert!(selects(&sel, &p.router_labels), "{v}: {}: peer {peer} does not select the router pods", name(np));
-                    assert!(!selects(&sel, &p.buildkitd_labels), "{v}: {}: peer selects buildkitd pods", name(np));
+                    assert!(
+                        selects(&sel, &p.router_labels),
+                        "{v}: {}: peer {peer} does not select the router pods",
+                        name(np)
+                    );
+                    assert!(
+                        !selects(&sel, &p.buildkitd_labels),
+                        "{v}: {}: peer selects buildkitd pods",
+                        name(np)
+                    );
                 }
-                let ports = rule["ports"].as_array().unwrap_or_else(|| panic!("{v}: {}: rule must name the port", name(np)));
+                let ports = rule["ports"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{v}: {}: rule must name the port", name(np)));
                 for port in ports {
-                    assert_eq!(container_port(p.buildkitd, &port["port"], v), daemon_port, "{v}: {}: port", name(np));
+                    assert_eq!(
+                        container_port(p.buildkitd, &port["port"], v),
+                        daemon_port,
+                        "{v}: {}: port",
+                        name(np)
+                    );
                 }
             }
         }
         // The router's own policy admits its gRPC port and its admin port.
         let router_policy = of_kind(&r.objects, "NetworkPolicy")
-            .find(|np| selects(&match_labels(&np["spec"]["podSelector"], v), &p.router_labels))
+            .find(|np| {
+                selects(
+                    &match_labels(&np["spec"]["podSelector"], v),
+                    &p.router_labels,
+                )
+            })
             .unwrap_or_else(|| panic!("{v}: no NetworkPolicy for the router pods"));
         let admitted: BTreeSet<u64> = router_policy["spec"]["ingress"]
             .as_array()
@@ -564,7 +853,11 @@ fn network_policy_lets_only_the_router_reach_buildkitd() {
             .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
             .map(|port| container_port(p.router_container, &port["port"], v))
             .collect();
-        assert_eq!(admitted, BTreeSet::from([1234, 9180]), "{v}: router NetworkPolicy ports");
+        assert_eq!(
+            admitted,
+            BTreeSet::from([1234, 9180]),
+            "{v}: router NetworkPolicy ports"
+        );
     });
 }
 
@@ -574,13 +867,33 @@ fn pdb_selects_buildkitd() {
         let v = &r.name;
         let p = pool(r);
         let pdbs: Vec<&Value> = of_kind(&r.objects, "PodDisruptionBudget")
-            .filter(|pdb| namespace(pdb) == namespace(p.statefulset) && selects(&match_labels(&pdb["spec"]["selector"], v), &p.buildkitd_labels))
+            .filter(|pdb| {
+                namespace(pdb) == namespace(p.statefulset)
+                    && selects(
+                        &match_labels(&pdb["spec"]["selector"], v),
+                        &p.buildkitd_labels,
+                    )
+            })
             .collect();
-        assert_eq!(pdbs.len(), 1, "{v}: expected one PodDisruptionBudget selecting buildkitd");
-        assert!(!selects(&match_labels(&pdbs[0]["spec"]["selector"], v), &p.router_labels), "{v}: buildkitd PDB also selects router pods");
+        assert_eq!(
+            pdbs.len(),
+            1,
+            "{v}: expected one PodDisruptionBudget selecting buildkitd"
+        );
+        assert!(
+            !selects(
+                &match_labels(&pdbs[0]["spec"]["selector"], v),
+                &p.router_labels
+            ),
+            "{v}: buildkitd PDB also selects router pods"
+        );
         for pdb in of_kind(&r.objects, "PodDisruptionBudget") {
             let sel = match_labels(&pdb["spec"]["selector"], v);
-            assert!(selects(&sel, &p.buildkitd_labels) || selects(&sel, &p.router_labels), "{v}: PDB {} selects nothing", name(pdb));
+            assert!(
+                selects(&sel, &p.buildkitd_labels) || selects(&sel, &p.router_labels),
+                "{v}: PDB {} selects nothing",
+                name(pdb)
+            );
         }
     });
 }
@@ -592,15 +905,22 @@ fn check_metric_names(text: &str, context: &str) -> BTreeSet<String> {
     let mut rest = text;
     while let Some(at) = rest.find(prefix) {
         let tail = &rest[at..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
         let token = &tail[..end];
         rest = &tail[end..];
         let known = ROUTER_METRICS.iter().any(|(m, kind)| {
             token == *m
                 || (*kind == MetricKind::Histogram
-                    && ["_bucket", "_sum", "_count"].iter().any(|s| token.strip_suffix(s) == Some(m)))
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| token.strip_suffix(s) == Some(m)))
         });
-        assert!(known, "{context}: {token} is not a metric the router exports");
+        assert!(
+            known,
+            "{context}: {token} is not a metric the router exports"
+        );
         used.insert(token.to_string());
     }
     used
@@ -615,13 +935,27 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
         let p = pool(r);
         let mut targeted = false;
         let check_target = |target: &Value, what: &str| {
-            assert_eq!(target["kind"], "StatefulSet", "{v}: {what} must scale the StatefulSet");
-            assert_eq!(target["name"].as_str(), Some(name(p.statefulset)), "{v}: {what} target name");
-            assert_eq!(target["apiVersion"], "apps/v1", "{v}: {what} target apiVersion");
+            assert_eq!(
+                target["kind"], "StatefulSet",
+                "{v}: {what} must scale the StatefulSet"
+            );
+            assert_eq!(
+                target["name"].as_str(),
+                Some(name(p.statefulset)),
+                "{v}: {what} target name"
+            );
+            assert_eq!(
+                target["apiVersion"], "apps/v1",
+                "{v}: {what} target apiVersion"
+            );
         };
         for hpa in of_kind(&r.objects, "HorizontalPodAutoscaler") {
             let what = format!("HPA {}", name(hpa));
-            assert_eq!(namespace(hpa), namespace(p.statefulset), "{v}: {what} namespace");
+            assert_eq!(
+                namespace(hpa),
+                namespace(p.statefulset),
+                "{v}: {what} namespace"
+            );
             check_target(&hpa["spec"]["scaleTargetRef"], &what);
             let metrics = hpa["spec"]["metrics"].as_array().expect("HPA metrics");
             assert!(!metrics.is_empty(), "{v}: {what} has no metrics");
@@ -631,43 +965,85 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
                     "External" => &m["external"],
                     "Pods" => &m["pods"],
                     "Object" => &m["object"],
-                    other => panic!("{v}: {what}: metric type {other} does not use the router's metrics"),
+                    other => {
+                        panic!("{v}: {what}: metric type {other} does not use the router's metrics")
+                    }
                 };
                 let metric = source["metric"]["name"].as_str().unwrap_or_default();
-                assert!(ROUTER_METRICS.iter().any(|(n, _)| *n == metric), "{v}: {what}: {metric} is not a router metric");
+                assert!(
+                    ROUTER_METRICS.iter().any(|(n, _)| *n == metric),
+                    "{v}: {what}: {metric} is not a router metric"
+                );
                 // The metric must be served by a prometheus-adapter rule shipped alongside.
                 let served = of_kind(&r.objects, "ConfigMap").any(|cm| {
-                    string_map(&cm["data"]).values().any(|cfg| cfg.contains(&format!("as: \"{metric}\"")) || cfg.contains(&format!("as: {metric}")))
+                    string_map(&cm["data"]).values().any(|cfg| {
+                        cfg.contains(&format!("as: \"{metric}\""))
+                            || cfg.contains(&format!("as: {metric}"))
+                    })
                 });
-                assert!(served, "{v}: {what}: no prometheus-adapter rule exposes {metric}");
+                assert!(
+                    served,
+                    "{v}: {what}: no prometheus-adapter rule exposes {metric}"
+                );
             }
             targeted = true;
             saw_hpa = true;
         }
         for so in of_kind(&r.objects, "ScaledObject") {
             let what = format!("ScaledObject {}", name(so));
-            assert_eq!(namespace(so), namespace(p.statefulset), "{v}: {what} namespace");
+            assert_eq!(
+                namespace(so),
+                namespace(p.statefulset),
+                "{v}: {what} namespace"
+            );
             check_target(&so["spec"]["scaleTargetRef"], &what);
-            assert!(so["spec"]["minReplicaCount"].as_u64().is_some(), "{v}: {what}: set minReplicaCount explicitly");
+            assert!(
+                so["spec"]["minReplicaCount"].as_u64().is_some(),
+                "{v}: {what}: set minReplicaCount explicitly"
+            );
             let triggers = so["spec"]["triggers"].as_array().expect("triggers");
-            let prom: Vec<&Value> = triggers.iter().filter(|t| t["type"] == "prometheus").collect();
+            let prom: Vec<&Value> = triggers
+                .iter()
+                .filter(|t| t["type"] == "prometheus")
+                .collect();
             assert!(!prom.is_empty(), "{v}: {what}: no prometheus trigger");
             for t in prom {
                 let query = t["metadata"]["query"].as_str().unwrap_or_default();
                 let used = check_metric_names(query, &format!("{v}: {what}"));
-                for needed in ["buildkit_router_builds_queued", "buildkit_router_builds_active"] {
-                    assert!(used.contains(needed), "{v}: {what}: query must include {needed}: {query}");
+                for needed in [
+                    "buildkit_router_builds_queued",
+                    "buildkit_router_builds_active",
+                ] {
+                    assert!(
+                        used.contains(needed),
+                        "{v}: {what}: query must include {needed}: {query}"
+                    );
                 }
-                let threshold: f64 = t["metadata"]["threshold"].as_str().unwrap_or("0").parse().expect("threshold is a number");
-                assert!(threshold > 0.0, "{v}: {what}: threshold (builds per builder) must be > 0");
-                assert!(t["metadata"]["serverAddress"].as_str().is_some_and(|a| a.starts_with("http")), "{v}: {what}: serverAddress");
+                let threshold: f64 = t["metadata"]["threshold"]
+                    .as_str()
+                    .unwrap_or("0")
+                    .parse()
+                    .expect("threshold is a number");
+                assert!(
+                    threshold > 0.0,
+                    "{v}: {what}: threshold (builds per builder) must be > 0"
+                );
+                assert!(
+                    t["metadata"]["serverAddress"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("http")),
+                    "{v}: {what}: serverAddress"
+                );
             }
             targeted = true;
             saw_keda = true;
         }
         // An autoscaled StatefulSet must not carry a replica count `kubectl apply` would reset.
         if targeted {
-            assert!(p.statefulset["spec"].get("replicas").is_none(), "{v}: autoscaled StatefulSet still sets spec.replicas");
+            assert!(
+                p.statefulset["spec"].get("replicas").is_none(),
+                "{v}: autoscaled StatefulSet still sets spec.replicas"
+            );
         }
         // Every prometheus-adapter rule uses only real metric names.
         for cm in of_kind(&r.objects, "ConfigMap") {
@@ -693,23 +1069,48 @@ fn monitoring_scrapes_the_admin_port_and_dashboard_uses_real_metrics() {
         for sm in of_kind(&r.objects, "ServiceMonitor") {
             let sel = match_labels(&sm["spec"]["selector"], v);
             let service = of_kind(&r.objects, "Service")
-                .find(|s| namespace(s) == namespace(p.router) && selects(&sel, &string_map(&s["metadata"]["labels"])) && selects(&string_map(&s["spec"]["selector"]), &p.router_labels))
-                .unwrap_or_else(|| panic!("{v}: ServiceMonitor {} selects no router Service", name(sm)));
-            let names: Vec<&str> = service["spec"]["ports"].as_array().into_iter().flatten().filter_map(|sp| sp["name"].as_str()).collect();
+                .find(|s| {
+                    namespace(s) == namespace(p.router)
+                        && selects(&sel, &string_map(&s["metadata"]["labels"]))
+                        && selects(&string_map(&s["spec"]["selector"]), &p.router_labels)
+                })
+                .unwrap_or_else(|| {
+                    panic!("{v}: ServiceMonitor {} selects no router Service", name(sm))
+                });
+            let names: Vec<&str> = service["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|sp| sp["name"].as_str())
+                .collect();
             for ep in sm["spec"]["endpoints"].as_array().expect("endpoints") {
-                assert_eq!(ep["port"], "admin", "{v}: ServiceMonitor must scrape the admin port");
-                assert!(names.contains(&"admin"), "{v}: Service {} has no admin port", name(service));
-                assert_eq!(ep.get("path").and_then(Value::as_str).unwrap_or("/metrics"), "/metrics");
+                assert_eq!(
+                    ep["port"], "admin",
+                    "{v}: ServiceMonitor must scrape the admin port"
+                );
+                assert!(
+                    names.contains(&"admin"),
+                    "{v}: Service {} has no admin port",
+                    name(service)
+                );
+                assert_eq!(
+                    ep.get("path").and_then(Value::as_str).unwrap_or("/metrics"),
+                    "/metrics"
+                );
             }
             let allowed = str_list(&sm["spec"]["namespaceSelector"]["matchNames"]);
-            assert!(allowed.is_empty() || allowed.contains(&namespace(p.router)), "{v}: ServiceMonitor namespaceSelector");
+            assert!(
+                allowed.is_empty() || allowed.contains(&namespace(p.router)),
+                "{v}: ServiceMonitor namespaceSelector"
+            );
         }
         for cm in of_kind(&r.objects, "ConfigMap") {
             if !string_map(&cm["metadata"]["labels"]).contains_key("grafana_dashboard") {
                 continue;
             }
             for (key, text) in string_map(&cm["data"]) {
-                let dashboard: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{v}: {key} is not JSON: {e}"));
+                let dashboard: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{v}: {key} is not JSON: {e}"));
                 let used = check_metric_names(&text, &format!("{v}: dashboard {key}"));
                 for needed in [
                     "buildkit_router_builds_active",
@@ -720,19 +1121,29 @@ fn monitoring_scrapes_the_admin_port_and_dashboard_uses_real_metrics() {
                     "buildkit_router_backends",
                     "buildkit_router_desired_backends",
                 ] {
-                    assert!(used.contains(needed), "{v}: dashboard {key} has no panel on {needed}");
+                    assert!(
+                        used.contains(needed),
+                        "{v}: dashboard {key} has no panel on {needed}"
+                    );
                 }
-                assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 6), "{v}: dashboard panels");
+                assert!(
+                    dashboard["panels"].as_array().is_some_and(|p| p.len() >= 6),
+                    "{v}: dashboard panels"
+                );
                 saw_dashboard = true;
             }
         }
     });
     // The dashboard file itself (also importable by hand) matches what the ConfigMap carries.
-    let file = std::fs::read_to_string(deploy_dir().join("grafana/buildkit-router.json")).expect("dashboard JSON");
+    let file = std::fs::read_to_string(deploy_dir().join("grafana/buildkit-router.json"))
+        .expect("dashboard JSON");
     serde_json::from_str::<Value>(&file).expect("deploy/grafana/buildkit-router.json parses");
     check_metric_names(&file, "deploy/grafana/buildkit-router.json");
     if rendered().is_some() {
-        assert!(saw_dashboard, "no variant ships the Grafana dashboard ConfigMap");
+        assert!(
+            saw_dashboard,
+            "no variant ships the Grafana dashboard ConfigMap"
+        );
     }
 }
 
@@ -745,7 +1156,10 @@ fn mtls_mounts_the_secrets_its_certificates_produce() {
         let p = pool(r);
         if certificates.is_empty() {
             for flag in ["--tls-cert", "--backend-tls-ca"] {
-                assert!(!p.router_flags.contains_key(flag), "{v}: {flag} without Certificates");
+                assert!(
+                    !p.router_flags.contains_key(flag),
+                    "{v}: {flag} without Certificates"
+                );
             }
             return;
         }
@@ -754,8 +1168,22 @@ fn mtls_mounts_the_secrets_its_certificates_produce() {
         for c in &certificates {
             let issuer = &c["spec"]["issuerRef"];
             let kind_ = issuer["kind"].as_str().unwrap_or("Issuer");
-            let ns = if kind_ == "ClusterIssuer" { "" } else { namespace(c) };
-            assert!(find(&r.objects, kind_, ns, issuer["name"].as_str().unwrap_or_default()).is_some(), "{v}: Certificate {}: issuer {issuer} missing", name(c));
+            let ns = if kind_ == "ClusterIssuer" {
+                ""
+            } else {
+                namespace(c)
+            };
+            assert!(
+                find(
+                    &r.objects,
+                    kind_,
+                    ns,
+                    issuer["name"].as_str().unwrap_or_default()
+                )
+                .is_some(),
+                "{v}: Certificate {}: issuer {issuer} missing",
+                name(c)
+            );
         }
         let secret_of = |ns: &str, secret: &str| {
             certificates
@@ -769,56 +1197,114 @@ fn mtls_mounts_the_secrets_its_certificates_produce() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .find(|m| m["mountPath"].as_str().is_some_and(|mp| Path::new(path).parent() == Some(Path::new(mp))))
-                .unwrap_or_else(|| panic!("{v}: {what} {path}: no volume mounted at its directory"));
+                .find(|m| {
+                    m["mountPath"]
+                        .as_str()
+                        .is_some_and(|mp| Path::new(path).parent() == Some(Path::new(mp)))
+                })
+                .unwrap_or_else(|| {
+                    panic!("{v}: {what} {path}: no volume mounted at its directory")
+                });
             let volume = workload["spec"]["template"]["spec"]["volumes"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .find(|vol| vol["name"] == mount["name"])
                 .unwrap_or_else(|| panic!("{v}: {what}: volume {} not defined", mount["name"]));
-            let secret = volume["secret"]["secretName"].as_str().unwrap_or_else(|| panic!("{v}: {what}: volume {} is not a Secret", mount["name"]));
+            let secret = volume["secret"]["secretName"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{v}: {what}: volume {} is not a Secret", mount["name"]));
             let file = Path::new(path).file_name().unwrap().to_str().unwrap();
-            assert!(CERT_MANAGER_KEYS.contains(&file), "{v}: {what} {path}: cert-manager writes no {file}");
-            secret_of(namespace(workload), secret).unwrap_or_else(|| panic!("{v}: {what}: Secret {secret} comes from no Certificate"))
+            assert!(
+                CERT_MANAGER_KEYS.contains(&file),
+                "{v}: {what} {path}: cert-manager writes no {file}"
+            );
+            secret_of(namespace(workload), secret)
+                .unwrap_or_else(|| panic!("{v}: {what}: Secret {secret} comes from no Certificate"))
         };
-        let usages = |c: &Value| str_list(&c["spec"]["usages"]).into_iter().map(str::to_owned).collect::<BTreeSet<_>>();
+        let usages = |c: &Value| {
+            str_list(&c["spec"]["usages"])
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<BTreeSet<_>>()
+        };
 
         // buildkitd: server certificate, client certificates required.
         let bk_flags = flags(&str_list(&p.buildkitd["args"]));
         let mut bk_certs = Vec::new();
         for flag in ["--tlscacert", "--tlscert", "--tlskey"] {
             let path = one_flag(&bk_flags, flag, &format!("{v}: buildkitd"));
-            bk_certs.push(file_source(p.statefulset, p.buildkitd, path, &format!("buildkitd {flag}")));
+            bk_certs.push(file_source(
+                p.statefulset,
+                p.buildkitd,
+                path,
+                &format!("buildkitd {flag}"),
+            ));
         }
         let daemon_cert = bk_certs[1];
-        assert!(usages(daemon_cert).contains("server auth"), "{v}: buildkitd certificate needs server auth");
+        assert!(
+            usages(daemon_cert).contains("server auth"),
+            "{v}: buildkitd certificate needs server auth"
+        );
 
         // Router: front TLS with client CA, and client TLS to the builders.
         let mut front = Vec::new();
         for flag in ["--tls-cert", "--tls-key", "--tls-client-ca"] {
             let path = one_flag(&p.router_flags, flag, &format!("{v}: router"));
-            front.push(file_source(p.router, p.router_container, path, &format!("router {flag}")));
+            front.push(file_source(
+                p.router,
+                p.router_container,
+                path,
+                &format!("router {flag}"),
+            ));
         }
         let router_cert = front[0];
-        assert!(usages(router_cert).contains("server auth"), "{v}: router serving certificate needs server auth");
+        assert!(
+            usages(router_cert).contains("server auth"),
+            "{v}: router serving certificate needs server auth"
+        );
         let router_dns = str_list(&router_cert["spec"]["dnsNames"]);
         let router_service = format!("buildkit-router.{}.svc", namespace(p.router));
-        assert!(router_dns.contains(&router_service.as_str()), "{v}: router certificate lacks {router_service}");
+        assert!(
+            router_dns.contains(&router_service.as_str()),
+            "{v}: router certificate lacks {router_service}"
+        );
         let mut back = Vec::new();
-        for flag in ["--backend-tls-ca", "--backend-tls-cert", "--backend-tls-key"] {
+        for flag in [
+            "--backend-tls-ca",
+            "--backend-tls-cert",
+            "--backend-tls-key",
+        ] {
             let path = one_flag(&p.router_flags, flag, &format!("{v}: router"));
-            back.push(file_source(p.router, p.router_container, path, &format!("router {flag}")));
+            back.push(file_source(
+                p.router,
+                p.router_container,
+                path,
+                &format!("router {flag}"),
+            ));
         }
-        assert!(usages(back[1]).contains("client auth"), "{v}: router backend certificate needs client auth");
+        assert!(
+            usages(back[1]).contains("client auth"),
+            "{v}: router backend certificate needs client auth"
+        );
         // The router verifies the builders by a fixed name (it dials pod IPs): the daemons'
         // certificate must carry it, and both sides must trust the same issuer.
         let server_name = one_flag(&p.router_flags, "--backend-tls-server-name", v);
-        assert!(str_list(&daemon_cert["spec"]["dnsNames"]).contains(&server_name), "{v}: buildkitd certificate lacks {server_name}");
-        assert_eq!(back[1]["spec"]["issuerRef"], daemon_cert["spec"]["issuerRef"], "{v}: router client and buildkitd certs from different issuers");
+        assert!(
+            str_list(&daemon_cert["spec"]["dnsNames"]).contains(&server_name),
+            "{v}: buildkitd certificate lacks {server_name}"
+        );
+        assert_eq!(
+            back[1]["spec"]["issuerRef"], daemon_cert["spec"]["issuerRef"],
+            "{v}: router client and buildkitd certs from different issuers"
+        );
         // Some client certificate exists for CI (client auth, same issuer as the router's server cert).
         assert!(
-            certificates.iter().any(|c| usages(c).contains("client auth") && c["spec"]["issuerRef"] == router_cert["spec"]["issuerRef"] && !std::ptr::eq(*c, back[1])),
+            certificates
+                .iter()
+                .any(|c| usages(c).contains("client auth")
+                    && c["spec"]["issuerRef"] == router_cert["spec"]["issuerRef"]
+                    && !std::ptr::eq(*c, back[1])),
             "{v}: no client certificate for CI"
         );
     });
@@ -829,16 +1315,30 @@ fn mtls_mounts_the_secrets_its_certificates_produce() {
 
 #[test]
 fn router_binary_accepts_every_flag_the_manifests_use() {
-    let out = Command::new(env!("CARGO_BIN_EXE_buildkit-router")).arg("--help").output().expect("run buildkit-router --help");
-    let help = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(env!("CARGO_BIN_EXE_buildkit-router"))
+        .arg("--help")
+        .output()
+        .expect("run buildkit-router --help");
+    let help =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let Some(variants) = rendered() else { return };
-    let used: BTreeSet<String> = variants.iter().flat_map(|r| pool(r).router_flags.into_keys()).collect();
+    let used: BTreeSet<String> = variants
+        .iter()
+        .flat_map(|r| pool(r).router_flags.into_keys())
+        .collect();
     let missing: Vec<&str> = used
         .iter()
         .map(String::as_str)
-        .filter(|flag| !help.split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[').any(|w| w == *flag))
+        .filter(|flag| {
+            !help
+                .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[')
+                .any(|w| w == *flag)
+        })
         .collect();
-    assert!(missing.is_empty(), "the manifests use router flags that `buildkit-router --help` does not list: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "the manifests use router flags that `buildkit-router --help` does not list: {missing:?}"
+    );
 }
 
 #[test]
@@ -852,12 +1352,25 @@ fn gitlab_ci_example_builds_through_the_router_without_a_daemon() {
         .iter()
         .filter(|(k, v)| !k.starts_with('.') && v.get("script").is_some())
         .collect();
-    assert!(jobs.len() >= 2, "expected a build job and a multi-platform job");
+    assert!(
+        jobs.len() >= 2,
+        "expected a build job and a multi-platform job"
+    );
     // No Docker-in-Docker anywhere: no services, no dind image, no privileged flags.
-    let code: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
-    assert!(!code.contains("dind") && !code.contains("privileged"), "the example must not need DinD or privileged runners");
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !code.contains("dind") && !code.contains("privileged"),
+        "the example must not need DinD or privileged runners"
+    );
     for (job, v) in &ci.as_object().unwrap().iter().collect::<Vec<_>>() {
-        assert!(v.get("services").is_none(), "job {job} declares services (DinD?)");
+        assert!(
+            v.get("services").is_none(),
+            "job {job} declares services (DinD?)"
+        );
     }
     for needle in [
         "--driver remote",
@@ -873,5 +1386,8 @@ fn gitlab_ci_example_builds_through_the_router_without_a_daemon() {
         assert!(text.contains(needle), "gitlab-ci.yml lacks {needle:?}");
     }
     let readme = std::fs::read_to_string(deploy_dir().join("README.md")).expect("deploy/README.md");
-    assert!(readme.contains("examples/gitlab-ci.yml"), "deploy/README.md must link the CI example");
+    assert!(
+        readme.contains("examples/gitlab-ci.yml"),
+        "deploy/README.md must link the CI example"
+    );
 }

@@ -44,10 +44,17 @@ fn owner(daemons: &[FakeDaemon], build_ref: &str) -> Vec<String> {
 fn assert_build_on_one_daemon(daemons: &[FakeDaemon], build_ref: &str) {
     let owners = owner(daemons, build_ref);
     assert_eq!(owners.len(), 1, "build {build_ref} reached {owners:?}");
-    let d = daemons.iter().find(|d| d.name() == owners[0]).expect("owner");
+    let d = daemons
+        .iter()
+        .find(|d| d.name() == owners[0])
+        .expect("owner");
     let methods = d.counters().methods_for(build_ref);
     for m in ["Solve", "Status", "LLBBridge/Ping", "LLBBridge/Return"] {
-        assert!(methods.iter().any(|x| x == m), "{m} of {build_ref} did not reach {}: {methods:?}", owners[0]);
+        assert!(
+            methods.iter().any(|x| x == m),
+            "{m} of {build_ref} did not reach {}: {methods:?}",
+            owners[0]
+        );
     }
 }
 
@@ -55,7 +62,12 @@ fn assert_no_routing_errors(daemons: &[FakeDaemon]) {
     for d in daemons {
         let k = d.counters();
         assert_eq!(k.no_such_job(), 0, "{} answered `no such job`", d.name());
-        assert_eq!(k.no_active_session(), 0, "{} answered `no active session`", d.name());
+        assert_eq!(
+            k.no_active_session(),
+            0,
+            "{} answered `no active session`",
+            d.name()
+        );
     }
 }
 
@@ -68,7 +80,11 @@ async fn thirty_two_concurrent_builds_over_three_daemons_all_stay_on_their_daemo
         let addr = router.addr;
         tasks.push(tokio::spawn(async move {
             let client = Client::connect(addr).await.expect("connect to router");
-            let mut opts = if i % 2 == 0 { BuildOpts::buildctl() } else { BuildOpts::buildx() };
+            let mut opts = if i % 2 == 0 {
+                BuildOpts::buildctl()
+            } else {
+                BuildOpts::buildx()
+            };
             opts.context_size = 256 * 1024;
             client.build(opts).await
         }));
@@ -76,8 +92,15 @@ async fn thirty_two_concurrent_builds_over_three_daemons_all_stay_on_their_daemo
     let mut refs = Vec::new();
     for task in tasks {
         let result = task.await.expect("join");
-        assert!(result.ok(), "build failed through the router: {:#?}", result.errors());
-        assert!(result.tunnel.bytes_uploaded >= 256 * 1024, "whole context went through the tunnel");
+        assert!(
+            result.ok(),
+            "build failed through the router: {:#?}",
+            result.errors()
+        );
+        assert!(
+            result.tunnel.bytes_uploaded >= 256 * 1024,
+            "whole context went through the tunnel"
+        );
         refs.push(result.build_ref);
     }
     for r in &refs {
@@ -85,9 +108,18 @@ async fn thirty_two_concurrent_builds_over_three_daemons_all_stay_on_their_daemo
     }
     assert_no_routing_errors(&ds);
     let used: HashSet<_> = refs.iter().flat_map(|r| owner(&ds, r)).collect();
-    assert_eq!(used.len(), 3, "least-loaded placement spreads 32 builds over all 3 daemons");
+    assert_eq!(
+        used.len(),
+        3,
+        "least-loaded placement spreads 32 builds over all 3 daemons"
+    );
     // Every build has ended: nothing is counted as active any more.
-    assert!(router.pool.snapshot().backends.iter().all(|b| b.active_builds() == 0));
+    assert!(router
+        .pool
+        .snapshot()
+        .backends
+        .iter()
+        .all(|b| b.active_builds() == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +147,11 @@ async fn buildx_probe_build_and_history_probe_work_through_the_router() {
     let result = client.buildx_build(BuildOpts::buildx()).await;
     assert!(result.ok(), "{result:#?}");
     assert_build_on_one_daemon(&ds, &result.build.build_ref);
-    assert_eq!(owner(&ds, &result.probe.build_ref).len(), 1, "the probe build ran on one daemon");
+    assert_eq!(
+        owner(&ds, &result.probe.build_ref).len(),
+        1,
+        "the probe build ran on one daemon"
+    );
     assert_no_routing_errors(&ds);
 }
 
@@ -127,9 +163,20 @@ async fn bake_targets_sharing_a_session_land_on_one_daemon() {
         let client = Client::connect(router.addr).await.expect("connect");
         let bake = client.bake(2, 128 * 1024).await;
         assert!(bake.ok(), "{bake:#?}");
-        let owners: HashSet<_> = bake.targets.iter().flat_map(|t| owner(&ds, &t.build_ref)).collect();
-        assert_eq!(owners.len(), 1, "both targets and the shared session on one daemon: {owners:?}");
-        let daemon = ds.iter().find(|d| owners.contains(d.name())).expect("owner");
+        let owners: HashSet<_> = bake
+            .targets
+            .iter()
+            .flat_map(|t| owner(&ds, &t.build_ref))
+            .collect();
+        assert_eq!(
+            owners.len(),
+            1,
+            "both targets and the shared session on one daemon: {owners:?}"
+        );
+        let daemon = ds
+            .iter()
+            .find(|d| owners.contains(d.name()))
+            .expect("owner");
         assert!(daemon.counters().saw_session(&bake.shared_session_id));
     }
     assert_no_routing_errors(&ds);
@@ -137,7 +184,14 @@ async fn bake_targets_sharing_a_session_land_on_one_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_build_is_cancelled_on_its_daemon() {
-    let ds = daemons(2, DaemonOpts { hold_builds: true, ..DaemonOpts::default() }).await;
+    let ds = daemons(
+        2,
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
     let router = router_over(&ds, |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let mut opts = BuildOpts::buildctl();
@@ -148,10 +202,18 @@ async fn a_cancelled_build_is_cancelled_on_its_daemon() {
     let owners = owner(&ds, &build_ref);
     assert_eq!(owners.len(), 1);
     let daemon = ds.iter().find(|d| d.name() == owners[0]).expect("owner");
-    daemon.wait_until(|k| k.cancelled_refs().contains(&build_ref)).await;
+    daemon
+        .wait_until(|k| k.cancelled_refs().contains(&build_ref))
+        .await;
     // The router forgets the build once its Solve is gone.
     tokio::time::timeout(Duration::from_secs(5), async {
-        while router.pool.snapshot().backends.iter().any(|b| b.active_builds() > 0) {
+        while router
+            .pool
+            .snapshot()
+            .backends
+            .iter()
+            .any(|b| b.active_builds() > 0)
+        {
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -162,7 +224,14 @@ async fn a_cancelled_build_is_cancelled_on_its_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_dying_mid_build_fails_that_build_with_unavailable_naming_it() {
-    let mut ds = daemons(2, DaemonOpts { hold_builds: true, ..DaemonOpts::default() }).await;
+    let mut ds = daemons(
+        2,
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
     let router = router_over(&ds, |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let opts = BuildOpts::buildctl();
@@ -180,10 +249,17 @@ async fn a_backend_dying_mid_build_fails_that_build_with_unavailable_naming_it()
     };
     let victim_addr = ds[victim].addr();
     ds[victim].kill();
-    let result = tokio::time::timeout(Duration::from_secs(20), running).await.expect("no hang").expect("join");
+    let result = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("no hang")
+        .expect("join");
     assert!(!result.ok());
     assert_eq!(result.solve.code, Code::Unavailable, "{:#?}", result.solve);
-    assert!(result.solve.message.contains(&build_ref), "names the build: {}", result.solve.message);
+    assert!(
+        result.solve.message.contains(&build_ref),
+        "names the build: {}",
+        result.solve.message
+    );
     assert!(
         result.solve.message.contains(&victim_addr.to_string()),
         "names the backend: {}",
@@ -220,26 +296,51 @@ async fn disk_usage_and_prune_cover_every_daemon() {
     }
     let pruned = client.prune().await.expect("Prune");
     for d in &ds {
-        assert!(pruned.iter().any(|r| r.id.starts_with(d.name())), "Prune reached {}", d.name());
+        assert!(
+            pruned.iter().any(|r| r.id.starts_with(d.name())),
+            "Prune reached {}",
+            d.name()
+        );
         assert_eq!(d.counters().calls("Prune"), 1);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_for_an_unknown_ref_gets_the_daemons_no_such_job() {
-    let timers = Timers { status_wait: Duration::from_millis(300), ..Timers::default() };
-    let ds = daemons(2, DaemonOpts { timers, ..DaemonOpts::default() }).await;
+    let timers = Timers {
+        status_wait: Duration::from_millis(300),
+        ..Timers::default()
+    };
+    let ds = daemons(
+        2,
+        DaemonOpts {
+            timers,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
     let router = router_over(&ds, |cfg| cfg.ref_wait = Duration::from_millis(200)).await;
     let client = Client::connect(router.addr).await.expect("connect");
-    let err = client.status("doesnotexist0000000000000").await.expect_err("unknown ref");
+    let err = client
+        .status("doesnotexist0000000000000")
+        .await
+        .expect_err("unknown ref");
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("no such job doesnotexist0000000000000"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("no such job doesnotexist0000000000000"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_no_solve_names_is_placed_after_the_bind_window() {
     let ds = daemons(2, DaemonOpts::default()).await;
-    let router = router_over(&ds, |cfg| cfg.session_bind_window = Duration::from_millis(100)).await;
+    let router = router_over(&ds, |cfg| {
+        cfg.session_bind_window = Duration::from_millis(100)
+    })
+    .await;
     let client = Client::connect(router.addr).await.expect("connect");
     // A build whose Solve never names its own session: the session must still get its daemon's
     // preface (the client would die after 10 s otherwise).
@@ -260,7 +361,10 @@ async fn a_session_no_solve_names_is_placed_after_the_bind_window() {
         },
         client.build(opts)
     );
-    assert!(daemon_saw.unwrap_or(false), "the held session reached a daemon after the bind window");
+    assert!(
+        daemon_saw.unwrap_or(false),
+        "the held session reached a daemon after the bind window"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +385,11 @@ async fn undecodable_requests_get_invalid_argument_and_the_router_keeps_serving(
         .await
         .expect_err("malformed Solve");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("Control/Solve"), "{}", status.message());
+    assert!(
+        status.message().contains("Control/Solve"),
+        "{}",
+        status.message()
+    );
     let result = client.build(BuildOpts::buildctl()).await;
     assert!(result.ok(), "router still serves: {:#?}", result.errors());
 }
@@ -299,22 +407,38 @@ async fn no_backend_ready_is_a_clear_unavailable() {
     let client = Client::connect(router.addr).await.expect("connect");
     let result = client.build(BuildOpts::buildctl()).await;
     assert_eq!(result.solve.code, Code::Unavailable, "{:#?}", result.solve);
-    assert!(result.solve.message.contains(&result.build_ref), "{}", result.solve.message);
-    assert!(result.solve.message.contains("Connection refused"), "says why: {}", result.solve.message);
+    assert!(
+        result.solve.message.contains(&result.build_ref),
+        "{}",
+        result.solve.message
+    );
+    assert!(
+        result.solve.message.contains("Connection refused"),
+        "says why: {}",
+        result.solve.message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_answers_grpc_health_itself() {
     let ds = daemons(1, DaemonOpts::default()).await;
     let router = router_over(&ds, |_| {}).await;
-    let channel = Client::connect(router.addr).await.expect("connect").channel();
+    let channel = Client::connect(router.addr)
+        .await
+        .expect("connect")
+        .channel();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let answer = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     assert_eq!(ds[0].counters().calls("Health/Check"), 0, "not forwarded");
 }
 
@@ -338,7 +462,9 @@ async fn metrics_and_readiness_are_served_on_the_admin_port() {
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }
-    assert!(admin_get(router.admin_addr, "/readyz").await.starts_with("ready"));
+    assert!(admin_get(router.admin_addr, "/readyz")
+        .await
+        .starts_with("ready"));
     let status = admin_get(router.admin_addr, "/status").await;
     let doc: serde_json::Value = serde_json::from_str(&status).expect("json");
     assert_eq!(doc["backends"].as_array().map(Vec::len), Some(2));
@@ -346,7 +472,14 @@ async fn metrics_and_readiness_are_served_on_the_admin_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_running_build_finish_and_refuses_new_connections() {
-    let ds = daemons(1, DaemonOpts { hold_builds: true, ..DaemonOpts::default() }).await;
+    let ds = daemons(
+        1,
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
     let router = router_over(&ds, |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let build = {
@@ -370,23 +503,38 @@ async fn shutdown_lets_a_running_build_finish_and_refuses_new_connections() {
     assert!(refused.is_ok(), "listener closed on shutdown");
     ds[0].release_builds();
     let result = build.await.expect("join");
-    assert!(result.ok(), "in-flight build finished during the drain: {:#?}", result.errors());
-    tokio::time::timeout(Duration::from_secs(10), finished).await.expect("router exits once drained").expect("join");
+    assert!(
+        result.ok(),
+        "in-flight build finished during the drain: {:#?}",
+        result.errors()
+    );
+    tokio::time::timeout(Duration::from_secs(10), finished)
+        .await
+        .expect("router exits once drained")
+        .expect("join");
 }
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("handshake");
+        .expect("admin connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
     tokio::spawn(conn);
     let request = http::Request::get(path)
         .header("host", "admin")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");
     let response = sender.send_request(request).await.expect("admin request");
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     String::from_utf8_lossy(&body).into_owned()
 }
 
@@ -402,7 +550,11 @@ struct RawEncoder;
 impl tonic::codec::Encoder for RawEncoder {
     type Item = RawBytes;
     type Error = tonic::Status;
-    fn encode(&mut self, item: RawBytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+    fn encode(
+        &mut self,
+        item: RawBytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
         use bytes::BufMut;
         dst.put_slice(&item.0);
         Ok(())
@@ -413,12 +565,16 @@ impl tonic::codec::Codec for RawCodec {
     type Encode = RawBytes;
     type Decode = pb::SolveResponse;
     type Encoder = RawEncoder;
-    type Decoder = <tonic_prost::ProstCodec<RawBytesDummy, pb::SolveResponse> as tonic::codec::Codec>::Decoder;
+    type Decoder =
+        <tonic_prost::ProstCodec<RawBytesDummy, pb::SolveResponse> as tonic::codec::Codec>::Decoder;
     fn encoder(&mut self) -> RawEncoder {
         RawEncoder
     }
     fn decoder(&mut self) -> Self::Decoder {
-        tonic::codec::Codec::decoder(&mut tonic_prost::ProstCodec::<RawBytesDummy, pb::SolveResponse>::default())
+        tonic::codec::Codec::decoder(&mut tonic_prost::ProstCodec::<
+            RawBytesDummy,
+            pb::SolveResponse,
+        >::default())
     }
 }
 

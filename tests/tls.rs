@@ -78,12 +78,17 @@ async fn mtls_requires_a_client_certificate_signed_by_the_ca() {
     assert!(result.ok(), "{:#?}", result.errors());
 
     // Without a certificate the handshake fails (TLS 1.3 may report it on first use).
-    let rejected = match Client::connect_tls(router.addr, pki.client_config(true, false), "localhost").await {
-        Err(_) => true,
-        Ok(client) => client.list_workers().await.is_err(),
-    };
+    let rejected =
+        match Client::connect_tls(router.addr, pki.client_config(true, false), "localhost").await {
+            Err(_) => true,
+            Ok(client) => client.list_workers().await.is_err(),
+        };
     assert!(rejected, "a client without a certificate must be refused");
-    assert_eq!(daemon.counters().calls("Solve"), 1, "nothing from the refused client reached the daemon");
+    assert_eq!(
+        daemon.counters().calls("Solve"),
+        1,
+        "nothing from the refused client reached the daemon"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +97,10 @@ async fn backends_over_mtls_with_the_routers_client_certificate() {
     let files = write_pki(&pki);
     let daemon = FakeDaemon::start(
         "bk0",
-        DaemonOpts { tls: Some(pki.server_config(true)), ..DaemonOpts::default() },
+        DaemonOpts {
+            tls: Some(pki.server_config(true)),
+            ..DaemonOpts::default()
+        },
     )
     .await;
     let mut cfg = RunConfig::for_tests();
@@ -114,6 +122,10 @@ async fn unreadable_tls_files_fail_startup_with_the_path() {
     cfg.backends = vec!["tcp://127.0.0.1:1".into()];
     cfg.tls_cert = Some("/nonexistent/cert.pem".into());
     cfg.tls_key = Some("/nonexistent/key.pem".into());
-    let error = app::start(cfg).await.err().expect("startup fails").to_string();
+    let error = app::start(cfg)
+        .await
+        .err()
+        .expect("startup fails")
+        .to_string();
     assert!(error.contains("/nonexistent/cert.pem"), "{error}");
 }
