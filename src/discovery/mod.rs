@@ -570,6 +570,74 @@ mod tests {
     }
 
     #[test]
+    fn flags_parse_on_the_router_command_line() {
+        use clap::{CommandFactory, Parser};
+        crate::config::Cli::command().debug_assert();
+        let cli = crate::config::Cli::try_parse_from([
+            "buildkit-router",
+            "--dns",
+            "buildkitd.ci.svc:1234",
+            "--dns-interval",
+            "2s",
+            "--kubernetes-service",
+            "ci/buildkitd",
+            "--kubernetes-port",
+            "buildkit",
+            "--discovered-backend-tls-server-name",
+            "{pod}.buildkitd.ci.svc",
+        ])
+        .unwrap();
+        let args = cli.run.discovery;
+        assert_eq!(args.dns.as_deref(), Some("buildkitd.ci.svc:1234"));
+        assert_eq!(args.dns_interval, Duration::from_secs(2));
+        assert_eq!(args.kubernetes_service.as_deref(), Some("ci/buildkitd"));
+        assert_eq!(args.kubernetes_port.as_deref(), Some("buildkit"));
+        assert!(!args.discovered_backend_tls);
+        let defaults = crate::config::Cli::try_parse_from(["buildkit-router"])
+            .unwrap()
+            .run
+            .discovery;
+        assert_eq!(defaults.dns_interval, Duration::from_secs(5));
+        assert!(defaults.dns.is_none() && defaults.kubernetes_service.is_none());
+    }
+
+    #[test]
+    fn tls_server_names_follow_the_template() {
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let base = BackendTls {
+            client_config: std::sync::Arc::new(config),
+            server_name: ServerName::try_from("buildkitd.ci.svc").unwrap(),
+        };
+        let name = |t: &TlsTemplate, pod, host| t.for_endpoint(pod, host).server_name;
+        let sn = |s: &'static str| ServerName::try_from(s).unwrap();
+        let plain = TlsTemplate::new(base.clone(), None).unwrap();
+        assert_eq!(
+            name(&plain, Some("bk-0"), "10.0.0.1"),
+            sn("buildkitd.ci.svc")
+        );
+        let per_pod =
+            TlsTemplate::new(base.clone(), Some("{pod}.buildkitd.ci.svc".into())).unwrap();
+        assert_eq!(
+            name(&per_pod, Some("bk-0"), "10.0.0.1"),
+            sn("bk-0.buildkitd.ci.svc")
+        );
+        assert_eq!(
+            name(&per_pod, None, "10.0.0.1"),
+            sn("buildkitd.ci.svc"),
+            "no pod: base name"
+        );
+        let by_host = TlsTemplate::new(base.clone(), Some("{host}".into())).unwrap();
+        assert_eq!(name(&by_host, None, "10.0.0.1"), sn("10.0.0.1"));
+        assert!(TlsTemplate::new(base, Some("bad name!".into())).is_err());
+    }
+
+    #[test]
     fn service_names_split_and_validate() {
         assert_eq!(
             split_service("buildkitd").unwrap(),
