@@ -1,12 +1,754 @@
 //! `buildkit-router simulate`: replays a workload through the real placement code.
+//!
+//! One workload (synthetic or a CSV trace) is replayed against each policy: random, round robin,
+//! least loaded, buildx's kubernetes-driver ring hash, and ours ([`Placement::choose`], the code
+//! the router runs) at several balance factors. Daemons have build slots (builds beyond them
+//! wait, M/G/c-style) and a cache of bounded size with LRU eviction.
 // OWNED BY THE placement HELPER (issue 3).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use md5::{Digest, Md5};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, LogNormal, Zipf};
+
+use super::{BuildTraits, Node, Placement, PlacementConfig, Reason};
+use crate::wire::SolveInfo;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Command-line arguments of `buildkit-router simulate`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SimulateArgs {}
+pub struct SimulateArgs {
+    /// Replay this CSV trace (header `time,key,platform,duration,context_path`; seconds)
+    /// instead of a synthetic workload.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Synthetic: number of projects.
+    #[arg(long, default_value_t = 200)]
+    pub projects: usize,
+    /// Synthetic: Zipf exponent of project popularity.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf: f64,
+    /// Synthetic: number of builds.
+    #[arg(long, default_value_t = 20_000)]
+    pub builds: usize,
+    /// Synthetic: mean build duration, seconds (log-normal per project and per build).
+    #[arg(long, default_value_t = 120.0)]
+    pub mean_duration: f64,
+    /// Synthetic: offered load as a fraction of the pool's slots (Poisson arrivals).
+    #[arg(long, default_value_t = 0.7)]
+    pub load: f64,
+    /// Synthetic: share of projects that live in a few monorepos and are built from the
+    /// repository root (`-f svc/x/Dockerfile .`): one context path for many projects.
+    #[arg(long, default_value_t = 0.3)]
+    pub monorepo_share: f64,
+    /// Synthetic: number of such monorepos.
+    #[arg(long, default_value_t = 3)]
+    pub monorepos: usize,
+    /// Synthetic: share of projects built for linux/arm64 only (needs `--arm64-daemons`).
+    #[arg(long, default_value_t = 0.0)]
+    pub arm64_share: f64,
+    /// Number of daemons.
+    #[arg(long, default_value_t = 8)]
+    pub daemons: usize,
+    /// Of which this many build linux/arm64 only (the others linux/amd64).
+    #[arg(long, default_value_t = 0)]
+    pub arm64_daemons: usize,
+    /// Builds a daemon runs at once; more wait for a slot.
+    #[arg(long, default_value_t = 16)]
+    pub slots: usize,
+    /// Cache size per daemon, GiB (LRU eviction).
+    #[arg(long, default_value_t = 60.0)]
+    pub cache_gib: f64,
+    /// Mean cache footprint of one project, GiB (log-normal).
+    #[arg(long, default_value_t = 2.0)]
+    pub project_gib: f64,
+    /// Balance factors to run our policy with (`inf` = unbounded affinity).
+    #[arg(long, value_delimiter = ',', default_value = "1.1,1.25,1.5,2,inf")]
+    pub balance_factors: Vec<f64>,
+    /// Seed of every random choice: same seed, same report.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+/// One project: what placement sees of it and what its cache costs.
+#[derive(Debug, Clone)]
+struct Project {
+    traits: BuildTraits,
+    context_path: String,
+    bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    t: f64,
+    project: usize,
+    duration: f64,
+}
+
+#[derive(Debug)]
+struct Workload {
+    projects: Vec<Project>,
+    arrivals: Vec<Arrival>,
+    description: String,
+}
+
+/// A simulated daemon as placement sees it.
+#[derive(Debug, Clone)]
+struct SimNode {
+    id: String,
+    id_hash: u64,
+    active: usize,
+    platforms: Vec<String>,
+}
+
+impl Node for SimNode {
+    fn identity(&self) -> &str {
+        &self.id
+    }
+    fn active_builds(&self) -> usize {
+        self.active
+    }
+    fn accepts_builds(&self) -> bool {
+        true
+    }
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
+    fn supports_platform(&self, platform: &str) -> bool {
+        self.platforms.iter().any(|p| p == platform)
+    }
+    fn platforms(&self) -> Vec<String> {
+        self.platforms.clone()
+    }
+    fn identity_hash(&self) -> u64 {
+        self.id_hash
+    }
+}
+
+fn sim_nodes(args: &SimulateArgs, n: usize) -> Vec<SimNode> {
+    (0..n)
+        .map(|i| {
+            let id = format!("buildkitd-{i}");
+            // The arm64 daemons are the last ones of the base pool.
+            let arm = i >= args.daemons.saturating_sub(args.arm64_daemons) && i < args.daemons;
+            SimNode {
+                id_hash: super::hash::hash_str(&id),
+                id,
+                active: 0,
+                platforms: vec![if arm { "linux/arm64" } else { "linux/amd64" }.to_owned()],
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Policy {
+    Random,
+    RoundRobin,
+    LeastLoaded,
+    RingHash,
+    Ours(f64),
+}
+
+impl Policy {
+    fn name(self) -> String {
+        match self {
+            Policy::Random => "random".into(),
+            Policy::RoundRobin => "round-robin".into(),
+            Policy::LeastLoaded => "least-loaded".into(),
+            Policy::RingHash => "buildx-k8s-ring".into(),
+            Policy::Ours(c) if c.is_infinite() => "ours c=inf".into(),
+            Policy::Ours(c) => format!("ours c={c}"),
+        }
+    }
+}
+
+/// A policy with its state, choosing among simulated daemons.
+struct Chooser {
+    policy: Policy,
+    placement: Placement,
+    rng: StdRng,
+    rr: usize,
+    ring: Vec<(u64, usize)>,
+}
+
+fn md5_u64(s: &str) -> u64 {
+    let d = Md5::digest(s.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("md5 is 16 bytes"))
+}
+
+impl Chooser {
+    fn new(policy: Policy, nodes: &[SimNode], seed: u64) -> Self {
+        let c = if let Policy::Ours(c) = policy {
+            c
+        } else {
+            1.25
+        };
+        // buildx's sticky pod chooser: one MD5 point per pod name on a ring.
+        let mut ring: Vec<(u64, usize)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (md5_u64(&n.id), i))
+            .collect();
+        ring.sort_unstable();
+        Self {
+            policy,
+            placement: Placement::new(PlacementConfig {
+                balance_factor: c,
+                ..PlacementConfig::default()
+            }),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            rr: 0,
+            ring,
+        }
+    }
+
+    fn choose(&mut self, nodes: &[SimNode], p: &Project) -> (usize, Option<Reason>) {
+        let capable = |n: &SimNode| p.traits.platforms.iter().all(|pl| n.supports_platform(pl));
+        match self.policy {
+            Policy::Ours(_) => {
+                let traits = BuildTraits {
+                    nonce: self.rng.random(),
+                    ..p.traits.clone()
+                };
+                let c = self
+                    .placement
+                    .choose(nodes, &traits)
+                    .expect("a capable daemon exists");
+                (c.index, Some(c.reason))
+            }
+            Policy::Random => {
+                let m = nodes.iter().filter(|n| capable(n)).count();
+                let k = self.rng.random_range(0..m);
+                (
+                    nodes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| capable(n))
+                        .nth(k)
+                        .unwrap()
+                        .0,
+                    None,
+                )
+            }
+            Policy::RoundRobin => loop {
+                let i = self.rr % nodes.len();
+                self.rr += 1;
+                if capable(&nodes[i]) {
+                    break (i, None);
+                }
+            },
+            Policy::LeastLoaded => {
+                let min = nodes
+                    .iter()
+                    .filter(|n| capable(n))
+                    .map(|n| n.active)
+                    .min()
+                    .unwrap();
+                let ties: Vec<usize> = (0..nodes.len())
+                    .filter(|&i| capable(&nodes[i]) && nodes[i].active == min)
+                    .collect();
+                (ties[self.rng.random_range(0..ties.len())], None)
+            }
+            Policy::RingHash => {
+                let h = md5_u64(&p.context_path);
+                let start = self.ring.partition_point(|&(point, _)| point <= h);
+                let i = (0..self.ring.len())
+                    .map(|k| self.ring[(start + k) % self.ring.len()].1)
+                    .find(|&i| capable(&nodes[i]))
+                    .unwrap();
+                (i, None)
+            }
+        }
+    }
+}
+
+/// A daemon's cache: projects by last use, evicted oldest first when over capacity.
+struct Lru {
+    capacity: u64,
+    used: u64,
+    tick: u64,
+    last_use: Vec<Option<u64>>,
+    by_age: BTreeMap<u64, usize>,
+}
+
+impl Lru {
+    fn new(capacity: u64, projects: usize) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            tick: 0,
+            last_use: vec![None; projects],
+            by_age: BTreeMap::new(),
+        }
+    }
+}
+
+/// What one policy did with the workload.
+#[derive(Debug, Clone)]
+struct Report {
+    policy: String,
+    hit_rate: f64,
+    load_max_over_mean: f64,
+    peak_active: usize,
+    wait_p95: f64,
+    wait_p99: f64,
+    moved_add: f64,
+    moved_remove: f64,
+    spill_share: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// The pool during one replay: daemons, their slots and queues, caches and load integrals.
+struct Sim {
+    nodes: Vec<SimNode>,
+    slots: usize,
+    running: Vec<usize>,
+    queues: Vec<VecDeque<(f64, f64)>>,
+    caches: Vec<Lru>,
+    /// Integral of active builds over time, per daemon, up to `last`.
+    integral: Vec<f64>,
+    last: Vec<f64>,
+    /// Completions: (time in ns, daemon). Integer time keeps the heap's order total.
+    done: BinaryHeap<Reverse<(u64, usize)>>,
+    waits: Vec<f64>,
+    now: f64,
+    peak: usize,
+}
+
+fn ns(t: f64) -> u64 {
+    (t * 1e9) as u64
+}
+
+impl Sim {
+    fn set_active(&mut self, d: usize, t: f64, active: usize) {
+        self.integral[d] += self.nodes[d].active as f64 * (t - self.last[d]);
+        self.last[d] = t;
+        self.nodes[d].active = active;
+        self.peak = self.peak.max(active);
+    }
+
+    fn complete_until(&mut self, until: u64) {
+        while let Some(&Reverse((t_ns, d))) = self.done.peek() {
+            if t_ns > until {
+                break;
+            }
+            self.done.pop();
+            let t = t_ns as f64 / 1e9;
+            self.now = t;
+            self.set_active(d, t, self.nodes[d].active - 1);
+            self.running[d] -= 1;
+            if let Some((arrived, dur)) = self.queues[d].pop_front() {
+                self.waits.push(t - arrived);
+                self.running[d] += 1;
+                self.done.push(Reverse((ns(t + dur), d)));
+            }
+        }
+    }
+
+    fn start(&mut self, d: usize, a: &Arrival) {
+        self.set_active(d, a.t, self.nodes[d].active + 1);
+        if self.running[d] < self.slots {
+            self.running[d] += 1;
+            self.waits.push(0.0);
+            self.done.push(Reverse((ns(a.t + a.duration), d)));
+        } else {
+            self.queues[d].push_back((a.t, a.duration));
+        }
+    }
+}
+
+fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
+    let nodes = sim_nodes(args, args.daemons);
+    let n = nodes.len();
+    let mut chooser = Chooser::new(policy, &nodes, args.seed);
+    let cache_bytes = (args.cache_gib * GIB) as u64;
+    let mut sim = Sim {
+        nodes,
+        slots: args.slots,
+        running: vec![0; n],
+        queues: vec![VecDeque::new(); n],
+        caches: (0..n)
+            .map(|_| Lru::new(cache_bytes, w.projects.len()))
+            .collect(),
+        integral: vec![0.0; n],
+        last: vec![0.0; n],
+        done: BinaryHeap::new(),
+        waits: Vec::with_capacity(w.arrivals.len()),
+        now: 0.0,
+        peak: 0,
+    };
+    let sizes: Vec<u64> = w.projects.iter().map(|p| p.bytes).collect();
+    let (mut hits, mut spills) = (0usize, 0usize);
+    for a in &w.arrivals {
+        sim.complete_until(ns(a.t));
+        sim.now = a.t;
+        let project = &w.projects[a.project];
+        let (d, reason) = chooser.choose(&sim.nodes, project);
+        if reason == Some(Reason::Spill) {
+            spills += 1;
+        }
+        if sim.caches[d].touch(a.project, project.bytes, &sizes) {
+            hits += 1;
+        }
+        sim.start(d, a);
+    }
+    sim.complete_until(u64::MAX);
+    let end = sim.now.max(1e-9);
+    for d in 0..n {
+        sim.set_active(d, end, sim.nodes[d].active);
+    }
+    let avg: Vec<f64> = sim.integral.iter().map(|i| i / end).collect();
+    let mean = avg.iter().sum::<f64>() / n as f64;
+    let max = avg.iter().cloned().fold(0.0, f64::max);
+    sim.waits.sort_unstable_by(f64::total_cmp);
+    let (moved_add, moved_remove) = keys_moved(args, w, policy);
+    let builds = w.arrivals.len().max(1) as f64;
+    Report {
+        policy: policy.name(),
+        hit_rate: hits as f64 / builds,
+        load_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
+        peak_active: sim.peak,
+        wait_p95: percentile(&sim.waits, 0.95),
+        wait_p99: percentile(&sim.waits, 0.99),
+        moved_add,
+        moved_remove,
+        spill_share: spills as f64 / builds,
+    }
+}
+
+impl Lru {
+    /// Uses project `p`'s cache: true if it was there. Either way it is there afterwards.
+    fn touch(&mut self, p: usize, bytes: u64, sizes: &[u64]) -> bool {
+        self.tick += 1;
+        if let Some(t) = self.last_use[p].take() {
+            self.by_age.remove(&t);
+            self.last_use[p] = Some(self.tick);
+            self.by_age.insert(self.tick, p);
+            return true;
+        }
+        if bytes > self.capacity {
+            return false;
+        }
+        while self.used + bytes > self.capacity {
+            let (_, old) = self
+                .by_age
+                .pop_first()
+                .expect("over capacity means entries");
+            self.last_use[old] = None;
+            self.used -= sizes[old];
+        }
+        self.used += bytes;
+        self.last_use[p] = Some(self.tick);
+        self.by_age.insert(self.tick, p);
+        false
+    }
+}
+
+/// Share of projects whose daemon (on an idle pool) changes when a daemon is added, and when
+/// the last one is removed (a StatefulSet scales down from its highest ordinal).
+fn keys_moved(args: &SimulateArgs, w: &Workload, policy: Policy) -> (f64, f64) {
+    let place_all = |n: usize| -> Vec<String> {
+        let nodes = sim_nodes(args, n);
+        let mut chooser = Chooser::new(policy, &nodes, args.seed ^ n as u64);
+        w.projects
+            .iter()
+            .map(|p| {
+                if !nodes
+                    .iter()
+                    .any(|nd| p.traits.platforms.iter().all(|pl| nd.supports_platform(pl)))
+                {
+                    return String::new();
+                }
+                nodes[chooser.choose(&nodes, p).0].id.clone()
+            })
+            .collect()
+    };
+    let base = place_all(args.daemons);
+    let frac = |other: Vec<String>| {
+        let moved = base.iter().zip(&other).filter(|(a, b)| a != b).count();
+        moved as f64 / base.len().max(1) as f64
+    };
+    let add = frac(place_all(args.daemons + 1));
+    let remove = if args.daemons > 1 {
+        frac(place_all(args.daemons - 1))
+    } else {
+        1.0
+    };
+    (add, remove)
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn traits_of(placement: &Placement, attrs: Vec<(&str, &str)>) -> BuildTraits {
+    let solve = SolveInfo {
+        frontend_attrs: attrs,
+        ..SolveInfo::default()
+    };
+    // The router's own key derivation, from the attrs buildx would send.
+    placement.traits_for_solve(&solve)
+}
+
+fn synthetic(args: &SimulateArgs) -> Result<Workload, BoxError> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let placement = Placement::default();
+    let size = LogNormal::from_mean_cv(args.project_gib * GIB, 0.8)?;
+    let project_dur = LogNormal::from_mean_cv(args.mean_duration, 0.5)?;
+    let mut project_means = Vec::new();
+    let mut projects = Vec::new();
+    for i in 0..args.projects {
+        let mono = args.monorepos > 0 && rng.random_bool(args.monorepo_share.clamp(0.0, 1.0));
+        let arm = args.arm64_daemons > 0 && rng.random_bool(args.arm64_share.clamp(0.0, 1.0));
+        let (repo, filename, ctx_path) = if mono {
+            let m = rng.random_range(0..args.monorepos);
+            (
+                format!("https://git.example.com/org/mono{m}.git"),
+                format!("services/svc{i}/Dockerfile"),
+                format!("/builds/org/mono{m}"),
+            )
+        } else {
+            (
+                format!("git@git.example.com:org/project{i}.git"),
+                "Dockerfile".to_owned(),
+                format!("/builds/org/project{i}"),
+            )
+        };
+        let platform = if arm { "linux/arm64" } else { "linux/amd64" };
+        let traits = traits_of(
+            &placement,
+            vec![
+                ("vcs:source", &repo),
+                ("filename", &filename),
+                ("platform", platform),
+            ],
+        );
+        projects.push(Project {
+            traits,
+            context_path: ctx_path,
+            bytes: size.sample(&mut rng) as u64,
+        });
+        project_means.push(project_dur.sample(&mut rng));
+    }
+    let zipf = Zipf::new(args.projects as f64, args.zipf)?;
+    let jitter = LogNormal::from_mean_cv(1.0, 0.3)?;
+    // Mean duration of a build, popularity-weighted, so the offered load comes out right.
+    let mut draws = Vec::with_capacity(args.builds);
+    let mut busy = 0.0;
+    for _ in 0..args.builds {
+        let p = zipf.sample(&mut rng) as usize - 1;
+        let d = project_means[p] * jitter.sample(&mut rng);
+        busy += d;
+        draws.push((p, d));
+    }
+    let mean_d = busy / args.builds.max(1) as f64;
+    let rate = args.load * (args.daemons * args.slots) as f64 / mean_d;
+    let gaps = Exp::new(rate)?;
+    let mut t = 0.0;
+    let arrivals = draws
+        .into_iter()
+        .map(|(project, duration)| {
+            t += gaps.sample(&mut rng);
+            Arrival {
+                t,
+                project,
+                duration,
+            }
+        })
+        .collect();
+    Ok(Workload {
+        projects,
+        arrivals,
+        description: format!(
+            "synthetic: {} projects (Zipf s={}, {:.0}% in {} monorepos), {} builds, mean {:.0} s, \
+             load {:.0}% of {} daemons x {} slots, cache {} GiB/daemon, project {} GiB mean, seed {}",
+            args.projects,
+            args.zipf,
+            args.monorepo_share * 100.0,
+            args.monorepos,
+            args.builds,
+            mean_d,
+            args.load * 100.0,
+            args.daemons,
+            args.slots,
+            args.cache_gib,
+            args.project_gib,
+            args.seed
+        ),
+    })
+}
+
+fn load_trace(args: &SimulateArgs, path: &std::path::Path) -> Result<Workload, BoxError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let placement = Placement::default();
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let size = LogNormal::from_mean_cv(args.project_gib * GIB, 0.8)?;
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut projects = Vec::new();
+    let mut arrivals = Vec::new();
+    for (lineno, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (lineno == 0 && line.starts_with("time")) {
+            continue;
+        }
+        let f: Vec<&str> = line.splitn(5, ',').map(str::trim).collect();
+        let [t, key, platform, duration, context] = f[..] else {
+            return Err(format!(
+                "{}:{}: expected time,key,platform,duration,context_path",
+                path.display(),
+                lineno + 1
+            )
+            .into());
+        };
+        let parse = |s: &str, what: &str| -> Result<f64, BoxError> {
+            s.parse::<f64>()
+                .map_err(|e| format!("{}:{}: {what} {s:?}: {e}", path.display(), lineno + 1).into())
+        };
+        let (t, duration) = (parse(t, "time")?, parse(duration, "duration")?);
+        let id = format!("{key}\u{0}{platform}");
+        let project = *by_key.entry(id).or_insert_with(|| {
+            let mut attrs = vec![("platform", platform)];
+            if !key.is_empty() {
+                attrs.push(("build-arg:BUILDKIT_ROUTER_KEY", key));
+            }
+            projects.push(Project {
+                traits: traits_of(&placement, attrs),
+                context_path: context.to_owned(),
+                bytes: size.sample(&mut rng) as u64,
+            });
+            projects.len() - 1
+        });
+        arrivals.push(Arrival {
+            t,
+            project,
+            duration,
+        });
+    }
+    arrivals.sort_by(|a, b| a.t.total_cmp(&b.t));
+    Ok(Workload {
+        description: format!(
+            "trace {}: {} builds of {} keys on {} daemons x {} slots, cache {} GiB/daemon",
+            path.display(),
+            arrivals.len(),
+            projects.len(),
+            args.daemons,
+            args.slots,
+            args.cache_gib
+        ),
+        projects,
+        arrivals,
+    })
+}
 
 /// Runs the simulation and prints its report.
 pub fn run(args: SimulateArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = args;
-    Err("simulate is not implemented yet".into())
+    print!("{}", render(&args)?);
+    Ok(())
+}
+
+/// The report of a whole run, as printed.
+pub fn render(args: &SimulateArgs) -> Result<String, BoxError> {
+    if args.daemons == 0 || args.slots == 0 {
+        return Err("--daemons and --slots must be at least 1".into());
+    }
+    if args.arm64_daemons >= args.daemons && args.arm64_share < 1.0 {
+        return Err("--arm64-daemons must leave at least one linux/amd64 daemon".into());
+    }
+    let w = match &args.trace {
+        Some(path) => load_trace(args, path)?,
+        None => synthetic(args)?,
+    };
+    let mut policies = vec![
+        Policy::Random,
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::RingHash,
+    ];
+    policies.extend(args.balance_factors.iter().map(|&c| Policy::Ours(c)));
+    let reports: Vec<Report> = policies.iter().map(|&p| replay(args, &w, p)).collect();
+    // Best hit rate without load limits: the unbounded policies (ring hash, ours c=inf).
+    let best = policies
+        .iter()
+        .zip(&reports)
+        .filter(|(p, _)| {
+            matches!(p, Policy::RingHash) || matches!(p, Policy::Ours(c) if c.is_infinite())
+        })
+        .map(|(_, r)| r.hit_rate)
+        .fold(0.0, f64::max);
+    let rel = |r: &Report| if best > 0.0 { r.hit_rate / best } else { 0.0 };
+    let mut out = String::new();
+    if args.csv {
+        out.push_str("policy,hit_rate,hit_vs_unbounded,load_max_over_mean,peak_active,wait_p95_s,wait_p99_s,moved_on_add,moved_on_remove,spill_share\n");
+        for r in &reports {
+            let _ = writeln!(
+                out,
+                "{},{:.4},{:.4},{:.4},{},{:.2},{:.2},{:.4},{:.4},{:.4}",
+                r.policy,
+                r.hit_rate,
+                rel(r),
+                r.load_max_over_mean,
+                r.peak_active,
+                r.wait_p95,
+                r.wait_p99,
+                r.moved_add,
+                r.moved_remove,
+                r.spill_share
+            );
+        }
+        return Ok(out);
+    }
+    let _ = writeln!(out, "{}", w.description);
+    let _ = writeln!(
+        out,
+        "{:<16} {:>8} {:>9} {:>9} {:>5} {:>9} {:>9} {:>8} {:>8} {:>6}",
+        "policy",
+        "hit",
+        "hit/best",
+        "max/mean",
+        "peak",
+        "wait p95",
+        "wait p99",
+        "moved+1",
+        "moved-1",
+        "spill"
+    );
+    for r in &reports {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>8.3} {:>9.3} {:>9.3} {:>5} {:>8.1}s {:>8.1}s {:>8.3} {:>8.3} {:>6.3}",
+            r.policy,
+            r.hit_rate,
+            rel(r),
+            r.load_max_over_mean,
+            r.peak_active,
+            r.wait_p95,
+            r.wait_p99,
+            r.moved_add,
+            r.moved_remove,
+            r.spill_share
+        );
+    }
+    let _ = writeln!(
+        out,
+        "hit: share of builds whose daemon held the project's cache; hit/best: vs the best unbounded \
+         policy; max/mean: busiest daemon's time-averaged active builds over the pool mean; peak: most \
+         active builds on one daemon at once; wait: time for a free slot; moved+1/-1: share of \
+         projects whose daemon changes when a daemon is added/removed; spill: builds placed past \
+         their home."
+    );
+    Ok(out)
 }

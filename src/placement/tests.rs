@@ -98,7 +98,7 @@ fn home_backends_are_pinned_across_versions() {
         .collect();
     assert_eq!(got, PINNED_HOMES);
 }
-const PINNED_HOMES: [&str; 4] = ["buildkitd-2", "buildkitd-6", "buildkitd-2", "buildkitd-0"];
+const PINNED_HOMES: [&str; 4] = ["buildkitd-5", "buildkitd-5", "buildkitd-5", "buildkitd-4"];
 
 #[test]
 fn adding_one_backend_to_ten_moves_about_one_eleventh() {
@@ -549,4 +549,16 @@ fn flags_parse() {
     assert!(cfg.balance_factor.is_infinite());
     assert!(Cli::try_parse_from(["x", "--balance-factor", "0.5"]).is_err());
     assert!(Cli::try_parse_from(["x", "--backend-weight", "a=-1"]).is_err());
+}
+
+#[test]
+fn short_keys_spread() {
+    let p = Placement::default();
+    let nodes = pool(8);
+    let mut counts = [0usize; 8];
+    for c in 'a'..='z' {
+        let h = home(&p, &nodes, &c.to_string());
+        counts[h.trim_start_matches("buildkitd-").parse::<usize>().unwrap()] += 1;
+    }
+    assert!(counts.iter().all(|&c| c <= 9), "{counts:?}");
 }
