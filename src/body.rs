@@ -134,11 +134,27 @@ impl fmt::Debug for EndHook {
     }
 }
 
+/// Told when a backend's connection fails under a stream, so the backend takes no new builds
+/// until a health check passes again (passive ejection).
+pub trait ConnectionHealth: Send + Sync {
+    fn connection_failed(&self, reason: &str);
+}
+
 /// Names the backend and build in the error a client gets when a backend dies mid-stream.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StreamContext {
     pub backend: std::sync::Arc<str>,
     pub build_ref: Option<std::sync::Arc<str>>,
+    pub health: Option<std::sync::Arc<dyn ConnectionHealth>>,
+}
+
+impl fmt::Debug for StreamContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamContext")
+            .field("backend", &self.backend)
+            .field("build_ref", &self.build_ref)
+            .finish()
+    }
 }
 
 impl StreamContext {
@@ -337,6 +353,9 @@ impl Body for ResponseBody {
                 }
                 Some(Err(error)) => {
                     let message = context.lost_message(&error);
+                    if let Some(health) = &context.health {
+                        health.connection_failed(&error.to_string());
+                    }
                     tracing::warn!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend connection failed mid-stream");
                     this.finish(CallEnd::Status(crate::forward::code::UNAVAILABLE));
                     Poll::Ready(Some(Ok(Frame::trailers(status_trailers(

@@ -192,6 +192,8 @@ pub struct Backend {
     healthy: AtomicBool,
     gone: AtomicBool,
     health_failures: AtomicU32,
+    /// Why the backend was last ejected, for error messages and /status.
+    last_error: Mutex<Option<String>>,
     active: AtomicUsize,
     platforms: RwLock<Arc<Vec<String>>>,
     settings: Arc<PoolSettings>,
@@ -223,6 +225,7 @@ impl Backend {
             healthy: AtomicBool::new(true),
             gone: AtomicBool::new(false),
             health_failures: AtomicU32::new(0),
+            last_error: Mutex::new(None),
             active: AtomicUsize::new(0),
             platforms: RwLock::new(Arc::new(Vec::new())),
             settings,
@@ -256,6 +259,14 @@ impl Backend {
 
     pub fn node(&self) -> Option<&str> {
         self.node.as_deref()
+    }
+
+    /// Why the backend was last ejected (connect or health failure), while it is unhealthy.
+    pub fn last_error(&self) -> Option<String> {
+        if self.healthy.load(Ordering::Acquire) {
+            return None;
+        }
+        self.last_error.lock().expect("error lock").clone()
     }
 
     pub fn state(&self) -> BackendState {
@@ -312,6 +323,18 @@ impl Backend {
         }
     }
 
+    /// Ejects the backend from placement until a health check passes: its connection failed
+    /// or could not be made. Running builds keep their routes.
+    pub fn mark_unreachable(&self, reason: &str) {
+        self.sender.lock().expect("sender lock").take();
+        *self.last_error.lock().expect("error lock") = Some(reason.to_owned());
+        self.health_failures
+            .store(self.settings.health_failures, Ordering::Relaxed);
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
+        }
+    }
+
     /// An HTTP/2 connection to this backend: the cached one, or a new one.
     pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
         if let Some(sender) = self.cached_sender() {
@@ -360,6 +383,8 @@ impl Backend {
                     last_error: reason.clone(),
                 });
                 warn!(backend = %self.identity, address = %address, %reason, retry_in = ?delay, "backend connect failed");
+                drop(backoff);
+                self.mark_unreachable(&reason);
                 Err(ConnectError::Failed {
                     backend: self.identity.clone(),
                     address: address.to_string(),
@@ -534,6 +559,7 @@ impl Backend {
             }
             Err(reason) => {
                 let failures = self.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                *self.last_error.lock().expect("error lock") = Some(reason.clone());
                 if failures >= self.settings.health_failures
                     && self.healthy.swap(false, Ordering::AcqRel)
                 {
@@ -543,6 +569,12 @@ impl Backend {
                 }
             }
         }
+    }
+}
+
+impl crate::body::ConnectionHealth for Backend {
+    fn connection_failed(&self, reason: &str) {
+        self.mark_unreachable(reason);
     }
 }
 

@@ -15,7 +15,7 @@ use tracing::{field, info, warn, Instrument};
 
 use crate::body::{status_trailers, CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
 use crate::classify::{classify, Route};
-use crate::forward::{self, code, Head, PeekError};
+use crate::forward::{self, code, ForwardError, Head, PeekError};
 use crate::metrics::Metrics;
 use crate::placement::{BuildTraits, Choice, Placement, PlacementError, Reason};
 use crate::pool::{Backend, BackendState, Pool};
@@ -106,12 +106,75 @@ fn unavailable_backend(
     forward::status_response(code::UNAVAILABLE, &message)
 }
 
-fn placement_error(error: &PlacementError) -> Response<ResponseBody> {
+/// Ends a build's accounting exactly once: when its Solve answer ends, or when the Solve is
+/// dropped unanswered (client cancel before the daemon answered).
+struct BuildEnd {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    build_ref: Arc<str>,
+    started: Instant,
+    load: Option<crate::pool::LoadGuard>,
+    _pins: Vec<crate::registry::Pin>,
+}
+
+impl BuildEnd {
+    fn finish(mut self, end: CallEnd) {
+        self.record(end);
+    }
+
+    fn record(&mut self, end: CallEnd) {
+        let Some(load) = self.load.take() else { return };
+        let outcome = outcome_of(end);
+        let elapsed = self.started.elapsed();
+        let backend = load.backend().identity();
+        self.metrics
+            .builds_total
+            .with_label_values(&[backend, outcome])
+            .inc();
+        self.metrics
+            .build_duration_seconds
+            .observe(elapsed.as_secs_f64());
+        info!(build_ref = %self.build_ref, backend = %backend, outcome, seconds = elapsed.as_secs_f64(), "build ended");
+        self.registry.end_build(&self.build_ref);
+    }
+}
+
+impl Drop for BuildEnd {
+    fn drop(&mut self) {
+        self.record(CallEnd::Cancelled);
+    }
+}
+
+/// A placement failure, naming the build and what the pool looks like, so the user can tell
+/// "all daemons down" from "pool scaled to zero" from "wrong platform".
+fn placement_error(error: &PlacementError, build: &str, pool: &Pool) -> Response<ResponseBody> {
     let code = match error {
         PlacementError::NoBackend => code::UNAVAILABLE,
         PlacementError::NoPlatform { .. } => code::FAILED_PRECONDITION,
     };
-    forward::status_response(code, &format!("buildkit-router: {error}"))
+    let snapshot = pool.snapshot();
+    let mut states: Vec<String> = snapshot
+        .backends
+        .iter()
+        .take(5)
+        .map(|b| match b.last_error() {
+            Some(why) => format!("{} {}: {why}", b.identity(), b.state().as_str()),
+            None => format!("{} {}", b.identity(), b.state().as_str()),
+        })
+        .collect();
+    if snapshot.backends.len() > 5 {
+        states.push(format!("and {} more", snapshot.backends.len() - 5));
+    }
+    let pool_text = if states.is_empty() {
+        "no backends discovered".to_owned()
+    } else {
+        states.join(", ")
+    };
+    warn!(%error, build, pool = %pool_text, "cannot place");
+    forward::status_response(
+        code,
+        &format!("buildkit-router: {error} for {build} ({pool_text})"),
+    )
 }
 
 fn peek_error(what: &str, error: &PeekError) -> Response<ResponseBody> {
@@ -218,14 +281,15 @@ impl Router {
         tracing::Span::current().record("backend", &**backend.identity());
         conn.used(backend);
         match forward::send(backend, parts, body).await {
-            Ok(response) => forward::relay(
-                response,
-                StreamContext {
-                    backend: backend.identity().clone(),
-                    build_ref: build_ref.map(Arc::from),
-                },
-            ),
-            Err(error) => unavailable_backend(backend, build_ref, error),
+            Ok(response) => forward::relay(response, stream_context(backend, build_ref)),
+            Err(error) => {
+                if let ForwardError::Send { source, .. } = &error {
+                    if !crate::body::is_stream_reset(source) {
+                        backend.mark_unreachable(&source.to_string());
+                    }
+                }
+                unavailable_backend(backend, build_ref, error)
+            }
         }
     }
 
@@ -268,7 +332,13 @@ impl Router {
                 return error_response_invalid("Control/Solve", &error);
             }
         };
-        let build_ref: Arc<str> = Arc::from(solve.build_ref);
+        let build_ref: Arc<str> = if solve.build_ref.is_empty() {
+            // buildkitd names such a build itself; give it a private registry key so unrelated
+            // ref-less Solves never share a binding.
+            Arc::from(format!("(unnamed-{:016x})", rand::random::<u64>()))
+        } else {
+            Arc::from(solve.build_ref)
+        };
         tracing::Span::current().record("build_ref", &*build_ref);
         let sessions = solve.session_ids();
         let traits = self.placement.traits_for_solve(&solve);
@@ -294,8 +364,7 @@ impl Router {
                         if let Some((backend, connect_error)) = last_failure {
                             return unavailable_backend(&backend, Some(&build_ref), connect_error);
                         }
-                        warn!(%error, "cannot place build");
-                        return placement_error(&error);
+                        return placement_error(&error, &format!("build {build_ref}"), &self.pool);
                     }
                 },
             };
@@ -347,6 +416,15 @@ impl Router {
             internal = traits.internal,
             "build placed"
         );
+        // Recorded when the answer ends, or when the client gives up before any answer.
+        let build_end = BuildEnd {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            build_ref: build_ref.clone(),
+            started,
+            load: Some(load),
+            _pins: bound.pins,
+        };
         let response = self
             .forward_to(
                 conn,
@@ -356,21 +434,7 @@ impl Router {
                 RequestBody::prefixed(peeked.buffered, body),
             )
             .await;
-        let registry = self.registry.clone();
-        let metrics = self.metrics.clone();
-        let pins = bound.pins;
-        response.map(|body| {
-            body.with_hook(EndHook::new(move |end| {
-                let outcome = outcome_of(end);
-                let elapsed = started.elapsed();
-                metrics.builds_total.with_label_values(&[load.backend().identity(), outcome]).inc();
-                metrics.build_duration_seconds.observe(elapsed.as_secs_f64());
-                info!(build_ref = %build_ref, backend = %load.backend().identity(), outcome, seconds = elapsed.as_secs_f64(), "build ended");
-                registry.end_build(&build_ref);
-                drop(pins);
-                drop(load);
-            }))
-        })
+        response.map(|body| body.with_hook(EndHook::new(move |end| build_end.finish(end))))
     }
 
     async fn session(
@@ -403,7 +467,7 @@ impl Router {
         .await
         {
             Ok(bound) => bound,
-            Err(error) => return placement_error(&error),
+            Err(error) => return placement_error(&error, &format!("session {uuid}"), &self.pool),
         };
         self.metrics
             .session_bind_seconds
@@ -494,10 +558,7 @@ impl Router {
             .collect();
         let mut first_error: Option<Response<ResponseBody>> = None;
         while let Some((backend, result)) = pending.next().await {
-            let context = StreamContext {
-                backend: backend.identity().clone(),
-                build_ref: build_ref.map(Arc::from),
-            };
+            let context = stream_context(backend, build_ref);
             match result {
                 Ok(response)
                     if crate::body::grpc_status_of(response.headers()).is_none()
@@ -938,6 +999,14 @@ impl Router {
                 "buildkit-router: only grpc.health.v1.Health/Check is served",
             ),
         }
+    }
+}
+
+fn stream_context(backend: &Arc<Backend>, build_ref: Option<&str>) -> StreamContext {
+    StreamContext {
+        backend: backend.identity().clone(),
+        build_ref: build_ref.map(Arc::from),
+        health: Some(backend.clone() as Arc<dyn crate::body::ConnectionHealth>),
     }
 }
 

@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildkit_router::app::{self, Running};
@@ -24,6 +25,11 @@ async fn daemons(n: usize, opts: DaemonOpts) -> Vec<FakeDaemon> {
 }
 
 async fn router_over(daemons: &[FakeDaemon], tweak: impl FnOnce(&mut RunConfig)) -> Running {
+    // RUST_LOG=buildkit_router=debug shows the router's side of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut cfg = RunConfig::for_tests();
     cfg.backends = daemons.iter().map(FakeDaemon::url).collect();
     tweak(&mut cfg);
@@ -195,16 +201,32 @@ async fn a_cancelled_build_is_cancelled_on_its_daemon() {
     let router = router_over(&ds, |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let mut opts = BuildOpts::buildctl();
-    opts.cancel = Some(CancelAt::AfterUpload);
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    opts.cancel = Some(CancelAt::Signal(cancel.clone()));
     let build_ref = opts.build_ref.clone();
-    let result = client.build(opts).await;
+    let build = tokio::spawn(async move { client.build(opts).await });
+    // Cancel once the build runs on its daemon (context uploaded, solver busy), as a user
+    // pressing Ctrl-C mid-build would.
+    let daemon = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(d) = ds.iter().find(|d| d.held() > 0) {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the build runs on a daemon");
+    cancel.notify_one();
+    let result = build.await.expect("join");
     assert!(result.cancelled);
-    let owners = owner(&ds, &build_ref);
-    assert_eq!(owners.len(), 1);
-    let daemon = ds.iter().find(|d| d.name() == owners[0]).expect("owner");
-    daemon
-        .wait_until(|k| k.cancelled_refs().contains(&build_ref))
-        .await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        daemon.wait_until(|k| k.cancelled_refs().contains(&build_ref)),
+    )
+    .await
+    .expect("the daemon sees the client's RST_STREAM CANCEL through the router");
+    assert_eq!(owner(&ds, &build_ref), vec![daemon.name().to_owned()]);
     // The router forgets the build once its Solve is gone.
     tokio::time::timeout(Duration::from_secs(5), async {
         while router
@@ -214,12 +236,16 @@ async fn a_cancelled_build_is_cancelled_on_its_daemon() {
             .iter()
             .any(|b| b.active_builds() > 0)
         {
-            tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
     .expect("active build count drops to zero after the cancel");
+    let metrics = admin_get(router.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("outcome=\"cancelled\"} 1"),
+        "a cancelled build is counted as such:\n{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,12 +267,16 @@ async fn a_backend_dying_mid_build_fails_that_build_with_unavailable_naming_it()
         tokio::spawn(async move { client.build(opts).await })
     };
     // Wait until the build is held on its daemon, then kill that daemon.
-    let victim = loop {
-        if let Some(i) = ds.iter().position(|d| d.held() > 0) {
-            break i;
+    let victim = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(i) = ds.iter().position(|d| d.held() > 0) {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    })
+    .await
+    .expect("the build is held on a daemon");
     let victim_addr = ds[victim].addr();
     ds[victim].kill();
     let result = tokio::time::timeout(Duration::from_secs(20), running)
@@ -272,7 +302,11 @@ async fn a_backend_dying_mid_build_fails_that_build_with_unavailable_naming_it()
         let opts = BuildOpts::buildctl();
         let r = opts.build_ref.clone();
         let handle = tokio::spawn(async move { client.build(opts).await });
-        ds[survivor].wait_held(1).await;
+        // The failed connection ejected the dead daemon: the next build goes to the survivor
+        // even before health checks notice.
+        tokio::time::timeout(Duration::from_secs(20), ds[survivor].wait_held(1))
+            .await
+            .expect("the next build reaches the surviving daemon");
         ds[survivor].release_builds();
         (r, handle.await.expect("join"))
     };
@@ -413,7 +447,8 @@ async fn no_backend_ready_is_a_clear_unavailable() {
         result.solve.message
     );
     assert!(
-        result.solve.message.contains("Connection refused"),
+        result.solve.message.contains("unhealthy")
+            && result.solve.message.contains("Connection refused"),
         "says why: {}",
         result.solve.message
     );
@@ -579,3 +614,87 @@ impl tonic::codec::Codec for RawCodec {
 }
 
 type RawBytesDummy = pb::SolveRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_calls_for_a_known_build_go_to_its_daemon_and_unknown_ones_to_all() {
+    let ds = daemons(3, DaemonOpts::default()).await;
+    let router = router_over(&ds, |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let build = client.build(BuildOpts::buildctl()).await;
+    assert!(build.ok(), "{:#?}", build.errors());
+    let owner_name = owner(&ds, &build.build_ref).pop().expect("owner");
+    // buildx --metadata-file: the real ref, right after the build.
+    let events = client
+        .listen_build_history(pb::BuildHistoryRequest {
+            r#ref: build.build_ref.clone(),
+            early_exit: true,
+            ..Default::default()
+        })
+        .await
+        .expect("history of the build");
+    assert!(
+        events.iter().any(|e| e
+            .record
+            .as_ref()
+            .is_some_and(|r| r.r#ref == build.build_ref)),
+        "{events:?}"
+    );
+    for d in &ds {
+        let expected = u64::from(d.name() == owner_name);
+        assert_eq!(
+            d.counters().calls("ListenBuildHistory"),
+            expected,
+            "{}",
+            d.name()
+        );
+    }
+    // An unknown ref is asked of every daemon; NotFound when none has it.
+    let err = client
+        .update_build_history(pb::UpdateBuildHistoryRequest {
+            r#ref: "nosuchbuild".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown ref");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    for d in &ds {
+        assert_eq!(d.counters().calls("UpdateBuildHistory"), 1, "{}", d.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_workers_is_answered_from_cache_when_no_backend_is_ready() {
+    let mut ds = daemons(
+        1,
+        DaemonOpts {
+            platforms: vec!["linux/arm64".into()],
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&ds, |cfg| {
+        cfg.health_interval = Duration::from_millis(50);
+        cfg.health_failures = 1;
+        cfg.connect_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let live = client.list_workers().await.expect("ListWorkers");
+    ds[0].kill();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while router.pool.snapshot().any_ready().is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the dead daemon is ejected by health checks");
+    let cached = client.list_workers().await.expect("cached ListWorkers");
+    assert_eq!(cached, live, "the last good answer is served");
+    let err = client.build(BuildOpts::buildctl()).await.solve;
+    assert_eq!(err.code, Code::Unavailable);
+    assert!(
+        err.message.contains("no buildkitd backend is ready"),
+        "{}",
+        err.message
+    );
+}
