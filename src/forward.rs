@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -57,7 +58,7 @@ impl ForwardError {
 #[derive(Debug, Clone)]
 pub struct Head {
     pub method: http::Method,
-    pub path_and_query: String,
+    pub path_and_query: PathAndQuery,
     pub headers: HeaderMap,
 }
 
@@ -65,19 +66,23 @@ impl Head {
     pub fn from_parts(parts: &Parts) -> Self {
         Self {
             method: parts.method.clone(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            path_and_query: path_of(&parts.uri),
             headers: parts.headers.clone(),
         }
     }
 }
 
+/// The request's path and query (a cheap, shared-bytes clone).
+fn path_of(uri: &http::Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
 fn prepare(
     backend: &Backend,
     method: http::Method,
-    path: &str,
+    path: PathAndQuery,
     mut headers: HeaderMap,
     body: RequestBody,
 ) -> Request<RequestBody> {
@@ -98,11 +103,13 @@ pub async fn send(
     parts: Parts,
     body: RequestBody,
 ) -> Result<Response<Incoming>, ForwardError> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| parts.uri.path(), |p| p.as_str());
-    let request = prepare(backend, parts.method.clone(), path, parts.headers, body);
+    let request = prepare(
+        backend,
+        parts.method,
+        path_of(&parts.uri),
+        parts.headers,
+        body,
+    );
     send_request(backend, request).await
 }
 
@@ -115,7 +122,7 @@ pub async fn send_copy(
     let request = prepare(
         backend,
         head.method.clone(),
-        &head.path_and_query,
+        head.path_and_query.clone(),
         head.headers.clone(),
         RequestBody::full(body),
     );

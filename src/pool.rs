@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri};
 use http_body_util::BodyExt;
 use hyper::client::conn::http2::SendRequest;
@@ -186,6 +187,10 @@ struct Backoff {
 pub struct Backend {
     identity: Arc<str>,
     address: RwLock<BackendAddress>,
+    /// Scheme and authority of requests to this backend, built once per address.
+    target: RwLock<(Scheme, Authority)>,
+    /// The identity's rendezvous hash, computed once.
+    identity_hash: u64,
     zone: Option<String>,
     node: Option<String>,
     discovered: AtomicU8,
@@ -214,7 +219,9 @@ impl fmt::Debug for Backend {
 impl Backend {
     fn new(spec: EndpointSpec, settings: Arc<PoolSettings>) -> Self {
         Self {
+            identity_hash: crate::placement::hash::hash_str(&spec.identity),
             identity: spec.identity.into(),
+            target: RwLock::new(target_of(&spec.address)),
             address: RwLock::new(spec.address),
             zone: spec.zone,
             node: spec.node,
@@ -318,6 +325,7 @@ impl Backend {
             info!(backend = %self.identity, old = %*address, new = %spec.address, "backend address changed; reconnecting");
             *address = spec.address.clone();
             drop(address);
+            *self.target.write().expect("target lock") = target_of(&spec.address);
             self.sender.lock().expect("sender lock").take();
             self.backoff.lock().expect("backoff lock").take();
         }
@@ -456,24 +464,13 @@ impl Backend {
     }
 
     /// The URI of `path` on this backend (scheme and authority as a direct client would send).
-    pub fn uri_for(&self, path_and_query: &str) -> Uri {
-        let address = self.address.read().expect("address lock");
-        let scheme = if address.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let authority = if address.host.contains(':') {
-            format!("[{}]:{}", address.host, address.port)
-        } else {
-            format!("{}:{}", address.host, address.port)
-        };
-        Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+    pub fn uri_for(&self, path_and_query: PathAndQuery) -> Uri {
+        let target = self.target.read().expect("target lock");
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(target.0.clone());
+        parts.authority = Some(target.1.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"))
     }
 
     /// One unary gRPC call with a router-made request, for health checks and worker refresh.
@@ -485,7 +482,7 @@ impl Backend {
     ) -> Result<Bytes, String> {
         let call = async {
             let mut sender = self.sender().await.map_err(|e| e.to_string())?;
-            let request = Request::post(self.uri_for(path))
+            let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(RequestBody::full(crate::wire::encode_frame(message)))
@@ -597,6 +594,9 @@ impl crate::placement::Node for Arc<Backend> {
     fn identity(&self) -> &str {
         &self.identity
     }
+    fn identity_hash(&self) -> u64 {
+        self.identity_hash
+    }
     fn active_builds(&self) -> usize {
         Backend::active_builds(self)
     }
@@ -613,6 +613,23 @@ impl crate::placement::Node for Arc<Backend> {
     fn platforms(&self) -> Vec<String> {
         Backend::platforms(self).as_ref().clone()
     }
+}
+
+/// The scheme and authority a direct client would use for `address`.
+fn target_of(address: &BackendAddress) -> (Scheme, Authority) {
+    let scheme = if address.tls.is_some() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+    let text = if address.host.contains(':') {
+        format!("[{}]:{}", address.host, address.port)
+    } else {
+        format!("{}:{}", address.host, address.port)
+    };
+    let authority =
+        Authority::try_from(text.as_str()).unwrap_or_else(|_| Authority::from_static("invalid"));
+    (scheme, authority)
 }
 
 /// `linux/arm64` is served by a worker listing `linux/arm64` or `linux/arm64/v8`.

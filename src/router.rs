@@ -71,7 +71,12 @@ impl ConnState {
 struct CachedAnswer {
     headers: HeaderMap,
     body: Bytes,
+    at: Instant,
 }
+
+/// How often a ListWorkers/Info answer is read whole to refresh the cache; in between, answers
+/// are relayed frame by frame like any other call.
+const CACHE_REFRESH: Duration = Duration::from_secs(30);
 
 /// Routes every call.
 pub struct Router {
@@ -933,9 +938,20 @@ impl Router {
                 ),
             };
         };
+        let fresh = self
+            .cached
+            .lock()
+            .expect("cache lock")
+            .get(path)
+            .is_some_and(|answer| answer.at.elapsed() < CACHE_REFRESH);
+        let (parts, body) = request.into_parts();
+        if fresh {
+            return self
+                .forward_to(conn, &backend, None, parts, RequestBody::incoming(body))
+                .await;
+        }
         tracing::Span::current().record("backend", &**backend.identity());
         conn.used(&backend);
-        let (parts, body) = request.into_parts();
         let response = match forward::send(&backend, parts, RequestBody::incoming(body)).await {
             Ok(response) => response,
             Err(error) => return unavailable_backend(&backend, None, error),
@@ -964,6 +980,7 @@ impl Router {
             CachedAnswer {
                 headers: collected.headers.clone(),
                 body: collected.body.clone(),
+                at: Instant::now(),
             },
         );
         forward::ok_response(Some(&collected.headers), collected.body)
