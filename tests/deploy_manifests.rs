@@ -74,6 +74,7 @@ const ROUTER_FLAGS: &[&str] = &[
     "--backend-tls-cert",
     "--backend-tls-key",
     "--backend-tls-server-name",
+    "--discovered-backend-tls",
     "--max-builds-per-backend",
     "--balance-factor",
     "--shutdown-grace",
@@ -1286,6 +1287,12 @@ fn mtls_mounts_the_secrets_its_certificates_produce() {
         assert!(
             usages(back[1]).contains("client auth"),
             "{v}: router backend certificate needs client auth"
+        );
+        // Discovered endpoints are bare addresses: without this flag the router would dial
+        // the TLS-only builders in plaintext.
+        assert!(
+            p.router_flags.contains_key("--discovered-backend-tls"),
+            "{v}: router must dial discovered builders with TLS (--discovered-backend-tls)"
         );
         // The router verifies the builders by a fixed name (it dials pod IPs): the daemons'
         // certificate must carry it, and both sides must trust the same issuer.
