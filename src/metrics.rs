@@ -126,6 +126,10 @@ impl Metrics {
         let placement = PlacementMetrics::new();
         placement.register(&registry)?;
         let discovery = DiscoveryMetrics::new();
+        // Zero series for every source, so alerts on discovery errors have something to read.
+        for source in ["static", "dns", "kubernetes"] {
+            discovery.errors.with_label_values(&[source]);
+        }
         discovery.register(&registry)?;
         Ok(Arc::new(Self {
             registry,

@@ -481,7 +481,7 @@ async fn the_router_answers_grpc_health_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_readiness_are_served_on_the_admin_port() {
     let ds = daemons(2, DaemonOpts::default()).await;
-    let router = router_over(&ds, |_| {}).await;
+    let router = router_over(&ds, |cfg| cfg.placement.max_builds_per_backend = Some(8)).await;
     let client = Client::connect(router.addr).await.expect("connect");
     assert!(client.build(BuildOpts::buildctl()).await.ok());
     let metrics = admin_get(router.admin_addr, "/metrics").await;
@@ -498,6 +498,35 @@ async fn metrics_and_readiness_are_served_on_the_admin_port() {
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }
+    // Every metric the Kubernetes manifests (autoscalers, dashboard, adapter rules) rely on is
+    // really exported, with the type they assume.
+    let manifests = include_str!("deploy_manifests.rs");
+    let list = &manifests[manifests.find("const ROUTER_METRICS").expect("metric list")..];
+    let list = &list[..list.find("];").expect("end of list")];
+    let mut checked = 0;
+    let list = &list[list.find("= &[").expect("list start")..];
+    for entry in list.split('(').filter(|e| e.contains('"')) {
+        let name = entry.split('"').nth(1).expect("quoted metric name");
+        let kind = entry
+            .split("MetricKind::")
+            .nth(1)
+            .map(|k| {
+                k.chars()
+                    .take_while(char::is_ascii_alphabetic)
+                    .collect::<String>()
+            })
+            .expect("metric kind")
+            .to_lowercase();
+        assert!(
+            metrics.contains(&format!("# TYPE {name} {kind}")),
+            "the manifests use {name} ({kind}), which /metrics does not export:\n{metrics}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 15,
+        "parsed the manifests' metric list ({checked} names)"
+    );
     assert!(admin_get(router.admin_addr, "/readyz")
         .await
         .starts_with("ready"));
