@@ -29,6 +29,21 @@ pub enum Route {
     Health,
 }
 
+impl Route {
+    /// Whether the call is part of one build (keyed by a build ref or session).
+    pub fn belongs_to_build(self) -> bool {
+        matches!(
+            self,
+            Route::Solve
+                | Route::Session
+                | Route::Status
+                | Route::Bridge
+                | Route::ListenHistory
+                | Route::UpdateHistory
+        )
+    }
+}
+
 /// A classified call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Call {

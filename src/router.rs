@@ -231,12 +231,19 @@ impl Router {
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let call = classify(request.uri().path());
-        let span = tracing::info_span!(
-            "call",
-            method = call.method,
-            build_ref = field::Empty,
-            backend = field::Empty
-        );
+        // Calls that belong to a build get a span carrying its ref and backend, so one build can
+        // be followed through the logs; pool-wide calls (ListWorkers, DiskUsage, health...) skip
+        // the span's cost, which is measurable at this rate (docs/performance.md).
+        let span = if call.route.belongs_to_build() {
+            tracing::info_span!(
+                "call",
+                method = call.method,
+                build_ref = field::Empty,
+                backend = field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
         let response = self.route(call.route, conn, request).instrument(span).await;
         let metrics = self.metrics.clone();
         let method = call.method;
