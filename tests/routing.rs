@@ -728,3 +728,70 @@ async fn list_workers_is_answered_from_cache_when_no_backend_is_ready() {
         err.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_on_a_draining_backend_completes_and_the_next_goes_elsewhere() {
+    use buildkit_router::pool::{BackendAddress, EndpointSpec, EndpointState, PoolUpdate};
+    let ds = daemons(
+        2,
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&ds, |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let first = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    let busy = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(i) = ds.iter().position(|d| d.held() > 0) {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first build runs");
+    // Discovery reports the busy daemon's pod as terminating, as an EndpointSlice update would.
+    let addr = ds[busy].addr();
+    router.pool.apply(PoolUpdate::Update(EndpointSpec {
+        identity: ds[busy].url(),
+        address: BackendAddress::tcp(addr.ip().to_string(), addr.port()),
+        state: EndpointState::Draining,
+        zone: None,
+        node: None,
+    }));
+    // The same project again: its affinity home is draining, so it goes to the other daemon.
+    let other = 1 - busy;
+    let second = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(20), ds[other].wait_held(1))
+        .await
+        .expect("the next build goes to the ready daemon");
+    ds[busy].release_builds();
+    ds[other].release_builds();
+    let first = first.await.expect("join");
+    assert!(
+        first.ok(),
+        "the draining daemon's build completes: {:#?}",
+        first.errors()
+    );
+    assert_build_on_one_daemon(&ds, &first.build_ref);
+    assert_eq!(
+        owner(&ds, &first.build_ref),
+        vec![ds[busy].name().to_owned()]
+    );
+    let second = second.await.expect("join");
+    assert!(second.ok(), "{:#?}", second.errors());
+    assert_eq!(
+        owner(&ds, &second.build_ref),
+        vec![ds[other].name().to_owned()]
+    );
+    assert_no_routing_errors(&ds);
+}
