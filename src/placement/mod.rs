@@ -6,12 +6,16 @@
 //!
 //! Keyed builds: rendezvous (highest random weight) ranking of key x backend identity, bounded
 //! load (a backend is eligible below ceil(c * (active + 1) / ready) and its hard capacity), first
-//! eligible wins. Keyless builds: power of two choices. Internal probes: least loaded.
+//! eligible wins. Hot keys (a recent share of keyed builds above `hot_key_threshold / ready`, see
+//! [`hot`]) are held to the mean, ceil((active + 1) / ready), so that they take the spills and the
+//! rarely built keys sharing their home stay home. Keyless builds: power of two choices.
+//! Internal probes: least loaded.
 // INTERFACE OWNED BY THE placement HELPER (issue 3). router.rs relies on: Node, BuildTraits,
 // Placement::{new, traits_for_solve, traits_for_session, choose}, Choice, Reason, PlacementError,
 // PlacementConfig. Extend freely; keep those working.
 
 pub mod hash;
+pub mod hot;
 pub mod key;
 pub mod metrics;
 pub mod simulate;
@@ -56,6 +60,17 @@ fn parse_weight(s: &str) -> Result<(String, f64), String> {
     Ok((name.to_owned(), w))
 }
 
+fn parse_hot_key_threshold(s: &str) -> Result<f64, String> {
+    let t: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if t > 0.0 {
+        Ok(t)
+    } else {
+        Err(format!(
+            "hot key threshold must be positive (or inf), got {s}"
+        ))
+    }
+}
+
 fn parse_balance_factor(s: &str) -> Result<f64, String> {
     let c: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if c >= 1.0 {
@@ -74,6 +89,12 @@ pub struct PlacementArgs {
     /// ceil(c * (active + 1) / ready backends). `inf` disables the bound.
     #[arg(long, default_value_t = 1.25, value_parser = parse_balance_factor, env = "BUILDKIT_ROUTER_BALANCE_FACTOR")]
     pub balance_factor: f64,
+    /// A key whose share of recent keyed builds exceeds this fraction of one backend's share
+    /// (threshold / ready backends) is hot: it is placed under the mean load,
+    /// ceil((active + 1) / ready), leaving the balance factor's headroom to rarely built keys.
+    /// `inf` disables.
+    #[arg(long, default_value_t = 0.3, value_parser = parse_hot_key_threshold, env = "BUILDKIT_ROUTER_HOT_KEY_THRESHOLD")]
+    pub hot_key_threshold: f64,
     /// Hard cap of concurrent builds per backend (default: unlimited).
     #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
     pub max_builds_per_backend: Option<usize>,
@@ -105,6 +126,7 @@ impl PlacementArgs {
     pub fn to_config(&self) -> PlacementConfig {
         PlacementConfig {
             balance_factor: self.balance_factor,
+            hot_key_threshold: self.hot_key_threshold,
             max_builds_per_backend: self.max_builds_per_backend,
             key_sources: self.affinity_key_sources.clone(),
             explicit_key_attrs: self.affinity_key_attr.clone(),
@@ -118,6 +140,10 @@ impl PlacementArgs {
 pub struct PlacementConfig {
     /// c in ceil(c * (active + 1) / ready); `f64::INFINITY` = no load bound (pure affinity).
     pub balance_factor: f64,
+    /// A key is hot above this share of recent keyed builds x ready backends; hot keys are held
+    /// to the mean load instead of `balance_factor` times it. `f64::INFINITY` = never hot.
+    /// Ignored when `balance_factor` is infinite.
+    pub hot_key_threshold: f64,
     pub max_builds_per_backend: Option<usize>,
     /// Affinity key sources, in order.
     pub key_sources: Vec<KeySource>,
@@ -131,6 +157,7 @@ impl Default for PlacementConfig {
     fn default() -> Self {
         Self {
             balance_factor: 1.25,
+            hot_key_threshold: DEFAULT_HOT_KEY_THRESHOLD,
             max_builds_per_backend: None,
             key_sources: key::DEFAULT_SOURCES.to_vec(),
             explicit_key_attrs: vec!["build-arg:BUILDKIT_ROUTER_KEY".to_owned()],
@@ -232,15 +259,29 @@ impl PlacementError {
 /// hash again; larger pools rehash the rest.
 const SCRATCH: usize = 64;
 
-/// The placement policy with its configuration.
+/// Default of [`PlacementConfig::hot_key_threshold`] (chosen with `simulate`, see
+/// docs/placement.md).
+pub const DEFAULT_HOT_KEY_THRESHOLD: f64 = 0.3;
+
+/// The placement policy with its configuration and its estimate of which keys are hot (shared by
+/// clones).
 #[derive(Debug, Clone, Default)]
 pub struct Placement {
     config: PlacementConfig,
+    hot: std::sync::Arc<hot::HotKeys>,
 }
 
 impl Placement {
     pub fn new(config: PlacementConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            hot: Default::default(),
+        }
+    }
+
+    /// The key's decayed count of recent builds (diagnostics and tests).
+    pub fn recent_builds_of(&self, key: u64) -> u64 {
+        self.hot.count(key)
     }
 
     pub fn config(&self) -> &PlacementConfig {
@@ -290,7 +331,9 @@ impl Placement {
     }
 
     /// Picks a backend among those that accept builds and support every platform asked for.
-    /// Allocates nothing unless it fails.
+    /// Allocates nothing unless it fails. Counts a keyed build in the hot-key estimate, so the
+    /// answer depends on the keyed builds this instance placed recently as well as on the
+    /// snapshot: two instances fed the same sequence answer the same.
     pub fn choose<N: Node>(
         &self,
         nodes: &[N],
@@ -343,10 +386,17 @@ impl Placement {
             }
         };
 
-        // Pass 2: rendezvous scores; the best eligible one wins.
+        // Pass 2: rendezvous scores; the best eligible one wins. A hot key is eligible only
+        // below the mean (c = 1) and falls back to the usual bound when no one is.
         let c = self.config.balance_factor;
+        let hot = c.is_finite()
+            && self.config.hot_key_threshold.is_finite()
+            && self.hot.record(key, ready, self.config.hot_key_threshold);
+        let c_hot = if hot { c.min(1.0) } else { c };
         let share = c * (total_active + 1) as f64;
+        let hot_share = c_hot * (total_active + 1) as f64;
         let uniform_bound = bound(share / ready as f64);
+        let uniform_hot_bound = bound(hot_share / ready as f64);
         let score_of = |n: &N| {
             if weighted {
                 hash::weighted_rendezvous(key, n.identity_hash(), self.weight_of(n.identity()))
@@ -357,6 +407,8 @@ impl Placement {
         let mut scratch = [0u64; SCRATCH];
         let mut home = 0u64;
         let mut best: Option<(usize, u64)> = None;
+        // A hot key's best below the usual bound, when no one is below the mean.
+        let mut fallback: Option<(usize, u64)> = None;
         // Below hard capacity but over the balance bound: used only when no one is eligible.
         let mut roomy: Option<(usize, usize)> = None;
         for (i, n) in nodes.iter().enumerate() {
@@ -370,20 +422,25 @@ impl Placement {
             home = home.max(s);
             let load = n.active_builds();
             let cap = cap_of(n);
-            let limit = if weighted {
-                bound(share * self.weight_of(n.identity()) / weight_sum)
+            let (limit, hot_limit) = if weighted {
+                let w = self.weight_of(n.identity()) / weight_sum;
+                (bound(share * w), bound(hot_share * w))
             } else {
-                uniform_bound
+                (uniform_bound, uniform_hot_bound)
             };
             if load < limit && load < cap {
-                if best.is_none_or(|(_, bs)| s > bs) {
-                    best = Some((i, s));
+                if load < hot_limit {
+                    if best.is_none_or(|(_, bs)| s > bs) {
+                        best = Some((i, s));
+                    }
+                } else if fallback.is_none_or(|(_, bs)| s > bs) {
+                    fallback = Some((i, s));
                 }
             } else if load < cap && roomy.is_none_or(|(_, l)| load < l) {
                 roomy = Some((i, load));
             }
         }
-        match (best, roomy) {
+        match (best.or(fallback), roomy) {
             (Some((index, s)), _) => {
                 // Rank: how many capable backends score above the chosen one.
                 let rank = nodes

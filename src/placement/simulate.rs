@@ -71,6 +71,9 @@ pub struct SimulateArgs {
     /// Balance factors to run our policy with (`inf` = unbounded affinity).
     #[arg(long, value_delimiter = ',', default_value = "1.1,1.25,1.5,2,inf")]
     pub balance_factors: Vec<f64>,
+    /// Hot key threshold of our policy (`inf`: no hot keys, every key under the balance factor).
+    #[arg(long, default_value_t = super::DEFAULT_HOT_KEY_THRESHOLD, value_parser = super::parse_hot_key_threshold)]
+    pub hot_key_threshold: f64,
     /// Seed of every random choice: same seed, same report.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -187,7 +190,7 @@ fn md5_u64(s: &str) -> u64 {
 }
 
 impl Chooser {
-    fn new(policy: Policy, nodes: &[SimNode], seed: u64) -> Self {
+    fn new(policy: Policy, nodes: &[SimNode], seed: u64, hot_key_threshold: f64) -> Self {
         let c = if let Policy::Ours(c) = policy {
             c
         } else {
@@ -204,6 +207,7 @@ impl Chooser {
             policy,
             placement: Placement::new(PlacementConfig {
                 balance_factor: c,
+                hot_key_threshold,
                 ..PlacementConfig::default()
             }),
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
@@ -376,7 +380,7 @@ impl Sim {
 fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
     let nodes = sim_nodes(args, args.daemons);
     let n = nodes.len();
-    let mut chooser = Chooser::new(policy, &nodes, args.seed);
+    let mut chooser = Chooser::new(policy, &nodes, args.seed, args.hot_key_threshold);
     let cache_bytes = (args.cache_gib * GIB) as u64;
     let mut sim = Sim {
         nodes,
@@ -465,7 +469,8 @@ impl Lru {
 fn keys_moved(args: &SimulateArgs, w: &Workload, policy: Policy) -> (f64, f64) {
     let place_all = |n: usize| -> Vec<String> {
         let nodes = sim_nodes(args, n);
-        let mut chooser = Chooser::new(policy, &nodes, args.seed ^ n as u64);
+        let mut chooser =
+            Chooser::new(policy, &nodes, args.seed ^ n as u64, args.hot_key_threshold);
         w.projects
             .iter()
             .map(|p| {
