@@ -305,6 +305,19 @@ impl Router {
         }
     }
 
+    /// Splits a request and reads its first gRPC message (needed to route it), or gives the
+    /// answer a client gets when that fails.
+    async fn peek(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
+        let (parts, mut body) = request.into_parts();
+        match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+            Ok(peeked) => Ok((parts, body, peeked)),
+            Err(error) => Err(peek_error(parts.uri.path(), &error)),
+        }
+    }
+
     /// Runs placement over the current snapshot, skipping `excluded` backends.
     fn place(
         &self,
@@ -331,12 +344,10 @@ impl Router {
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let (parts, mut body) = request.into_parts();
-        let peeked =
-            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-                Ok(peeked) => peeked,
-                Err(error) => return peek_error("Control/Solve", &error),
-            };
+        let (parts, body, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
             Err(error) => {
@@ -516,12 +527,10 @@ impl Router {
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let (parts, mut body) = request.into_parts();
-        let peeked =
-            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-                Ok(peeked) => peeked,
-                Err(error) => return peek_error("Control/Status", &error),
-            };
+        let (parts, body, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
         let build_ref = match wire::decode_status_ref(peeked.message()) {
             Ok(r) => r.to_owned(),
             Err(error) => return error_response_invalid("Control/Status", &error),
@@ -658,12 +667,10 @@ impl Router {
         } else {
             "Control/UpdateBuildHistory"
         };
-        let (parts, mut body) = request.into_parts();
-        let peeked =
-            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-                Ok(peeked) => peeked,
-                Err(error) => return peek_error(what, &error),
-            };
+        let (parts, body, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
         let build_ref = if listen {
             wire::decode_history_request(peeked.message()).map(|h| h.build_ref)
         } else {
@@ -767,12 +774,10 @@ impl Router {
     }
 
     async fn fan_out_unary(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
-        let (parts, mut body) = request.into_parts();
-        let peeked =
-            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-                Ok(peeked) => peeked,
-                Err(error) => return peek_error(parts.uri.path(), &error),
-            };
+        let (parts, _rest, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
         let head = Head::from_parts(&parts);
         let backends = self.live_backends();
         if backends.is_empty() {
@@ -839,12 +844,10 @@ impl Router {
         self: &Arc<Self>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let (parts, mut body) = request.into_parts();
-        let peeked =
-            match forward::read_first_message(&mut body, self.settings.max_message_size).await {
-                Ok(peeked) => peeked,
-                Err(error) => return peek_error(parts.uri.path(), &error),
-            };
+        let (parts, _rest, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
         self.merge_streams(Head::from_parts(&parts), peeked.buffered)
     }
 

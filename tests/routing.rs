@@ -64,6 +64,18 @@ fn assert_build_on_one_daemon(daemons: &[FakeDaemon], build_ref: &str) {
     }
 }
 
+/// The index of the first daemon to hold a build (`hold_builds`), awaited, within 20 s.
+async fn holding_daemon(ds: &[FakeDaemon]) -> usize {
+    let waits = ds.iter().map(|d| Box::pin(d.wait_held(1)));
+    let (_, index, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::select_all(waits),
+    )
+    .await
+    .expect("a daemon holds the build");
+    index
+}
+
 fn assert_no_routing_errors(daemons: &[FakeDaemon]) {
     for d in daemons {
         let k = d.counters();
@@ -207,16 +219,7 @@ async fn a_cancelled_build_is_cancelled_on_its_daemon() {
     let build = tokio::spawn(async move { client.build(opts).await });
     // Cancel once the build runs on its daemon (context uploaded, solver busy), as a user
     // pressing Ctrl-C mid-build would.
-    let daemon = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Some(d) = ds.iter().find(|d| d.held() > 0) {
-                break d;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the build runs on a daemon");
+    let daemon = &ds[holding_daemon(&ds).await];
     cancel.notify_one();
     let result = build.await.expect("join");
     assert!(result.cancelled);
@@ -267,16 +270,7 @@ async fn a_backend_dying_mid_build_fails_that_build_with_unavailable_naming_it()
         tokio::spawn(async move { client.build(opts).await })
     };
     // Wait until the build is held on its daemon, then kill that daemon.
-    let victim = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Some(i) = ds.iter().position(|d| d.held() > 0) {
-                break i;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the build is held on a daemon");
+    let victim = holding_daemon(&ds).await;
     let victim_addr = ds[victim].addr();
     ds[victim].kill();
     let result = tokio::time::timeout(Duration::from_secs(20), running)
@@ -746,16 +740,7 @@ async fn a_build_on_a_draining_backend_completes_and_the_next_goes_elsewhere() {
         let client = client.clone();
         tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
     };
-    let busy = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Some(i) = ds.iter().position(|d| d.held() > 0) {
-                break i;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the first build runs");
+    let busy = holding_daemon(&ds).await;
     // Discovery reports the busy daemon's pod as terminating, as an EndpointSlice update would.
     let addr = ds[busy].addr();
     router.pool.apply(PoolUpdate::Update(EndpointSpec {
