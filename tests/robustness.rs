@@ -251,3 +251,94 @@ async fn a_client_vanishing_mid_build_cancels_it_on_the_daemon() {
     daemon.release_builds();
     still_serves(&router).await;
 }
+
+/// Builds one request by hand, HPACK literals included, as an old buildctl would send it.
+fn raw_request_with_authority(authority: &str) -> Vec<u8> {
+    fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
+        out.push(0x00);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    let mut block = Vec::new();
+    literal(&mut block, ":method", "POST");
+    literal(&mut block, ":scheme", "http");
+    literal(&mut block, ":path", "/grpc.health.v1.Health/Check");
+    literal(&mut block, ":authority", authority);
+    literal(&mut block, "content-type", "application/grpc");
+    literal(&mut block, "te", "trailers");
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let len = block.len() as u32;
+    wire.extend_from_slice(&[
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        1,
+        4,
+        0,
+        0,
+        0,
+        1,
+    ]);
+    wire.extend_from_slice(&block);
+    wire.extend_from_slice(&[0, 0, 5, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]);
+    wire
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_buildctl_authority_with_a_scheme_is_not_rejected() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&daemon, |_| {}).await;
+    for authority in ["tcp://127.0.0.1:1234", "localhost", "127.0.0.1:1234"] {
+        let mut stream = tokio::net::TcpStream::connect(router.addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(&raw_request_with_authority(authority))
+            .await
+            .expect("write");
+        // Read frames until stream 1 ends; a rejected request gets RST_STREAM instead.
+        let mut seen = Vec::new();
+        let mut buf = Vec::new();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "connection closed before an answer for {authority}");
+                buf.extend_from_slice(&chunk[..n]);
+                while buf.len() >= 9 {
+                    let len = (usize::from(buf[0]) << 16)
+                        | (usize::from(buf[1]) << 8)
+                        | usize::from(buf[2]);
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, flags, sid) = (
+                        buf[3],
+                        buf[4],
+                        u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]),
+                    );
+                    buf.drain(..9 + len);
+                    if sid == 1 {
+                        seen.push(kind);
+                        if kind == 3 {
+                            return "reset";
+                        }
+                        if kind == 1 && flags & 1 != 0 {
+                            return "answered";
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        assert_eq!(
+            outcome, "answered",
+            ":authority {authority:?} must not be rejected (frames {seen:?})"
+        );
+    }
+    still_serves(&router).await;
+}

@@ -2,7 +2,10 @@
 //!
 //! The client port speaks only HTTP/2: h2c with prior knowledge, or TLS where ALPN `h2` is
 //! selected when offered and HTTP/2 is still spoken to clients that offer no ALPN (buildx's
-//! remote driver). `:authority` is never looked at.
+//! remote driver). `:authority` is never looked at, and a malformed one is repaired before the
+//! HTTP/2 library can reject it ([`authority`]).
+
+pub mod authority;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -203,7 +206,8 @@ async fn serve_connection<S>(
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         .auto_date_header(false);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection =
+        builder.serve_connection(TokioIo::new(authority::AuthorityFix::new(stream)), service);
     if let Err(error) = watcher.watch(connection).await {
         debug!(%error, "client connection ended with an error");
     }

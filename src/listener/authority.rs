@@ -1,0 +1,496 @@
+//! Keeps clients that send a malformed `:authority` working.
+//!
+//! Older buildctl sent `:authority: tcp://host:port`. The router never looks at `:authority`,
+//! but the HTTP/2 library rejects a request whose authority does not parse (RST_STREAM
+//! PROTOCOL_ERROR) before the router sees it. This wrapper sits on the client's byte stream and
+//! rewrites such a value in place, at the same length: `tcp://h:p` becomes `tcpx--h:p`. Equal
+//! length (and, in HPACK's Huffman code, `:`/`x` and `/`/`-` have codes of equal length) keeps
+//! every HPACK dynamic-table size identical, so the decoder's state stays in step with the
+//! client's encoder. Only HEADERS frames are collected and inspected; every other frame's
+//! payload is passed through as it is read.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER_LEN: usize = 9;
+const HEADERS: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// How much one read asks for when frame headers are needed.
+const READ_CHUNK: usize = 16 * 1024;
+/// HEADERS frames larger than this are passed through unexamined.
+const MAX_COLLECT: usize = 64 * 1024;
+
+enum State {
+    /// Passing the client preface.
+    Preface(usize),
+    /// Reading a 9-byte frame header.
+    Header,
+    /// Passing `n` more payload bytes untouched.
+    Pass(usize),
+    /// Collecting a HEADERS payload of this length.
+    Collect { len: usize, flags: u8 },
+}
+
+/// A client stream whose inbound HTTP/2 HEADERS get a malformed `:authority` repaired.
+pub struct AuthorityFix<S> {
+    inner: S,
+    state: State,
+    header: [u8; FRAME_HEADER_LEN],
+    /// Bytes read from the client but not yet processed.
+    inbuf: BytesMut,
+    payload: Vec<u8>,
+    /// Processed bytes not yet handed to the reader.
+    pending: BytesMut,
+}
+
+impl<S> AuthorityFix<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            state: State::Preface(PREFACE_LEN),
+            header: [0; FRAME_HEADER_LEN],
+            inbuf: BytesMut::new(),
+            payload: Vec::new(),
+            pending: BytesMut::new(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AuthorityFix<S> {
+    /// Reads at most `limit` bytes from the inner stream straight into `out` (payloads: no copy).
+    fn read_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+        limit: usize,
+    ) -> Poll<io::Result<usize>> {
+        let room = out.initialize_unfilled_to(limit.min(out.remaining()));
+        let mut sub = ReadBuf::new(room);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut sub))?;
+        let n = sub.filled().len();
+        out.advance(n);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Reads more bytes into `inbuf` (one read can carry several small frames).
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let start = self.inbuf.len();
+        self.inbuf.resize(start + READ_CHUNK, 0);
+        let mut sub = ReadBuf::new(&mut self.inbuf[start..]);
+        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut sub);
+        let n = sub.filled().len();
+        // Keep only what was read, also when the read is pending.
+        self.inbuf.truncate(start + n);
+        ready!(polled)?;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(out.remaining());
+                out.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match this.state {
+                State::Preface(left) | State::Pass(left) => {
+                    let n = if this.inbuf.is_empty() {
+                        let n = ready!(this.read_through(cx, out, left))?;
+                        if n == 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                        n
+                    } else {
+                        let n = left.min(this.inbuf.len()).min(out.remaining());
+                        out.put_slice(&this.inbuf[..n]);
+                        this.inbuf.advance(n);
+                        n
+                    };
+                    this.state = match this.state {
+                        State::Preface(_) if n < left => State::Preface(left - n),
+                        State::Pass(_) if n < left => State::Pass(left - n),
+                        _ => State::Header,
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                State::Header => {
+                    if this.inbuf.len() < FRAME_HEADER_LEN {
+                        if ready!(this.fill(cx))? == 0 {
+                            // EOF inside a frame header: hand on what there is; HTTP/2 reports it.
+                            if this.inbuf.is_empty() {
+                                return Poll::Ready(Ok(()));
+                            }
+                            this.pending.extend_from_slice(&this.inbuf);
+                            this.inbuf.clear();
+                        }
+                        continue;
+                    }
+                    this.header.copy_from_slice(&this.inbuf[..FRAME_HEADER_LEN]);
+                    this.inbuf.advance(FRAME_HEADER_LEN);
+                    let len = usize::from(this.header[0]) << 16
+                        | usize::from(this.header[1]) << 8
+                        | usize::from(this.header[2]);
+                    let (kind, flags) = (this.header[3], this.header[4]);
+                    if kind == HEADERS && len <= MAX_COLLECT && len > 0 {
+                        this.payload.clear();
+                        this.payload.reserve(len);
+                        this.state = State::Collect { len, flags };
+                    } else {
+                        this.pending.extend_from_slice(&this.header);
+                        this.state = if len == 0 {
+                            State::Header
+                        } else {
+                            State::Pass(len)
+                        };
+                    }
+                }
+                State::Collect { len, flags } => {
+                    if this.inbuf.is_empty() && ready!(this.fill(cx))? == 0 {
+                        // EOF inside the frame: hand on what there is.
+                        this.pending.extend_from_slice(&this.header);
+                        this.pending.extend_from_slice(&this.payload);
+                        this.state = State::Header;
+                        continue;
+                    }
+                    let n = (len - this.payload.len()).min(this.inbuf.len());
+                    this.payload.extend_from_slice(&this.inbuf[..n]);
+                    this.inbuf.advance(n);
+                    if this.payload.len() < len {
+                        continue;
+                    }
+                    if flags & END_HEADERS != 0 {
+                        repair_headers_payload(flags, &mut this.payload);
+                    }
+                    this.pending.extend_from_slice(&this.header);
+                    this.pending.extend_from_slice(&this.payload);
+                    this.state = State::Header;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads an HPACK integer with an `n`-bit prefix at `pos`; returns (value, next position).
+fn hpack_int(block: &[u8], pos: usize, prefix_bits: u8) -> Option<(usize, usize)> {
+    let max = (1usize << prefix_bits) - 1;
+    let mut value = usize::from(*block.get(pos)?) & max;
+    let mut pos = pos + 1;
+    if value < max {
+        return Some((value, pos));
+    }
+    let mut shift = 0u32;
+    loop {
+        let byte = *block.get(pos)?;
+        pos += 1;
+        value = value.checked_add(usize::from(byte & 0x7f).checked_shl(shift)?)?;
+        if byte & 0x80 == 0 {
+            return Some((value, pos));
+        }
+        shift += 7;
+        if shift > 28 {
+            return None;
+        }
+    }
+}
+
+/// A string literal at `pos`: (huffman, byte range, next position).
+fn hpack_string(block: &[u8], pos: usize) -> Option<(bool, std::ops::Range<usize>, usize)> {
+    let huffman = block.get(pos)? & 0x80 != 0;
+    let (len, start) = hpack_int(block, pos, 7)?;
+    let end = start.checked_add(len)?;
+    (end <= block.len()).then_some((huffman, start..end, end))
+}
+
+/// Repairs a malformed `:authority` in a complete HEADERS payload, in place. Anything it does
+/// not understand is left exactly as it was.
+pub fn repair_headers_payload(flags: u8, payload: &mut [u8]) {
+    let mut start = 0;
+    let mut end = payload.len();
+    if flags & PADDED != 0 {
+        let Some(&pad) = payload.first() else { return };
+        start = 1;
+        end = match end.checked_sub(usize::from(pad)) {
+            Some(end) if end >= start => end,
+            _ => return,
+        };
+    }
+    if flags & PRIORITY != 0 {
+        start += 5;
+    }
+    if start > end {
+        return;
+    }
+    let block = &mut payload[start..end];
+    let mut pos = 0;
+    while pos < block.len() {
+        let first = block[pos];
+        let (name_index, after_name_index) = if first & 0x80 != 0 {
+            // Indexed field: nothing literal to see.
+            match hpack_int(block, pos, 7) {
+                Some((_, next)) => {
+                    pos = next;
+                    continue;
+                }
+                None => return,
+            }
+        } else if first & 0xc0 == 0x40 {
+            match hpack_int(block, pos, 6) {
+                Some(found) => found,
+                None => return,
+            }
+        } else if first & 0xe0 == 0x20 {
+            // Dynamic table size update.
+            match hpack_int(block, pos, 5) {
+                Some((_, next)) => {
+                    pos = next;
+                    continue;
+                }
+                None => return,
+            }
+        } else {
+            match hpack_int(block, pos, 4) {
+                Some(found) => found,
+                None => return,
+            }
+        };
+        let (is_authority, value_pos) = if name_index == 0 {
+            let Some((huffman, range, next)) = hpack_string(block, after_name_index) else {
+                return;
+            };
+            let name = &block[range];
+            let is_authority = if huffman {
+                let mut decoded = Vec::new();
+                httlib_huffman::decode(name, &mut decoded, httlib_huffman::DecoderSpeed::FourBits)
+                    .is_ok()
+                    && decoded == b":authority"
+            } else {
+                name == b":authority"
+            };
+            (is_authority, next)
+        } else {
+            // Static table entry 1 is `:authority`; a dynamic-table name is never rewritten.
+            (name_index == 1, after_name_index)
+        };
+        let Some((huffman, range, next)) = hpack_string(block, value_pos) else {
+            return;
+        };
+        if is_authority {
+            repair_value(huffman, &mut block[range]);
+        }
+        pos = next;
+    }
+}
+
+/// `scheme://host:port` -> `schemex--host:port`, same length, raw or Huffman-coded.
+fn repair_value(huffman: bool, value: &mut [u8]) {
+    let mut text = Vec::new();
+    if huffman {
+        if httlib_huffman::decode(value, &mut text, httlib_huffman::DecoderSpeed::FourBits).is_err()
+        {
+            return;
+        }
+    } else {
+        text.extend_from_slice(value);
+    }
+    if http::uri::Authority::try_from(text.as_slice()).is_ok() {
+        return;
+    }
+    let Some(at) = text.windows(3).position(|w| w == b"://") else {
+        return;
+    };
+    text[at..at + 3].copy_from_slice(b"x--");
+    if http::uri::Authority::try_from(text.as_slice()).is_err() {
+        return;
+    }
+    if huffman {
+        let mut encoded = Vec::with_capacity(value.len());
+        if httlib_huffman::encode(&text, &mut encoded).is_ok() && encoded.len() == value.len() {
+            value.copy_from_slice(&encoded);
+        }
+    } else {
+        value.copy_from_slice(&text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn literal(name_index: u8, value: &[u8], huffman: bool) -> Vec<u8> {
+        let mut out = vec![0x40 | name_index];
+        let bytes = if huffman {
+            let mut encoded = Vec::new();
+            httlib_huffman::encode(value, &mut encoded).expect("huffman");
+            encoded
+        } else {
+            value.to_vec()
+        };
+        out.push((if huffman { 0x80 } else { 0 }) | bytes.len() as u8);
+        out.extend_from_slice(&bytes);
+        out
+    }
+
+    fn decoded_authority(block: &[u8], huffman: bool) -> Vec<u8> {
+        let (_, after) = hpack_int(block, 0, 6).expect("index");
+        let (_, range, _) = hpack_string(block, after).expect("value");
+        if huffman {
+            let mut out = Vec::new();
+            httlib_huffman::decode(
+                &block[range],
+                &mut out,
+                httlib_huffman::DecoderSpeed::FourBits,
+            )
+            .expect("decode");
+            out
+        } else {
+            block[range].to_vec()
+        }
+    }
+
+    #[test]
+    fn a_scheme_prefixed_authority_is_repaired_at_the_same_length() {
+        for huffman in [false, true] {
+            let mut block = vec![0x83]; // :method POST (indexed)
+            let before = literal(1, b"tcp://127.0.0.1:1234", huffman);
+            block.extend_from_slice(&before);
+            let len = block.len();
+            repair_headers_payload(END_HEADERS, &mut block);
+            assert_eq!(block.len(), len);
+            assert_eq!(
+                decoded_authority(&block[1..], huffman),
+                b"tcpx--127.0.0.1:1234",
+                "huffman={huffman}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_authorities_and_other_headers_are_untouched() {
+        for value in [
+            &b"127.0.0.1:1234"[..],
+            b"localhost",
+            b"buildkit-router.buildkit.svc:1234",
+        ] {
+            for huffman in [false, true] {
+                let mut block = literal(1, value, huffman);
+                let original = block.clone();
+                repair_headers_payload(END_HEADERS, &mut block);
+                assert_eq!(block, original);
+            }
+        }
+        // :path (index 4) with a `://` in it stays as it is.
+        let mut block = literal(4, b"/a://b", false);
+        let original = block.clone();
+        repair_headers_payload(END_HEADERS, &mut block);
+        assert_eq!(block, original);
+    }
+
+    #[test]
+    fn padded_and_prioritised_frames_and_garbage_never_panic() {
+        let mut payload = vec![2, 0, 0, 0, 1, 16];
+        payload.extend_from_slice(&literal(1, b"tcp://h:1", false));
+        payload.extend_from_slice(&[0, 0]);
+        repair_headers_payload(END_HEADERS | PADDED | PRIORITY, &mut payload);
+        assert_eq!(&payload[6..8], &[0x41, 9]);
+        assert_eq!(&payload[8..17], b"tcpx--h:1");
+        let mut rng_state = 7u32;
+        for len in 0..64 {
+            let mut junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    rng_state = rng_state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (rng_state >> 16) as u8
+                })
+                .collect();
+            repair_headers_payload(END_HEADERS | PADDED | PRIORITY, &mut junk);
+            repair_headers_payload(END_HEADERS, &mut junk);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stream_passes_every_byte_and_repairs_only_headers() {
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+        let block = literal(1, b"tcp://127.0.0.1:1234", true);
+        wire.extend_from_slice(&[0, 0, block.len() as u8, HEADERS, END_HEADERS, 0, 0, 0, 1]);
+        wire.extend_from_slice(&block);
+        wire.extend_from_slice(&[0, 0, 5, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]); // DATA, END_STREAM
+        let (mut client, server) = tokio::io::duplex(7); // tiny chunks: every boundary splits
+        let write = async {
+            use tokio::io::AsyncWriteExt;
+            client.write_all(&wire).await.expect("write");
+        };
+        let read = async {
+            let mut fixed = AuthorityFix::new(server);
+            let mut out = vec![0; wire.len()];
+            fixed.read_exact(&mut out).await.expect("read");
+            out
+        };
+        let ((), out) = tokio::join!(write, read);
+        assert_eq!(out.len(), wire.len());
+        let headers_at = PREFACE_LEN + 9 + 9;
+        assert_eq!(
+            &out[..headers_at],
+            &wire[..headers_at],
+            "preface and SETTINGS untouched"
+        );
+        assert_eq!(
+            &out[headers_at + block.len()..],
+            &wire[headers_at + block.len()..],
+            "DATA untouched"
+        );
+        assert_eq!(
+            decoded_authority(&out[headers_at..headers_at + block.len()], true),
+            b"tcpx--127.0.0.1:1234"
+        );
+    }
+}
