@@ -674,14 +674,15 @@ fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Runs `fut` unless the daemon is killed first.
+/// Runs `fut` unless the daemon is killed first. A killed daemon never answers (a SIGKILLed
+/// buildkitd can't): the call just stops, and the client sees only its connection die.
 async fn or_killed<T>(
     state: &State,
     fut: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
     tokio::select! {
         r = fut => r,
-        _ = state.kill.cancelled() => Err(Status::unavailable("daemon killed")),
+        _ = state.kill.cancelled() => std::future::pending().await,
     }
 }
 
