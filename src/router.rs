@@ -350,10 +350,7 @@ impl Router {
         };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
-            Err(error) => {
-                warn!(%error, "undecodable Control/Solve request");
-                return error_response_invalid("Control/Solve", &error);
-            }
+            Err(error) => return error_response_invalid("Control/Solve", &error),
         };
         let build_ref: Arc<str> = if solve.build_ref.is_empty() {
             // buildkitd names such a build itself; give it a private registry key so unrelated
@@ -720,25 +717,33 @@ impl Router {
     }
 
     /// Unary call to every backend; relays the first OK answer, else the first error.
+    /// Sends a copy of a unary call to every live backend and reads each whole answer.
+    async fn collect_from_all(
+        &self,
+        head: &Head,
+        request: &Bytes,
+    ) -> (Vec<Arc<Backend>>, Vec<Result<forward::Collected, String>>) {
+        let backends = self.live_backends();
+        let max = self.settings.max_message_size;
+        let answers = futures_util::future::join_all(backends.iter().map(|backend| async move {
+            let response = forward::send_copy(backend, head, request.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            forward::collect(response, max)
+                .await
+                .map_err(|e| e.to_string())
+        }))
+        .await;
+        (backends, answers)
+    }
+
     async fn first_ok(
         &self,
         head: &Head,
         request: Bytes,
         build_ref: Option<&str>,
     ) -> Response<ResponseBody> {
-        let backends = self.live_backends();
-        let answers = futures_util::future::join_all(backends.iter().map(|backend| {
-            let request = request.clone();
-            async move {
-                let response = forward::send_copy(backend, head, request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                forward::collect(response, self.settings.max_message_size)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        }))
-        .await;
+        let (backends, answers) = self.collect_from_all(head, &request).await;
         let mut first_error = None;
         for (backend, answer) in backends.iter().zip(answers) {
             match answer {
@@ -779,7 +784,7 @@ impl Router {
             Err(answer) => return answer,
         };
         let head = Head::from_parts(&parts);
-        let backends = self.live_backends();
+        let (backends, answers) = self.collect_from_all(&head, &peeked.buffered).await;
         if backends.is_empty() {
             return error(
                 code::UNAVAILABLE,
@@ -787,18 +792,6 @@ impl Router {
             );
         }
         let max = self.settings.max_message_size;
-        let answers = futures_util::future::join_all(backends.iter().map(|backend| {
-            let (head, request) = (&head, peeked.buffered.clone());
-            async move {
-                let response = forward::send_copy(backend, head, request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                forward::collect(response, max)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        }))
-        .await;
         let mut merged = Vec::new();
         let mut first_error = None;
         let mut headers = None;
