@@ -152,10 +152,9 @@ impl Pool {
 
 /// A Dockerfile whose RUN step writes `$N` (a build arg) to /out/n.
 fn numbered_dockerfile() -> String {
-    format!(
-        "FROM scratch\nCOPY busybox /bin/busybox\nARG N=0\n\
-         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox mkdir -p /out && echo n=$N > /out/n\"]\n"
-    )
+    "FROM scratch\nCOPY busybox /bin/busybox\nARG N=0\n\
+     RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox mkdir -p /out && echo n=$N > /out/n\"]\n"
+        .to_owned()
 }
 
 fn read(path: impl AsRef<Path>) -> String {
@@ -604,7 +603,7 @@ async fn a_killed_daemon_fails_only_its_own_builds() {
         let r = b.build_ref;
         if holder_of[&r] == victim {
             assert!(!status.success(), "build {r} on the killed daemon fails");
-            let error = stderr.lines().filter(|l| l.contains("error")).last();
+            let error = stderr.lines().rfind(|l| l.contains("error"));
             eprintln!("the killed daemon's build failed with: {error:?}");
             assert!(
                 stderr.contains("Unavailable") && stderr.contains(&victim_addr),

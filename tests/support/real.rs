@@ -297,7 +297,7 @@ impl RouterProcess {
         args.extend_from_slice(extra);
         let (process, line) = Supervised::start(
             "buildkit-router",
-            Path::new(env!("CARGO_BIN_EXE_buildkit-router")),
+            &router_bin(),
             &args,
             &[("RUST_LOG", "info")],
             "",
@@ -375,6 +375,14 @@ impl RouterProcess {
     pub fn log(&self) -> String {
         self.process.log()
     }
+}
+
+/// The router binary cargo built for this test (integration tests only: examples that include
+/// this module have no binary to run).
+pub fn router_bin() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_buildkit-router")
+        .map(PathBuf::from)
+        .expect("the router binary is built for integration tests")
 }
 
 /// What a client command did.
