@@ -11,10 +11,12 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
+
+use crate::grpc::{code, grpc_status_of, status_trailers};
 
 /// The body of a request the router sends to a backend.
 pub struct RequestBody {
@@ -264,42 +266,6 @@ impl ResponseBody {
     }
 }
 
-/// The `grpc-status` in a header block, if any.
-pub fn grpc_status_of(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
-}
-
-/// Trailers (or Trailers-Only headers) carrying a gRPC status and message.
-pub fn status_trailers(code: u32, message: &str) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(2);
-    map.insert("grpc-status", HeaderValue::from(code));
-    map.insert("grpc-message", percent_encode_message(message));
-    map
-}
-
-/// The bytes gRPC percent-encodes in `grpc-message`: everything outside printable ASCII
-/// (0x20..=0x7E; non-ASCII is always encoded), and `%` itself (gRPC over HTTP/2, "Responses").
-const GRPC_MESSAGE_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-
-fn percent_encode_message(message: &str) -> HeaderValue {
-    let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE_ENCODE).to_string();
-    HeaderValue::from_str(&encoded)
-        .unwrap_or_else(|_| HeaderValue::from_static("buildkit-router error"))
-}
-
-/// A `grpc-message` value as text (percent-decoded; invalid UTF-8 replaced), for logs and for
-/// relaying a backend's error in an answer the router builds itself.
-pub fn grpc_message_of(headers: &HeaderMap) -> String {
-    headers
-        .get("grpc-message")
-        .map(|v| {
-            percent_encoding::percent_decode(v.as_bytes())
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .unwrap_or_default()
-}
-
 /// Whether a stream error is the peer resetting the stream (cancel), as opposed to the
 /// connection failing.
 pub fn is_stream_reset(error: &hyper::Error) -> bool {
@@ -366,9 +332,9 @@ impl Body for ResponseBody {
                         health.connection_failed(&error.to_string());
                     }
                     tracing::warn!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend connection failed mid-stream");
-                    this.finish(CallEnd::Status(crate::forward::code::UNAVAILABLE));
+                    this.finish(CallEnd::Status(code::UNAVAILABLE));
                     Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
-                        crate::forward::code::UNAVAILABLE,
+                        code::UNAVAILABLE,
                         &message,
                     )))))
                 }
@@ -398,30 +364,5 @@ impl Body for ResponseBody {
             Source::Backend { inner, .. } => inner.size_hint(),
             _ => SizeHint::default(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_messages_are_encoded_once_and_decoded_back() {
-        let text = "failed to retrieve ref x: 100% é\nnext";
-        let trailers = status_trailers(2, text);
-        // Printable ASCII stays readable (spaces included, as grpc-go sends them); `%`,
-        // control characters and non-ASCII bytes are escaped.
-        assert_eq!(
-            trailers["grpc-message"],
-            "failed to retrieve ref x: 100%25 %C3%A9%0Anext"
-        );
-        assert_eq!(grpc_message_of(&trailers), text);
-        // What tonic sends (spaces escaped too) decodes to the same text.
-        let mut from_tonic = HeaderMap::new();
-        from_tonic.insert(
-            "grpc-message",
-            HeaderValue::from_static("failed%20to%20retrieve"),
-        );
-        assert_eq!(grpc_message_of(&from_tonic), "failed to retrieve");
     }
 }

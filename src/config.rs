@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::duration::parse_duration;
+
 /// A stateful gRPC proxy in front of a pool of buildkitd daemons.
 #[derive(Debug, Parser)]
 #[command(name = "buildkit-router", version, about, long_about = None)]
@@ -174,43 +176,40 @@ impl RunConfig {
     }
 }
 
-/// Parses `500ms`, `3s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 3s, 2m, 1h"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_in_every_unit() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("3 parsecs").is_err());
-        assert!(parse_duration("").is_err());
+    fn discovery_flags_parse_on_the_router_command_line() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "buildkit-router",
+            "--dns",
+            "buildkitd.ci.svc:1234",
+            "--dns-interval",
+            "2s",
+            "--kubernetes-service",
+            "ci/buildkitd",
+            "--kubernetes-port",
+            "buildkit",
+            "--discovered-backend-tls-server-name",
+            "{pod}.buildkitd.ci.svc",
+        ])
+        .unwrap();
+        let args = cli.run.discovery;
+        assert_eq!(args.dns.as_deref(), Some("buildkitd.ci.svc:1234"));
+        assert_eq!(args.dns_interval, Duration::from_secs(2));
+        assert_eq!(args.kubernetes_service.as_deref(), Some("ci/buildkitd"));
+        assert_eq!(args.kubernetes_port.as_deref(), Some("buildkit"));
+        assert!(!args.discovered_backend_tls);
+        let defaults = Cli::try_parse_from(["buildkit-router"])
+            .unwrap()
+            .run
+            .discovery;
+        assert_eq!(defaults.dns_interval, Duration::from_secs(5));
+        assert!(defaults.dns.is_none() && defaults.kubernetes_service.is_none());
     }
 
     #[test]

@@ -13,24 +13,11 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
-use crate::body::{grpc_status_of, status_trailers, RequestBody, ResponseBody, StreamContext};
+use crate::body::{RequestBody, ResponseBody, StreamContext};
+pub use crate::grpc::code;
+use crate::grpc::{grpc_message_of, grpc_status_of, status_trailers};
 use crate::pool::{Backend, ConnectError};
 use crate::wire::{self, WireError, GRPC_PREFIX_LEN};
-
-/// gRPC status codes the router produces.
-pub mod code {
-    pub const OK: u32 = 0;
-    pub const CANCELLED: u32 = 1;
-    pub const UNKNOWN: u32 = 2;
-    pub const INVALID_ARGUMENT: u32 = 3;
-    pub const DEADLINE_EXCEEDED: u32 = 4;
-    pub const NOT_FOUND: u32 = 5;
-    pub const RESOURCE_EXHAUSTED: u32 = 8;
-    pub const FAILED_PRECONDITION: u32 = 9;
-    pub const UNIMPLEMENTED: u32 = 12;
-    pub const INTERNAL: u32 = 13;
-    pub const UNAVAILABLE: u32 = 14;
-}
 
 /// Why a call could not be handed to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +314,7 @@ pub async fn collect(
     }
     let status_source = trailers.as_ref().unwrap_or(&parts.headers);
     let status = grpc_status_of(status_source).unwrap_or(code::UNKNOWN);
-    let message = crate::body::grpc_message_of(status_source);
+    let message = grpc_message_of(status_source);
     Ok(Collected {
         headers: parts.headers,
         status,
@@ -363,7 +350,7 @@ pub async fn pump_messages(
 ) -> Result<(u32, String), String> {
     let (parts, mut body) = response.into_parts();
     if let Some(code) = grpc_status_of(&parts.headers) {
-        return Ok((code, crate::body::grpc_message_of(&parts.headers)));
+        return Ok((code, grpc_message_of(&parts.headers)));
     }
     let mut splitter = MessageSplitter::default();
     while let Some(frame) = body.frame().await {
@@ -382,7 +369,7 @@ pub async fn pump_messages(
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let code = grpc_status_of(&trailers).unwrap_or(code::UNKNOWN);
-                    return Ok((code, crate::body::grpc_message_of(&trailers)));
+                    return Ok((code, grpc_message_of(&trailers)));
                 }
             }
         }

@@ -492,7 +492,7 @@ impl Backend {
                 .send_request(request)
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(code) = crate::body::grpc_status_of(response.headers()) {
+            if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
                 if code != 0 {
                     return Err(format!("{path} answered grpc-status {code}"));
                 }
@@ -502,7 +502,7 @@ impl Backend {
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(code) = collected.trailers().and_then(crate::body::grpc_status_of) {
+            if let Some(code) = collected.trailers().and_then(crate::grpc::grpc_status_of) {
                 if code != 0 {
                     return Err(format!("{path} answered grpc-status {code}"));
                 }

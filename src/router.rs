@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{field, info, warn, Instrument};
 
-use crate::body::{status_trailers, CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
+use crate::body::{CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
 use crate::classify::{classify, Route};
 use crate::forward::{self, code, ForwardError, Head, PeekError};
+use crate::grpc::status_trailers;
 use crate::metrics::Metrics;
 use crate::placement::{BuildTraits, Choice, Placement, PlacementError, Reason};
 use crate::pool::{Backend, BackendState, Pool};
@@ -579,11 +580,11 @@ impl Router {
             let context = stream_context(backend, build_ref);
             match result {
                 Ok(response)
-                    if crate::body::grpc_status_of(response.headers()).is_none()
+                    if crate::grpc::grpc_status_of(response.headers()).is_none()
                         || pending.is_empty() =>
                 {
                     tracing::Span::current().record("backend", &**backend.identity());
-                    if crate::body::grpc_status_of(response.headers()).is_some() {
+                    if crate::grpc::grpc_status_of(response.headers()).is_some() {
                         if let Some(first) = first_error {
                             return first;
                         }

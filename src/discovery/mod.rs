@@ -40,7 +40,7 @@ pub struct DiscoveryArgs {
     #[arg(long, value_name = "NAME:PORT", env = "BUILDKIT_ROUTER_DNS")]
     pub dns: Option<String>,
     /// How often --dns is re-resolved.
-    #[arg(long, value_parser = crate::config::parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_DNS_INTERVAL")]
+    #[arg(long, value_parser = crate::duration::parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_DNS_INTERVAL")]
     pub dns_interval: Duration,
 
     /// Discover backends from the EndpointSlices of this Service ([namespace/]name), watched
@@ -569,38 +569,6 @@ mod tests {
             }
             other => panic!("unexpected {:?}", describe(other)),
         }
-    }
-
-    #[test]
-    fn flags_parse_on_the_router_command_line() {
-        use clap::{CommandFactory, Parser};
-        crate::config::Cli::command().debug_assert();
-        let cli = crate::config::Cli::try_parse_from([
-            "buildkit-router",
-            "--dns",
-            "buildkitd.ci.svc:1234",
-            "--dns-interval",
-            "2s",
-            "--kubernetes-service",
-            "ci/buildkitd",
-            "--kubernetes-port",
-            "buildkit",
-            "--discovered-backend-tls-server-name",
-            "{pod}.buildkitd.ci.svc",
-        ])
-        .unwrap();
-        let args = cli.run.discovery;
-        assert_eq!(args.dns.as_deref(), Some("buildkitd.ci.svc:1234"));
-        assert_eq!(args.dns_interval, Duration::from_secs(2));
-        assert_eq!(args.kubernetes_service.as_deref(), Some("ci/buildkitd"));
-        assert_eq!(args.kubernetes_port.as_deref(), Some("buildkit"));
-        assert!(!args.discovered_backend_tls);
-        let defaults = crate::config::Cli::try_parse_from(["buildkit-router"])
-            .unwrap()
-            .run
-            .discovery;
-        assert_eq!(defaults.dns_interval, Duration::from_secs(5));
-        assert!(defaults.dns.is_none() && defaults.kubernetes_service.is_none());
     }
 
     #[test]
