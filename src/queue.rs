@@ -115,7 +115,8 @@ pub fn key_owner(key: &AffinityKey) -> &str {
     }
 }
 
-fn parse_switch(s: &str) -> Result<bool, String> {
+/// `on`/`off` (also true/false, yes/no, 1/0).
+pub fn parse_switch(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),
