@@ -1,6 +1,7 @@
 //! buildkit-router: parse the command line, start everything, wait for a signal, drain.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use buildkit_router::config::{Cli, Command, LogFormat, RunConfig};
@@ -38,8 +39,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 fn init_logging(cfg: &RunConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
+    // Logs go to stderr (stdout is for command output); colour only on a terminal, never in
+    // `kubectl logs` or a file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     match cfg.log_format {
         LogFormat::Plain => builder.init(),

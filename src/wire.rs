@@ -7,8 +7,9 @@
 //! A known field that arrives with an unexpected wire type is skipped as unknown, as Go's protobuf
 //! runtime (buildkitd) does, so the router reads a request the way the daemon will. Groups (wire
 //! types 3 and 4) are rejected: no BuildKit message uses them, and Go rejects them in proto3.
-// INTERFACE OWNED BY THE wire/classify HELPER: bodies are filled in there; signatures are relied on
-// by router.rs, pool.rs and placement/.
+//!
+//! Every decoder returns a [`WireError`] on malformed input and never panics or allocates in
+//! proportion to a length it has not yet checked against the bytes actually present.
 
 use bytes::{BufMut, Bytes, BytesMut};
 

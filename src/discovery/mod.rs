@@ -9,7 +9,9 @@
 //!
 //! Entry point for the router: [`run`]. Tests and embedders can build [`Source`]s themselves and
 //! call [`spawn`].
-// OWNED BY THE discovery HELPER (issue 4), except `static_source` which the routing core uses.
+//!
+//! `--backend` addresses also reach the pool through this module (the static source), so every
+//! backend, whatever its origin, goes through the same merger and the same `PoolUpdate`s.
 
 mod dns;
 mod kubernetes;

@@ -10,9 +10,10 @@
 //! [`hot`]) are held to the mean, ceil((active + 1) / ready), so that they take the spills and the
 //! rarely built keys sharing their home stay home. Keyless builds: power of two choices.
 //! Internal probes: least loaded.
-// INTERFACE OWNED BY THE placement HELPER (issue 3). router.rs relies on: Node, BuildTraits,
-// Placement::{new, traits_for_solve, traits_for_session, choose}, Choice, Reason, PlacementError,
-// PlacementConfig. Extend freely; keep those working.
+//!
+//! Two callers share this code: the router (over a snapshot of the live pool, where [`Node`] is
+//! `pool::Backend`) and `simulate` (over simulated daemons). Keep decisions a function of the
+//! snapshot, the traits and the hot-key estimate only, so that both see the same behaviour.
 
 pub mod hash;
 pub mod hot;
@@ -136,6 +137,12 @@ pub struct PlacementArgs {
     /// `buildkitd-3=2` for a pod twice as large. Repeatable; unlisted backends weigh 1.
     #[arg(long = "backend-weight", value_parser = parse_weight, env = "BUILDKIT_ROUTER_BACKEND_WEIGHTS", value_delimiter = ',')]
     pub backend_weights: Vec<(String, f64)>,
+    /// Requested platforms (the `platform` frontend attribute) are a preference by default:
+    /// backends whose workers list them all rank first, and when none does the build still goes
+    /// to a backend, which decides as a single daemon would. With this flag such a build is
+    /// refused with FAILED_PRECONDITION, naming the platforms available.
+    #[arg(long, env = "BUILDKIT_ROUTER_STRICT_PLATFORMS")]
+    pub strict_platforms: bool,
 }
 
 impl PlacementArgs {
@@ -147,6 +154,7 @@ impl PlacementArgs {
             key_sources: self.affinity_key_sources.clone(),
             explicit_key_attrs: self.affinity_key_attr.clone(),
             weights: self.backend_weights.clone(),
+            strict_platforms: self.strict_platforms,
         }
     }
 }
@@ -167,6 +175,9 @@ pub struct PlacementConfig {
     pub explicit_key_attrs: Vec<String>,
     /// Backend identity -> weight (default 1).
     pub weights: Vec<(String, f64)>,
+    /// Refuse (FAILED_PRECONDITION) a build whose platforms no ready backend lists, instead of
+    /// letting a backend try it.
+    pub strict_platforms: bool,
 }
 
 impl Default for PlacementConfig {
@@ -178,6 +189,7 @@ impl Default for PlacementConfig {
             key_sources: key::DEFAULT_SOURCES.to_vec(),
             explicit_key_attrs: vec!["build-arg:BUILDKIT_ROUTER_KEY".to_owned()],
             weights: Vec::new(),
+            strict_platforms: false,
         }
     }
 }
@@ -350,7 +362,8 @@ impl Placement {
             .map_or(1.0, |&(_, w)| w)
     }
 
-    /// Picks a backend among those that accept builds and support every platform asked for.
+    /// Picks a backend among those that accept builds, preferring those whose workers list every
+    /// platform asked for (required with `strict_platforms`).
     /// Allocates nothing unless it fails. Counts a keyed build in the hot-key estimate, so the
     /// answer depends on the keyed builds this instance placed recently as well as on the
     /// snapshot: two instances fed the same sequence answer the same.
@@ -359,8 +372,7 @@ impl Placement {
         nodes: &[N],
         build: &BuildTraits,
     ) -> Result<Choice, PlacementError> {
-        let capable =
-            |n: &N| n.accepts_builds() && build.platforms.iter().all(|p| n.supports_platform(p));
+        let lists_all = |n: &N| build.platforms.iter().all(|p| n.supports_platform(p));
         let weighted = !self.config.weights.is_empty();
         let cap_of = |n: &N| match (n.capacity(), self.config.max_builds_per_backend) {
             (Some(a), Some(b)) => a.min(b),
@@ -379,16 +391,25 @@ impl Placement {
             if weighted {
                 weight_sum += self.weight_of(n.identity());
             }
-            if build.platforms.iter().all(|p| n.supports_platform(p)) {
+            if lists_all(n) {
                 candidates += 1;
             }
         }
         if ready == 0 {
             return Err(PlacementError::NoBackend);
         }
-        if candidates == 0 {
-            return Err(self.no_platform(nodes, build));
+        // Platforms are a preference: backends listing every requested platform rank first.
+        // When none does, the build still goes to a ready backend, which decides exactly as a
+        // single daemon would (a COPY-only or cross-compiled multi-platform build needs no
+        // emulator). Only an operator asking for strict matching gets an error instead.
+        let prefer_listed = candidates > 0;
+        if !prefer_listed {
+            if self.config.strict_platforms {
+                return Err(self.no_platform(nodes, build));
+            }
+            candidates = ready;
         }
+        let capable = |n: &N| n.accepts_builds() && (!prefer_listed || lists_all(n));
 
         let key = match (&build.key, build.internal) {
             (Some(k), false) => k.hash,

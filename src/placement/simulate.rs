@@ -4,7 +4,9 @@
 //! least loaded, buildx's kubernetes-driver ring hash, and ours ([`Placement::choose`], the code
 //! the router runs) at several balance factors. Daemons have build slots (builds beyond them
 //! wait, M/G/c-style) and a cache of bounded size with LRU eviction.
-// OWNED BY THE placement HELPER (issue 3).
+//!
+//! Simulated daemons implement [`Node`], so every decision of the `ours` policy is made by the
+//! router's own code; only time, arrivals and caches are modelled here.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};

@@ -369,9 +369,23 @@ fn platform_filtering() {
             "amd-0"
         );
     }
-    // Nobody builds riscv64 (or both amd64 and arm64): FAILED_PRECONDITION naming what exists.
+    // Nobody lists riscv64 (or both amd64 and arm64): the build still goes to a ready backend,
+    // by the usual rules, and the daemon decides (a COPY-only multi-platform build needs no
+    // emulator). The key keeps its home among all ready backends.
     for wanted in ["linux/riscv64", "linux/amd64,linux/arm64"] {
-        let err = p.choose(&nodes, &with(wanted, "x")).unwrap_err();
+        for i in 0..50 {
+            let k = format!("m{i}");
+            let c = p.choose(&nodes, &with(wanted, &k)).unwrap();
+            assert_eq!(c.index, p.choose(&nodes, &keyed(&k)).unwrap().index);
+        }
+    }
+    // With strict matching asked for by the operator: FAILED_PRECONDITION naming what exists.
+    let strict = Placement::new(PlacementConfig {
+        strict_platforms: true,
+        ..PlacementConfig::default()
+    });
+    for wanted in ["linux/riscv64", "linux/amd64,linux/arm64"] {
+        let err = strict.choose(&nodes, &with(wanted, "x")).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert_eq!(
             err.to_string(),
@@ -381,15 +395,19 @@ fn platform_filtering() {
             )
         );
     }
-    // The only arm64 backend draining: refused, not sent elsewhere.
+    // The only arm64 backend draining: strict refuses, the default sends it to a ready one.
     let mut draining = nodes.clone();
     draining[1].ready = false;
-    let err = p.choose(&draining, &with("linux/arm64", "x")).unwrap_err();
+    let err = strict
+        .choose(&draining, &with("linux/arm64", "x"))
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("platforms available: linux/386, linux/amd64"),
         "{err}"
     );
+    let c = p.choose(&draining, &with("linux/arm64", "x")).unwrap();
+    assert_ne!(c.index, 1, "a draining backend takes no new build");
     // Backends whose platforms are not known yet take anything.
     let unknown = vec![TestNode::new("fresh")];
     assert!(p.choose(&unknown, &with("linux/s390x", "x")).is_ok());

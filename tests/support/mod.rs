@@ -1,6 +1,7 @@
 //! Test support: a faithful fake buildkitd ([`fake_daemon`]) and a client that speaks like
 //! buildctl and buildx ([`client`]). Both sides of the Session tunnel are real HTTP/2
 //! connections carried in `BytesMessage` payloads ([`tunnel`]). [`tls`] makes throwaway PKI.
+//! [`real`] runs the real buildkitd, router binary, buildctl and buildx.
 //!
 //! Use from an integration test with `mod support;`.
 #![forbid(unsafe_code)]
@@ -8,6 +9,7 @@
 
 pub mod client;
 pub mod fake_daemon;
+pub mod real;
 pub mod tls;
 pub mod tunnel;
 

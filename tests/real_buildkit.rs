@@ -1,0 +1,991 @@
+//! End to end over the real BuildKit: three real buildkitd on 127.0.0.1, the real router binary,
+//! and the real buildctl and buildx. Each test asserts what a user would notice: exit status,
+//! output files, and which daemon ran a build (`buildctl debug histories` on each daemon).
+//!
+//! The peers are installed by `scripts/install-buildkit.sh` (`.ci/run` calls it). Without them
+//! each test prints why and skips; under `CI=true` it fails instead.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use support::real::{
+    run_dockerfile, Clients, Context, Daemon, History, Output, Peers, RouterProcess,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Tests over real daemons run one at a time: each starts several daemons, and two cores do not
+/// run two such pools well. A tokio lock, so that no std lock is held across an await.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Three daemons, the router in front of them, and clients with a private configuration.
+struct Pool {
+    daemons: Vec<Daemon>,
+    router: RouterProcess,
+    clients: Clients,
+    peers: Peers,
+}
+
+impl Pool {
+    fn start(n: usize, router_args: &[&str]) -> Option<Pool> {
+        let peers = Peers::require()?;
+        let daemons: Vec<Daemon> = (0..n)
+            .map(|i| Daemon::start(&peers, &format!("bk{i}")))
+            .collect();
+        let args: Vec<String> = router_args.iter().map(|s| s.to_string()).collect();
+        let router = RouterProcess::start(&daemons.iter().collect::<Vec<_>>(), &args);
+        Some(Pool {
+            clients: Clients::new(&peers),
+            daemons,
+            router,
+            peers,
+        })
+    }
+
+    async fn buildctl(&self, args: &[&str]) -> Output {
+        self.clients.buildctl(&self.router.url(), args).await
+    }
+
+    /// `buildctl build` of `ctx` through the router, exporting to `dest`; returns the output and
+    /// the build's ref.
+    async fn buildctl_build(&self, ctx: &Context, dest: &Path, extra: &[&str]) -> (Output, String) {
+        let ref_file = dest.with_extension("ref");
+        let (ctx_arg, df_arg) = (
+            format!("context={}", ctx.path()),
+            format!("dockerfile={}", ctx.path()),
+        );
+        let out_arg = format!("type=local,dest={}", dest.display());
+        let ref_arg = ref_file.display().to_string();
+        let mut args = vec![
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            &ctx_arg,
+            "--local",
+            &df_arg,
+            "--output",
+            &out_arg,
+            "--ref-file",
+            &ref_arg,
+        ];
+        args.extend_from_slice(extra);
+        let out = self.buildctl(&args).await;
+        let build_ref = std::fs::read_to_string(&ref_file)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        (out, build_ref)
+    }
+
+    /// Every daemon's recorded builds, by daemon index.
+    async fn histories(&self) -> Vec<Vec<History>> {
+        let mut all = Vec::new();
+        for d in &self.daemons {
+            all.push(self.clients.histories(d).await);
+        }
+        all
+    }
+
+    /// The daemons (indices) whose history holds `build_ref`.
+    async fn holders(&self, build_ref: &str) -> Vec<usize> {
+        self.histories()
+            .await
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.iter().any(|r| r.build_ref == build_ref))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The one daemon holding `build_ref`, asserting it is exactly one.
+    async fn holder(&self, build_ref: &str) -> usize {
+        let holders = self.holders(build_ref).await;
+        assert_eq!(
+            holders.len(),
+            1,
+            "build {build_ref} must be recorded by exactly one daemon, found {holders:?}"
+        );
+        holders[0]
+    }
+
+    /// `buildx create` of a remote builder named `pool` for the router.
+    async fn buildx_builder(&self) {
+        self.clients
+            .buildx_builder("pool", &self.router.url(), None)
+            .await;
+    }
+
+    /// Builds with explicit affinity keys until every daemon holds at least one build.
+    async fn spread_builds(&self, ctx: &Context, out: &Path) -> Vec<String> {
+        let mut refs = Vec::new();
+        for i in 0..40 {
+            let key = format!("build-arg:BUILDKIT_ROUTER_KEY=project-{i}");
+            let n = format!("build-arg:N={i}");
+            let (o, r) = self
+                .buildctl_build(
+                    ctx,
+                    &out.join(format!("s{i}")),
+                    &["--opt", &key, "--opt", &n],
+                )
+                .await;
+            o.assert_ok();
+            refs.push(r);
+            let covered = self
+                .histories()
+                .await
+                .iter()
+                .filter(|h| !h.is_empty())
+                .count();
+            if covered == self.daemons.len() {
+                return refs;
+            }
+        }
+        panic!(
+            "40 keyed builds did not reach all {} daemons",
+            self.daemons.len()
+        );
+    }
+}
+
+/// A Dockerfile whose RUN step writes `$N` (a build arg) to /out/n.
+fn numbered_dockerfile() -> String {
+    "FROM scratch\nCOPY busybox /bin/busybox\nARG N=0\n\
+     RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox mkdir -p /out && echo n=$N > /out/n\"]\n"
+        .to_owned()
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildctl_builds_sequential_and_sixteen_concurrent_each_on_one_daemon() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+
+    for i in 0..3 {
+        let dest = out.path().join(format!("seq{i}"));
+        let n = format!("build-arg:N={i}");
+        let (o, r) = pool.buildctl_build(&ctx, &dest, &["--opt", &n]).await;
+        o.assert_ok();
+        assert_eq!(read(dest.join("out/n")), format!("n={i}\n"));
+        pool.holder(&r).await;
+    }
+
+    let builds = (0..16).map(|i| {
+        let pool = &pool;
+        let ctx = &ctx;
+        let dest = out.path().join(format!("par{i}"));
+        async move {
+            let n = format!("build-arg:N=p{i}");
+            let (o, r) = pool.buildctl_build(ctx, &dest, &["--opt", &n]).await;
+            (i, dest, o, r)
+        }
+    });
+    let results = futures_util::future::join_all(builds).await;
+    let histories = pool.histories().await;
+    let mut per_daemon = vec![0; pool.daemons.len()];
+    for (i, dest, o, r) in &results {
+        o.assert_ok();
+        assert_eq!(read(dest.join("out/n")), format!("n=p{i}\n"));
+        let holders: Vec<usize> = histories
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| {
+                h.iter()
+                    .any(|x| &x.build_ref == r && x.error_code.is_none())
+            })
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(
+            holders.len(),
+            1,
+            "build {r} ran on exactly one daemon: {holders:?}"
+        );
+        per_daemon[holders[0]] += 1;
+    }
+    assert_eq!(per_daemon.iter().sum::<usize>(), 16);
+    assert!(
+        per_daemon.iter().filter(|&&n| n > 0).count() >= 2,
+        "16 concurrent keyless builds spread over the pool: {per_daemon:?}"
+    );
+    // No daemon recorded a failed build: nothing was misrouted.
+    for (d, h) in histories.iter().enumerate() {
+        let failed: Vec<_> = h.iter().filter(|x| x.error_code.is_some()).collect();
+        assert!(
+            failed.is_empty(),
+            "daemon {d} recorded failures: {failed:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildx_build_and_bake_with_the_remote_driver() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    pool.buildx_builder().await;
+    let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+
+    // buildx build (remote driver): its probe build, then the real one.
+    let dest = out.path().join("x");
+    let meta = out.path().join("x.json");
+    pool.clients
+        .buildx(&[
+            "build",
+            "--builder",
+            "pool",
+            "--build-arg",
+            "N=x",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            "-o",
+            &format!("type=local,dest={}", dest.display()),
+            ctx.path(),
+        ])
+        .await
+        .assert_ok();
+    assert_eq!(read(dest.join("out/n")), "n=x\n");
+    let meta: serde_json::Value = serde_json::from_str(&read(&meta)).unwrap();
+    let build_ref = buildx_ref(&meta);
+    pool.holder(&build_ref).await;
+
+    // bake: two targets sharing one local context (and its shared Session).
+    let hcl = format!(
+        r#"group "default" {{ targets = ["a", "b"] }}
+target "a" {{
+  context = "{ctx}"
+  args = {{ N = "a" }}
+  output = ["type=local,dest={out}/a"]
+}}
+target "b" {{
+  context = "{ctx}"
+  args = {{ N = "b" }}
+  output = ["type=local,dest={out}/b"]
+}}
+"#,
+        ctx = ctx.path(),
+        out = out.path().display()
+    );
+    let bake_file = out.path().join("docker-bake.hcl");
+    std::fs::write(&bake_file, hcl).unwrap();
+    let meta = out.path().join("bake.json");
+    pool.clients
+        .buildx(&[
+            "bake",
+            "--builder",
+            "pool",
+            "-f",
+            bake_file.to_str().unwrap(),
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            // bake asks before it reads or writes outside the working directory.
+            "--allow",
+            &format!("fs={}", ctx.path()),
+            "--allow",
+            &format!("fs={}", out.path().display()),
+        ])
+        .await
+        .assert_ok();
+    assert_eq!(read(out.path().join("a/out/n")), "n=a\n");
+    assert_eq!(read(out.path().join("b/out/n")), "n=b\n");
+    let meta: serde_json::Value = serde_json::from_str(&read(&meta)).unwrap();
+    let (a, b) = (buildx_ref(&meta["a"]), buildx_ref(&meta["b"]));
+    assert_eq!(
+        pool.holder(&a).await,
+        pool.holder(&b).await,
+        "bake targets sharing a context run on one daemon"
+    );
+}
+
+/// The build ref in buildx's metadata file (`buildx.build.ref` is `builder/node/ref`).
+fn buildx_ref(meta: &serde_json::Value) -> String {
+    let full = meta["buildx.build.ref"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no buildx.build.ref in {meta}"));
+    full.rsplit('/').next().unwrap().to_owned()
+}
+
+/// Starts a buildctl build whose RUN step sleeps, and returns once the step runs.
+async fn start_sleeping_build(
+    pool: &Pool,
+    ctx: &Context,
+    dest: &Path,
+    extra: &[&str],
+) -> SleepingBuild {
+    let known = router_builds(pool);
+    let mut args = vec![
+        "--addr".to_owned(),
+        pool.router.url(),
+        "build".into(),
+        "--frontend".into(),
+        "dockerfile.v0".into(),
+        "--local".into(),
+        format!("context={}", ctx.path()),
+        "--local".into(),
+        format!("dockerfile={}", ctx.path()),
+        "--output".into(),
+        format!("type=local,dest={}", dest.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = pool
+        .clients
+        .command(&pool.peers.buildctl, &args)
+        .spawn()
+        .expect("start buildctl");
+    // buildctl's plain progress prints the RUN step's own output; the script echoes "running".
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let wait = async {
+        while let Some(line) = lines.next_line().await.expect("read progress") {
+            let started = line.contains("running");
+            seen.push(line);
+            if started {
+                return true;
+            }
+        }
+        false
+    };
+    let started = tokio::time::timeout(Duration::from_secs(60), wait).await;
+    assert!(
+        matches!(started, Ok(true)),
+        "the build's RUN step did not start: {}",
+        seen.join("\n")
+    );
+    // Keep draining stderr so that buildctl never blocks on a full pipe, and keep it.
+    let stderr = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push(line);
+        }
+        seen.join("\n")
+    });
+    // buildctl writes --ref-file only at the end: the router's /status names the running build.
+    let new: Vec<String> = router_builds(pool)
+        .into_iter()
+        .filter(|r| !known.contains(r))
+        .collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "one new build in the router's /status: {new:?}"
+    );
+    SleepingBuild {
+        child,
+        build_ref: new.into_iter().next().unwrap(),
+        stderr,
+    }
+}
+
+/// A buildctl build whose RUN step is running.
+struct SleepingBuild {
+    child: tokio::process::Child,
+    build_ref: String,
+    /// buildctl's whole progress output, once it exits.
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// The refs of the builds the router runs now (buildx probes excluded).
+fn router_builds(pool: &Pool) -> HashSet<String> {
+    let status = pool.router.status().expect("router /status");
+    status["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["internal"] != serde_json::Value::Bool(true))
+        .filter_map(|b| b["build_ref"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn sleeping_dockerfile(seconds: u32) -> String {
+    run_dockerfile(&format!(
+        "echo running; /bin/busybox sleep {seconds}; /bin/busybox mkdir -p /out; echo done > /out/done"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_build_is_recorded_cancelled_and_the_next_build_works() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    let ctx = Context::new(&pool.peers, &sleeping_dockerfile(60), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let SleepingBuild {
+        mut child,
+        build_ref,
+        ..
+    } = start_sleeping_build(&pool, &ctx, &out.path().join("c"), &[]).await;
+    // Ctrl-C, as a user or a CI job timeout would.
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("buildctl exits after Ctrl-C")
+        .unwrap();
+    assert!(!status.success(), "a cancelled build exits non-zero");
+
+    // The daemon that ran it records it as cancelled (code 1, CANCELLED), and only that one.
+    let holder = pool.holder(&build_ref).await;
+    let record = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let h = pool.clients.histories(&pool.daemons[holder]).await;
+            if let Some(r) = h
+                .into_iter()
+                .find(|r| r.build_ref == build_ref && r.completed)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the cancelled build completes in the daemon's history");
+    assert_eq!(
+        record.error_code,
+        Some(1),
+        "recorded as cancelled: {record:?}"
+    );
+
+    let ok = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let dest = out.path().join("after");
+    let (o, r) = pool.buildctl_build(&ok, &dest, &[]).await;
+    o.assert_ok();
+    assert_eq!(read(dest.join("out/n")), "n=0\n");
+    pool.holder(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn du_prune_and_history_cover_every_daemon() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    pool.buildx_builder().await;
+    let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let refs = pool.spread_builds(&ctx, out.path()).await;
+
+    // buildctl du through the router lists every daemon's records.
+    let ids = |o: &Output| -> HashSet<String> {
+        let v: serde_json::Value = serde_json::from_str(o.stdout.trim())
+            .unwrap_or_else(|e| panic!("du output is not JSON ({e}): {}", o.stdout));
+        // An empty daemon prints `null`.
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let routed = ids(pool
+        .buildctl(&["du", "--format", "{{json .}}"])
+        .await
+        .assert_ok());
+    let mut direct = HashSet::new();
+    let mut per_daemon = Vec::new();
+    for d in &pool.daemons {
+        let o = pool
+            .clients
+            .buildctl(&d.url(), &["du", "--format", "{{json .}}"])
+            .await;
+        let set = ids(o.assert_ok());
+        assert!(
+            !set.is_empty(),
+            "every daemon holds cache after the spread builds"
+        );
+        per_daemon.push(set.clone());
+        direct.extend(set);
+    }
+    assert_eq!(
+        routed, direct,
+        "buildctl du through the router covers every daemon"
+    );
+
+    // buildx du shows the whole pool's records too.
+    let bx = pool
+        .clients
+        .buildx(&["du", "--builder", "pool", "--verbose"])
+        .await;
+    bx.assert_ok();
+    for set in &per_daemon {
+        assert!(
+            set.iter().any(|id| bx.stdout.contains(id.as_str())),
+            "buildx du lists records of every daemon:\n{}",
+            bx.stdout
+        );
+    }
+
+    // buildx history ls lists the builds of every daemon.
+    let hist = pool
+        .clients
+        .buildx(&[
+            "history",
+            "ls",
+            "--builder",
+            "pool",
+            "--format",
+            "json",
+            "--no-trunc",
+        ])
+        .await;
+    hist.assert_ok();
+    for r in &refs {
+        assert!(
+            hist.stdout.contains(r.as_str()),
+            "history ls lists {r}:\n{}",
+            hist.stdout
+        );
+    }
+
+    // buildx prune -f acts on every daemon: each one's prunable records are gone.
+    pool.clients
+        .buildx(&["prune", "-f", "--builder", "pool"])
+        .await
+        .assert_ok();
+    for (i, d) in pool.daemons.iter().enumerate() {
+        let o = pool
+            .clients
+            .buildctl(&d.url(), &["du", "--format", "{{json .}}"])
+            .await;
+        let left = ids(o.assert_ok());
+        assert!(
+            left.is_disjoint(&per_daemon[i]),
+            "daemon {i} still holds pruned records: {left:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_fails_only_its_own_builds() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    let ctx = Context::new(&pool.peers, &sleeping_dockerfile(8), &[]);
+    let out = tempfile::tempdir().unwrap();
+    // Three running builds; at most... each on the daemon placement picked.
+    let mut running = Vec::new();
+    for i in 0..3 {
+        let key = format!("build-arg:BUILDKIT_ROUTER_KEY=kill-{i}");
+        let dest = out.path().join(format!("k{i}"));
+        running.push((
+            start_sleeping_build(&pool, &ctx, &dest, &["--opt", &key]).await,
+            dest,
+        ));
+    }
+    let mut holder_of = HashMap::new();
+    for (b, _) in &running {
+        holder_of.insert(b.build_ref.clone(), pool.holder(&b.build_ref).await);
+    }
+    let victim = holder_of[&running[0].0.build_ref];
+    let victim_addr = pool.daemons[victim].addr.to_string();
+    pool.daemons[victim].kill();
+
+    for (mut b, dest) in running {
+        let status = tokio::time::timeout(Duration::from_secs(60), b.child.wait())
+            .await
+            .expect("no build hangs after a daemon died")
+            .unwrap();
+        let stderr = b.stderr.await.unwrap();
+        let r = b.build_ref;
+        if holder_of[&r] == victim {
+            assert!(!status.success(), "build {r} on the killed daemon fails");
+            let error = stderr.lines().rfind(|l| l.contains("error"));
+            eprintln!("the killed daemon's build failed with: {error:?}");
+            assert!(
+                stderr.contains("Unavailable") && stderr.contains(&victim_addr),
+                "the error names UNAVAILABLE and the daemon {victim_addr}:\n{stderr}"
+            );
+        } else {
+            assert!(
+                status.success(),
+                "build {r} on a live daemon succeeds:\n{stderr}"
+            );
+            assert_eq!(read(dest.join("out/done")), "done\n");
+        }
+    }
+    // The next builds go to the survivors and succeed.
+    let ok = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    for i in 0..3 {
+        let key = format!("build-arg:BUILDKIT_ROUTER_KEY=kill-{i}");
+        let dest = out.path().join(format!("after{i}"));
+        let (o, r) = pool.buildctl_build(&ok, &dest, &["--opt", &key]).await;
+        o.assert_ok();
+        let holders = {
+            let mut hs = Vec::new();
+            for (d, daemon) in pool.daemons.iter().enumerate() {
+                if d != victim
+                    && pool
+                        .clients
+                        .histories(daemon)
+                        .await
+                        .iter()
+                        .any(|h| h.build_ref == r)
+                {
+                    hs.push(d);
+                }
+            }
+            hs
+        };
+        assert_eq!(holders.len(), 1, "build {r} ran on one surviving daemon");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mtls_from_buildctl_and_buildx() {
+    use support::tls::TestPki;
+    let _serial = SERIAL.lock().await;
+    let Some(peers) = Peers::require() else {
+        return;
+    };
+    let pki = TestPki::generate();
+    let certs = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let p = certs.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let ca = write("ca.pem", &pki.ca_pem);
+    let server_cert = write("server.pem", &pki.server.cert_pem);
+    let server_key = write("server-key.pem", &pki.server.key_pem);
+    let client_cert = write("client.pem", &pki.client.cert_pem);
+    let client_key = write("client-key.pem", &pki.client.key_pem);
+
+    let daemons = [Daemon::start(&peers, "bk0"), Daemon::start(&peers, "bk1")];
+    let backends: Vec<&Daemon> = daemons.iter().collect();
+    let tls = RouterProcess::start(
+        &backends,
+        &[
+            format!("--tls-cert={server_cert}"),
+            format!("--tls-key={server_key}"),
+        ],
+    );
+    let mtls = RouterProcess::start(
+        &backends,
+        &[
+            format!("--tls-cert={server_cert}"),
+            format!("--tls-key={server_key}"),
+            format!("--tls-client-ca={ca}"),
+        ],
+    );
+    let clients = Clients::new(&peers);
+    let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let ctx_arg = format!("context={}", ctx.path());
+    let df_arg = format!("dockerfile={}", ctx.path());
+
+    for (name, router, with_cert) in [("tls", &tls, false), ("mtls", &mtls, true)] {
+        // buildctl offers ALPN h2.
+        let dest = format!("type=local,dest={}/{name}-buildctl", out.path().display());
+        let mut args = vec!["--tlscacert", &ca, "--tlsservername", "localhost"];
+        if with_cert {
+            args.extend_from_slice(&["--tlscert", &client_cert, "--tlskey", &client_key]);
+        }
+        args.extend_from_slice(&[
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            &ctx_arg,
+            "--local",
+            &df_arg,
+            "--opt",
+            "build-arg:N=tls",
+            "--output",
+            &dest,
+        ]);
+        clients.buildctl(&router.url(), &args).await.assert_ok();
+        assert_eq!(
+            read(out.path().join(format!("{name}-buildctl/out/n"))),
+            "n=tls\n"
+        );
+
+        // buildx's remote driver offers no ALPN at all.
+        let mut opts = format!("cacert={ca},servername=localhost");
+        if with_cert {
+            opts.push_str(&format!(",cert={client_cert},key={client_key}"));
+        }
+        let builder = format!("{name}pool");
+        clients
+            .buildx_builder(&builder, &router.url(), Some(&opts))
+            .await;
+        let dest = out.path().join(format!("{name}-buildx"));
+        clients
+            .buildx(&[
+                "build",
+                "--builder",
+                &builder,
+                "--build-arg",
+                "N=tlsx",
+                "-o",
+                &format!("type=local,dest={}", dest.display()),
+                ctx.path(),
+            ])
+            .await
+            .assert_ok();
+        assert_eq!(read(dest.join("out/n")), "n=tlsx\n");
+    }
+
+    // mTLS refuses a client without a certificate.
+    let dest = format!("type=local,dest={}/nocert", out.path().display());
+    let refused = clients
+        .buildctl(
+            &mtls.url(),
+            &[
+                "--tlscacert",
+                &ca,
+                "--tlsservername",
+                "localhost",
+                "--timeout",
+                "5",
+                "build",
+                "--frontend",
+                "dockerfile.v0",
+                "--local",
+                &ctx_arg,
+                "--local",
+                &df_arg,
+                "--output",
+                &dest,
+            ],
+        )
+        .await;
+    assert!(!refused.ok(), "mTLS refuses a client without a certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_platform_build_without_emulators_works_as_on_one_daemon() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    pool.buildx_builder().await;
+    // COPY-only: no foreign binary runs, so no emulator is needed.
+    let ctx = Context::new(
+        &pool.peers,
+        "FROM scratch\nARG TARGETPLATFORM\nCOPY hello.txt /hello.txt\n",
+        &[("hello.txt", b"hello\n")],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let tar = out.path().join("out.tar");
+    pool.clients
+        .buildx(&[
+            "build",
+            "--builder",
+            "pool",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &format!("type=oci,dest={}", tar.display()),
+            ctx.path(),
+        ])
+        .await
+        .assert_ok();
+    let platforms = oci_platforms(&tar);
+    assert_eq!(
+        platforms,
+        ["linux/amd64", "linux/arm64"],
+        "an OCI index with both manifests"
+    );
+
+    // buildctl, the same request.
+    let tar2 = out.path().join("out2.tar");
+    pool.buildctl(&[
+        "build",
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        &format!("context={}", ctx.path()),
+        "--local",
+        &format!("dockerfile={}", ctx.path()),
+        "--opt",
+        "platform=linux/amd64,linux/arm64",
+        "--output",
+        &format!("type=oci,dest={}", tar2.display()),
+    ])
+    .await
+    .assert_ok();
+    assert_eq!(oci_platforms(&tar2), ["linux/amd64", "linux/arm64"]);
+
+    // An operator who asks for strict platform matching gets FAILED_PRECONDITION instead.
+    let strict = RouterProcess::start(
+        &pool.daemons.iter().collect::<Vec<_>>(),
+        &["--strict-platforms".to_owned()],
+    );
+    let refused = pool
+        .clients
+        .buildctl(
+            &strict.url(),
+            &[
+                "build",
+                "--frontend",
+                "dockerfile.v0",
+                "--local",
+                &format!("context={}", ctx.path()),
+                "--local",
+                &format!("dockerfile={}", ctx.path()),
+                "--opt",
+                "platform=linux/amd64,linux/arm64",
+            ],
+        )
+        .await;
+    assert!(!refused.ok());
+    assert!(
+        refused.stderr.contains("FailedPrecondition")
+            && refused.stderr.contains("platforms available"),
+        "{}",
+        refused.stderr
+    );
+}
+
+/// The platforms of the manifests in an OCI layout tarball's image index, sorted.
+fn oci_platforms(tar: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("tar")
+        .args([
+            "-xf",
+            tar.to_str().unwrap(),
+            "-C",
+            dir.path().to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar -xf {}", tar.display());
+    let blob = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        serde_json::from_str(&read(dir.path().join("blobs/sha256").join(hex))).unwrap()
+    };
+    let layout: serde_json::Value =
+        serde_json::from_str(&read(dir.path().join("index.json"))).unwrap();
+    let mut manifests: Vec<serde_json::Value> = layout["manifests"].as_array().unwrap().clone();
+    // index.json may point at a nested image index.
+    if manifests.len() == 1
+        && manifests[0]["mediaType"].as_str() == Some("application/vnd.oci.image.index.v1+json")
+    {
+        manifests = blob(manifests[0]["digest"].as_str().unwrap())["manifests"]
+            .as_array()
+            .unwrap()
+            .clone();
+    }
+    let mut platforms: Vec<String> = manifests
+        .iter()
+        .filter(|m| m["platform"]["os"].as_str() != Some("unknown"))
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or("?"),
+                m["platform"]["architecture"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    platforms.sort();
+    platforms
+}
+
+/// The README's first run: `scripts/demo.sh` starts two daemons and the router, runs a build,
+/// and prints the lines to use; `scripts/demo.sh stop` ends it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_script_runs_a_build_and_stops_cleanly() {
+    let _serial = SERIAL.lock().await;
+    let Some(peers) = Peers::require() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("demo");
+    let port = support::real::free_port();
+    let admin = support::real::free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo.sh");
+    let run = |arg: Option<&str>| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&script)
+            .args(arg)
+            .env("DEMO_DIR", &dir)
+            .env("DEMO_PORT", port.to_string())
+            .env("DEMO_ADMIN_PORT", admin.to_string())
+            .env("BUILDKIT_ROUTER_BIN", env!("CARGO_BIN_EXE_buildkit-router"))
+            .env("BUILDKIT_PEERS_BIN", &peers.bin)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        Clients::run_cmd(format!("scripts/demo.sh {}", arg.unwrap_or("")), cmd)
+    };
+    // Stop the demo even when an assertion below fails.
+    struct StopOnDrop(std::path::PathBuf, u16, u16, std::path::PathBuf);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("bash")
+                .arg(&self.3)
+                .arg("stop")
+                .env("DEMO_DIR", &self.0)
+                .env("DEMO_PORT", self.1.to_string())
+                .env("DEMO_ADMIN_PORT", self.2.to_string())
+                .status();
+        }
+    }
+    let _stop = StopOnDrop(dir.clone(), port, admin, script.clone());
+
+    let started = run(None).await;
+    started.assert_ok();
+    assert!(
+        started
+            .stdout
+            .contains("The demo build wrote: built through buildkit-router"),
+        "{}",
+        started.stdout
+    );
+    let addr = format!("tcp://127.0.0.1:{port}");
+    assert!(
+        started
+            .stdout
+            .contains(&format!("buildctl --addr {addr} build")),
+        "{}",
+        started.stdout
+    );
+    assert!(started.stdout.contains("stop"), "{}", started.stdout);
+
+    // The printed endpoint serves real builds.
+    let clients = Clients::new(&peers);
+    let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    clients
+        .buildctl(
+            &addr,
+            &[
+                "build",
+                "--frontend",
+                "dockerfile.v0",
+                "--local",
+                &format!("context={}", ctx.path()),
+                "--local",
+                &format!("dockerfile={}", ctx.path()),
+                "--opt",
+                "build-arg:N=demo",
+                "--output",
+                &format!("type=local,dest={}", out.path().display()),
+            ],
+        )
+        .await
+        .assert_ok();
+    assert_eq!(read(out.path().join("out/n")), "n=demo\n");
+
+    run(Some("stop")).await.assert_ok();
+    assert!(!dir.exists(), "stop removes the demo's state");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the router is gone after stop"
+    );
+}
