@@ -647,9 +647,30 @@ pub fn parse_platforms(p: &str) -> Vec<String> {
 /// Capacity as a real cap, for the admission queue (`crate::queue`). Kept apart from
 /// [`Placement::choose`], which overflows to the least loaded backend when every one is full.
 impl Placement {
-    /// Whether `n` can take `build` at all, load aside: the rule `choose` applies.
-    fn capable_of<N: Node>(&self, n: &N, build: &BuildTraits) -> bool {
-        n.accepts_builds() && build.platforms.iter().all(|p| n.supports_platform(p))
+    /// Which ready backends may take `build`, load aside, by the rule `choose` applies: those
+    /// whose workers list every platform asked for when any does (`Ok(true)`), else every ready
+    /// one (`Ok(false)`), or an error: none ready, or none listing them under `strict_platforms`.
+    fn platform_rule<N: Node>(
+        &self,
+        nodes: &[N],
+        build: &BuildTraits,
+    ) -> Result<bool, PlacementError> {
+        let (mut ready, mut listed) = (0usize, 0usize);
+        for n in nodes.iter().filter(|n| n.accepts_builds()) {
+            ready += 1;
+            listed += usize::from(build.platforms.iter().all(|p| n.supports_platform(p)));
+        }
+        match (ready, listed) {
+            (0, _) => Err(PlacementError::NoBackend),
+            (_, 0) if self.config.strict_platforms => Err(self.no_platform(nodes, build)),
+            (_, listed) => Ok(listed > 0),
+        }
+    }
+
+    /// Whether `n` may take `build` under [`Placement::platform_rule`]'s answer.
+    fn capable_of<N: Node>(&self, n: &N, build: &BuildTraits, prefer_listed: bool) -> bool {
+        n.accepts_builds()
+            && (!prefer_listed || build.platforms.iter().all(|p| n.supports_platform(p)))
     }
 
     /// `n`'s hard capacity: the smaller of its own and `--max-builds-per-backend`;
@@ -669,24 +690,17 @@ impl Placement {
         nodes: &[N],
         build: &BuildTraits,
     ) -> Result<(), PlacementError> {
-        let (mut ready, mut capable) = (0usize, 0usize);
+        let prefer_listed = self.platform_rule(nodes, build)?;
+        let mut backends = 0usize;
         for n in nodes {
-            if !n.accepts_builds() {
-                continue;
-            }
-            ready += 1;
-            if self.capable_of(n, build) {
+            if self.capable_of(n, build, prefer_listed) {
                 if n.load() < self.capacity_of(n) {
                     return Ok(());
                 }
-                capable += 1;
+                backends += 1;
             }
         }
-        match (ready, capable) {
-            (0, _) => Err(PlacementError::NoBackend),
-            (_, 0) => Err(self.no_platform(nodes, build)),
-            (_, backends) => Err(PlacementError::AllAtCapacity { backends }),
-        }
+        Err(PlacementError::AllAtCapacity { backends })
     }
 
     /// The build's home: the first backend of its key's ranking among the capable ones, load
@@ -696,10 +710,11 @@ impl Placement {
             (Some(k), false) => k.hash,
             _ => return None,
         };
+        let prefer_listed = self.platform_rule(nodes, build).ok()?;
         let weighted = !self.config.weights.is_empty();
         let mut best: Option<(usize, u64)> = None;
         for (i, n) in nodes.iter().enumerate() {
-            if !self.capable_of(n, build) {
+            if !self.capable_of(n, build, prefer_listed) {
                 continue;
             }
             let s = if weighted {
@@ -729,11 +744,12 @@ impl Placement {
         if choice.reason != Reason::Overflow {
             return Ok(choice);
         }
+        let prefer_listed = self.platform_rule(nodes, build)?;
         // Backends of unequal capacities: the least loaded was full while another has room.
         let index = nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| self.capable_of(*n, build))
+            .filter(|(_, n)| self.capable_of(*n, build, prefer_listed))
             .filter(|(_, n)| n.active_builds() < self.capacity_of(*n))
             .min_by_key(|(_, n)| n.active_builds())
             .map(|(i, _)| i)

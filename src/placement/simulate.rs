@@ -459,7 +459,9 @@ impl Sim {
                     self.timeouts += 1;
                     self.waits.push(timed_out.waited.as_secs_f64());
                 }
-                Outcome::Rejected { .. } => unreachable!("the workload only has buildable platforms"),
+                Outcome::Rejected { .. } => {
+                    unreachable!("the workload only has buildable platforms")
+                }
             }
         }
     }
@@ -531,7 +533,8 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
                 nonce: chooser.rng.random(),
                 ..project.traits.clone()
             };
-            let tenant = queue::tenant_of(TenantFrom::KeyOwner, None, traits.key.as_ref()).to_owned();
+            let tenant =
+                queue::tenant_of(TenantFrom::KeyOwner, None, traits.key.as_ref()).to_owned();
             let now = r.at(a.t);
             r.queue.push(now, &tenant, traits, i);
             sim.dispatch(now, w, &chooser.placement);
@@ -601,8 +604,7 @@ impl Lru {
 fn keys_moved(args: &SimulateArgs, w: &Workload, policy: Policy) -> (f64, f64) {
     let place_all = |n: usize| -> Vec<String> {
         let nodes = sim_nodes(args, n);
-        let mut chooser =
-            Chooser::new(policy, &nodes, args.seed ^ n as u64, args);
+        let mut chooser = Chooser::new(policy, &nodes, args.seed ^ n as u64, args);
         w.projects
             .iter()
             .map(|p| {

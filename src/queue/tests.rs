@@ -526,18 +526,22 @@ fn a_tenant_at_its_cap_waits_while_others_go() {
 }
 
 #[test]
-fn builds_no_backend_can_build_are_rejected_not_held() {
-    let p = capped(1);
+fn builds_no_backend_can_build_are_rejected_only_with_strict_platforms() {
+    let strict = Placement::new(PlacementConfig {
+        max_builds_per_backend: Some(1),
+        strict_platforms: true,
+        ..PlacementConfig::default()
+    });
     let mut nodes = pool(1);
     nodes[0].platforms = vec!["linux/amd64".into()];
-    let mut r = Run::new(QueueConfig::default());
     let arm = BuildTraits {
         platforms: vec!["linux/arm64".into()],
         ..keyed("arm")
     };
-    r.push(0, "t", arm, "arm");
+    let mut r = Run::new(QueueConfig::default());
+    r.push(0, "t", arm.clone(), "arm");
     r.push(0, "t", keyed("amd"), "amd");
-    let out = r.q.dispatch(r.at(1), &p, &nodes);
+    let out = r.q.dispatch(r.at(1), &strict, &nodes);
     assert!(matches!(
         &out[..],
         [
@@ -549,6 +553,21 @@ fn builds_no_backend_can_build_are_rejected_not_held() {
             Outcome::Admitted { payload: "amd", .. }
         ]
     ));
+    // Platforms as a preference (the default): it goes where there is room.
+    let p = capped(1);
+    let mut r = Run::new(QueueConfig::default());
+    r.push(0, "t", arm.clone(), "arm");
+    assert_eq!(r.dispatch(1, &p, &mut nodes), ["arm"]);
+    // But while a backend lists its platform, it waits for that one, not for any.
+    let mut nodes = pool(2);
+    nodes[0].platforms = vec!["linux/amd64".into()];
+    nodes[1].platforms = vec!["linux/arm64".into()];
+    nodes[1].local = 1;
+    r.push(2, "t", arm, "arm2");
+    assert!(r.dispatch(2, &p, &mut nodes).is_empty());
+    nodes[1].local = 0;
+    assert_eq!(r.dispatch(3, &p, &mut nodes), ["arm2"]);
+    assert_eq!(r.leases["arm2"].1, 1);
 }
 
 #[test]
