@@ -800,6 +800,8 @@ fn random_operations_lose_nothing_duplicate_nothing_and_respect_every_cap() {
                 assert!(q.active_of(t) <= tenant_cap);
             }
             assert_eq!(q.active(), running.len());
+            let max_skips = q.config().max_skips;
+            assert!(q.waiting(t0).iter().all(|w| w.skips <= max_skips));
             let order: Vec<Ticket> = q.waiting(t0).iter().map(|w| w.ticket).collect();
             assert_eq!(order.len(), q.len());
             for (i, t) in order.iter().enumerate() {
