@@ -277,18 +277,27 @@ pub fn status_trailers(code: u32, message: &str) -> HeaderMap {
     map
 }
 
-/// grpc-message is percent-encoded (RFC 3986 unreserved set stays readable).
+/// The bytes gRPC percent-encodes in `grpc-message`: everything outside printable ASCII
+/// (0x20..=0x7E; non-ASCII is always encoded), and `%` itself (gRPC over HTTP/2, "Responses").
+const GRPC_MESSAGE_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
 fn percent_encode_message(message: &str) -> HeaderValue {
-    let mut out = String::with_capacity(message.len());
-    for byte in message.bytes() {
-        if (0x20..0x7f).contains(&byte) && byte != b'%' {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    HeaderValue::from_str(&out)
+    let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE_ENCODE).to_string();
+    HeaderValue::from_str(&encoded)
         .unwrap_or_else(|_| HeaderValue::from_static("buildkit-router error"))
+}
+
+/// A `grpc-message` value as text (percent-decoded; invalid UTF-8 replaced), for logs and for
+/// relaying a backend's error in an answer the router builds itself.
+pub fn grpc_message_of(headers: &HeaderMap) -> String {
+    headers
+        .get("grpc-message")
+        .map(|v| {
+            percent_encoding::percent_decode(v.as_bytes())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether a stream error is the peer resetting the stream (cancel), as opposed to the
@@ -389,5 +398,30 @@ impl Body for ResponseBody {
             Source::Backend { inner, .. } => inner.size_hint(),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_encoded_once_and_decoded_back() {
+        let text = "failed to retrieve ref x: 100% é\nnext";
+        let trailers = status_trailers(2, text);
+        // Printable ASCII stays readable (spaces included, as grpc-go sends them); `%`,
+        // control characters and non-ASCII bytes are escaped.
+        assert_eq!(
+            trailers["grpc-message"],
+            "failed to retrieve ref x: 100%25 %C3%A9%0Anext"
+        );
+        assert_eq!(grpc_message_of(&trailers), text);
+        // What tonic sends (spaces escaped too) decodes to the same text.
+        let mut from_tonic = HeaderMap::new();
+        from_tonic.insert(
+            "grpc-message",
+            HeaderValue::from_static("failed%20to%20retrieve"),
+        );
+        assert_eq!(grpc_message_of(&from_tonic), "failed to retrieve");
     }
 }

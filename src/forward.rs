@@ -299,6 +299,7 @@ pub struct Collected {
     pub headers: HeaderMap,
     /// grpc-status from the trailers, or from Trailers-Only headers.
     pub status: u32,
+    /// grpc-message, percent-decoded.
     pub message: String,
     /// Framed messages.
     pub body: Bytes,
@@ -326,11 +327,7 @@ pub async fn collect(
     }
     let status_source = trailers.as_ref().unwrap_or(&parts.headers);
     let status = grpc_status_of(status_source).unwrap_or(code::UNKNOWN);
-    let message = status_source
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let message = crate::body::grpc_message_of(status_source);
     Ok(Collected {
         headers: parts.headers,
         status,
@@ -357,7 +354,8 @@ pub fn merge_unary_payloads<'a>(
     Ok(wire::encode_frame(&payload))
 }
 
-/// Forwards whole messages of a backend's streamed response into `tx`; returns its final status.
+/// Forwards whole messages of a backend's streamed response into `tx`; returns its final status
+/// (the message percent-decoded).
 pub async fn pump_messages(
     response: Response<Incoming>,
     tx: &mpsc::Sender<Frame<Bytes>>,
@@ -365,12 +363,7 @@ pub async fn pump_messages(
 ) -> Result<(u32, String), String> {
     let (parts, mut body) = response.into_parts();
     if let Some(code) = grpc_status_of(&parts.headers) {
-        let message = parts
-            .headers
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        return Ok((code, message.to_owned()));
+        return Ok((code, crate::body::grpc_message_of(&parts.headers)));
     }
     let mut splitter = MessageSplitter::default();
     while let Some(frame) = body.frame().await {
@@ -389,11 +382,7 @@ pub async fn pump_messages(
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let code = grpc_status_of(&trailers).unwrap_or(code::UNKNOWN);
-                    let message = trailers
-                        .get("grpc-message")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    return Ok((code, message.to_owned()));
+                    return Ok((code, crate::body::grpc_message_of(&trailers)));
                 }
             }
         }

@@ -989,3 +989,85 @@ async fn the_demo_script_runs_a_build_and_stops_cleanly() {
         "the router is gone after stop"
     );
 }
+
+/// The fake daemon must answer as the real one does: the same requests to both give the same
+/// gRPC code and message (a ref in a message is normalised to `<ref>`). Where they differ, the
+/// real daemon is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_daemon_answers_errors_as_the_real_one_does() {
+    use buildkit_router::proto::control as pb;
+    use support::client::Client;
+    use support::fake_daemon::{DaemonOpts, FakeDaemon};
+    let _serial = SERIAL.lock().await;
+    let Some(peers) = Peers::require() else {
+        return;
+    };
+    let real = Daemon::start(&peers, "real");
+    let fake = FakeDaemon::start("fake", DaemonOpts::default()).await;
+    let real_client = Client::connect(real.addr).await.expect("connect real");
+    let fake_client = Client::connect(fake.addr()).await.expect("connect fake");
+    let unknown = support::new_id();
+
+    type Answer = (tonic::Code, String);
+    async fn ask(c: &Client, unknown: &str) -> Vec<(&'static str, Answer)> {
+        let norm = |r: Result<(), tonic::Status>| match r {
+            Ok(()) => (tonic::Code::Ok, String::new()),
+            Err(s) => (s.code(), s.message().replace(unknown, "<ref>")),
+        };
+        let update = |pinned: bool, delete: bool| {
+            c.update_build_history(pb::UpdateBuildHistoryRequest {
+                r#ref: unknown.to_owned(),
+                pinned,
+                delete,
+                ..Default::default()
+            })
+        };
+        // In order: a fresh daemon has no history bucket until a history call opens it.
+        let fresh_pin = norm(update(true, false).await);
+        let fresh_delete = norm(update(false, true).await);
+        let (status, ping_unknown, ping_none, history) = tokio::join!(
+            c.status(unknown),
+            c.bridge_ping(Some(unknown)),
+            c.bridge_ping(None),
+            c.listen_build_history(pb::BuildHistoryRequest {
+                r#ref: unknown.to_owned(),
+                early_exit: true,
+                ..Default::default()
+            }),
+        );
+        vec![
+            ("UpdateBuildHistory (pin) on a fresh daemon", fresh_pin),
+            (
+                "UpdateBuildHistory (delete) on a fresh daemon",
+                fresh_delete,
+            ),
+            ("Status of an unknown ref", norm(status.map(|_| ()))),
+            (
+                "LLBBridge/Ping of an unknown build",
+                norm(ping_unknown.map(|_| ())),
+            ),
+            (
+                "LLBBridge/Ping without a build id",
+                norm(ping_none.map(|_| ())),
+            ),
+            (
+                "ListenBuildHistory of an unknown ref",
+                norm(history.map(|_| ())),
+            ),
+            (
+                "UpdateBuildHistory (pin) of an unknown ref",
+                norm(update(true, false).await),
+            ),
+            // Not compared: deleting an unknown ref once the bucket exists answers OK or
+            // `lease "ref_<ref>": not found` depending on what the daemon did before.
+        ]
+    }
+    let (from_real, from_fake) =
+        tokio::join!(ask(&real_client, &unknown), ask(&fake_client, &unknown));
+    for ((what, r), (_, f)) in from_real.iter().zip(&from_fake) {
+        assert_eq!(
+            f, r,
+            "{what}: the fake answers {f:?}, the real daemon {r:?}"
+        );
+    }
+}

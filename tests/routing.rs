@@ -672,15 +672,21 @@ async fn history_calls_for_a_known_build_go_to_its_daemon_and_unknown_ones_to_al
             d.name()
         );
     }
-    // An unknown ref is asked of every daemon; NotFound when none has it.
+    // An unknown ref is asked of every daemon; when none has it, the client gets BuildKit's
+    // own error (UNKNOWN, "failed to retrieve ref ...").
     let err = client
         .update_build_history(pb::UpdateBuildHistoryRequest {
             r#ref: "nosuchbuild".into(),
+            pinned: true,
             ..Default::default()
         })
         .await
         .expect_err("unknown ref");
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(
+        err.message().ends_with(": file does not exist"),
+        "the daemon's own message, decoded once: {err:?}"
+    );
     for d in &ds {
         assert_eq!(d.counters().calls("UpdateBuildHistory"), 1, "{}", d.name());
     }

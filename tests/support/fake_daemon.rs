@@ -322,6 +322,9 @@ struct State {
     opts: DaemonOpts,
     counters: Arc<Counters>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Whether a build was ever recorded: BuildKit creates its history bucket with the first
+    /// record, and answers history updates differently before that.
+    history_bucket: std::sync::atomic::AtomicBool,
     sessions: Mutex<HashMap<String, SessionEntry>>,
     disk: Mutex<Vec<pb::UsageRecord>>,
     held: AtomicU64,
@@ -494,6 +497,7 @@ impl FakeDaemon {
             opts,
             counters: Arc::new(Counters::default()),
             jobs: Mutex::new(HashMap::new()),
+            history_bucket: Default::default(),
             sessions: Mutex::new(HashMap::new()),
             disk: Mutex::new(disk),
             held: AtomicU64::new(0),
@@ -738,6 +742,7 @@ impl Control for ControlSvc {
                 return Err(Status::already_exists(format!("job ID {build_ref} exists")));
             }
             jobs.insert(build_ref.clone(), job.clone());
+            state.history_bucket.store(true, Ordering::SeqCst);
         }
         state.bump();
         let _ = state
@@ -781,6 +786,8 @@ impl Control for ControlSvc {
         let state = self.0.clone();
         let build_ref = request.into_inner().r#ref;
         state.counters.call("Status", Some(&build_ref));
+        // Status and ListenBuildHistory open BuildKit's history bucket (`Queue::init`).
+        state.history_bucket.store(true, Ordering::SeqCst);
         let job = or_killed(
             &state,
             state.wait_job(&build_ref, state.opts.timers.status_wait),
@@ -939,6 +946,7 @@ impl Control for ControlSvc {
         let state = self.0.clone();
         let req = request.into_inner();
         state.counters.call("ListenBuildHistory", Some(&req.r#ref));
+        state.history_bucket.store(true, Ordering::SeqCst);
         // Subscribe before the snapshot so no event falls in between.
         let mut live = state.history.subscribe();
         let mut known: Vec<BuildHistoryEvent> = state
@@ -1017,11 +1025,20 @@ impl Control for ControlSvc {
         let req = request.into_inner();
         self.0.counters.call("UpdateBuildHistory", Some(&req.r#ref));
         let mut jobs = self.0.jobs.lock().unwrap();
+        // BuildKit's history queue (solver/llbsolver/history): bolt errors wrapping
+        // os.ErrNotExist, which reach the client as UNKNOWN.
+        if !self.0.history_bucket.load(Ordering::SeqCst) {
+            return Err(Status::unknown(
+                "failed to retrieve bucket _records: file does not exist",
+            ));
+        }
         if !jobs.contains_key(&req.r#ref) {
-            return Err(Status::not_found(format!(
-                "failed to update build history record {}: not found",
-                req.r#ref
-            )));
+            return Err(Status::unknown(if req.delete {
+                // The record is gone already; deleting its lease fails.
+                format!("lease \"ref_{}\": not found", req.r#ref)
+            } else {
+                format!("failed to retrieve ref {}: file does not exist", req.r#ref)
+            }));
         }
         if req.delete {
             jobs.remove(&req.r#ref);
@@ -1383,13 +1400,17 @@ struct BridgeSvc(Arc<State>);
 
 impl BridgeSvc {
     /// What every LLBBridge call does first: find the build id header, then wait (3 s) for the
-    /// job.
+    /// job. As BuildKit's GatewayForwarder, a failed lookup is wrapped as `forwarding <Method>:`.
     async fn job(&self, md: &MetadataMap, method: &str) -> Result<Arc<Job>, Status> {
         let state = &self.0;
+        let forwarding = |s: Status| {
+            let name = method.rsplit('/').next().unwrap_or(method);
+            Status::new(s.code(), format!("forwarding {name}: {}", s.message()))
+        };
         let Some(build_ref) = header(md, "buildkit-controlapi-buildid").map(str::to_string) else {
             state.counters.call(method, None);
             state.counters.no_buildid.fetch_add(1, Ordering::SeqCst);
-            return Err(Status::unknown("no buildid found in context"));
+            return Err(forwarding(Status::unknown("no buildid found in context")));
         };
         state.counters.call(method, Some(&build_ref));
         or_killed(
@@ -1397,6 +1418,7 @@ impl BridgeSvc {
             state.wait_job(&build_ref, state.opts.timers.bridge_wait),
         )
         .await
+        .map_err(forwarding)
     }
 }
 
