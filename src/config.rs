@@ -140,6 +140,8 @@ pub struct RunConfig {
     #[command(flatten)]
     pub placement: crate::placement::PlacementArgs,
     #[command(flatten)]
+    pub queue: crate::queue::QueueArgs,
+    #[command(flatten)]
     pub discovery: crate::discovery::DiscoveryArgs,
 
     /// Builds one backend should run: `desired_backends` = ceil((active + queued) / this).

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod placement;
 pub mod pool;
 pub mod proto;
+pub mod queue;
 pub mod registry;
 pub mod router;
 pub mod session;

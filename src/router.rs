@@ -157,6 +157,7 @@ fn placement_error(error: &PlacementError, build: &str, pool: &Pool) -> Response
     let code = match error {
         PlacementError::NoBackend => code::UNAVAILABLE,
         PlacementError::NoPlatform { .. } => code::FAILED_PRECONDITION,
+        PlacementError::AllAtCapacity { .. } => code::RESOURCE_EXHAUSTED,
     };
     let snapshot = pool.snapshot();
     let mut states: Vec<String> = snapshot

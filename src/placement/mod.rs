@@ -46,6 +46,17 @@ pub trait Node {
     fn identity_hash(&self) -> u64 {
         hash::hash_str(self.identity())
     }
+    /// Builds the daemon itself reports running, started by any router replica
+    /// (`ListenBuildHistory{ActiveOnly: true}`); `None` while unknown.
+    fn reported_builds(&self) -> Option<usize> {
+        None
+    }
+    /// The load admission counts against capacity: the larger of the builds this router started
+    /// and the builds the daemon reports (see `crate::queue` for the race this leaves).
+    fn load(&self) -> usize {
+        self.active_builds()
+            .max(self.reported_builds().unwrap_or(0))
+    }
 }
 
 fn parse_weight(s: &str) -> Result<(String, f64), String> {
@@ -96,7 +107,12 @@ pub struct PlacementArgs {
     /// `inf` disables.
     #[arg(long, default_value_t = 0.3, value_parser = parse_hot_key_threshold, env = "BUILDKIT_ROUTER_HOT_KEY_THRESHOLD")]
     pub hot_key_threshold: f64,
-    /// Hard cap of concurrent builds per backend (default: unlimited).
+    /// Most builds one backend runs at once. With --queue on, a real cap: further builds wait in
+    /// the router. Default with --queue on: 4, matching --target-builds-per-backend. buildkitd
+    /// runs as many steps at once as it has CPUs (max-parallelism) and a pod is usually given a
+    /// few cores, so builds past about 4 share the same cores and memory and all run slower; they
+    /// are better off waiting for a pod the autoscaler adds. Raise it with the pod's CPU limit.
+    /// With --queue off: unlimited by default, and a full pool overflows to its least loaded.
     #[arg(long, env = "BUILDKIT_ROUTER_MAX_BUILDS_PER_BACKEND")]
     pub max_builds_per_backend: Option<usize>,
     /// Where a build's cache-affinity key comes from, first match wins.
@@ -255,6 +271,9 @@ pub enum PlacementError {
         "no ready buildkitd backend can build platform {wanted}; platforms available: {available}"
     )]
     NoPlatform { wanted: String, available: String },
+    /// Only from [`Placement::choose_capped`] (queueing on): the build must wait.
+    #[error("all {backends} eligible buildkitd backends are at capacity")]
+    AllAtCapacity { backends: usize },
 }
 
 impl PlacementError {
@@ -263,6 +282,7 @@ impl PlacementError {
         match self {
             PlacementError::NoBackend => tonic::Code::Unavailable,
             PlacementError::NoPlatform { .. } => tonic::Code::FailedPrecondition,
+            PlacementError::AllAtCapacity { .. } => tonic::Code::ResourceExhausted,
         }
     }
 }
@@ -622,6 +642,126 @@ pub fn parse_platforms(p: &str) -> Vec<String> {
         .filter(|p| !p.is_empty())
         .map(str::to_ascii_lowercase)
         .collect()
+}
+
+/// Capacity as a real cap, for the admission queue (`crate::queue`). Kept apart from
+/// [`Placement::choose`], which overflows to the least loaded backend when every one is full.
+impl Placement {
+    /// Which ready backends may take `build`, load aside, by the rule `choose` applies: those
+    /// whose workers list every platform asked for when any does (`Ok(true)`), else every ready
+    /// one (`Ok(false)`), or an error: none ready, or none listing them under `strict_platforms`.
+    fn platform_rule<N: Node>(
+        &self,
+        nodes: &[N],
+        build: &BuildTraits,
+    ) -> Result<bool, PlacementError> {
+        let (mut ready, mut listed) = (0usize, 0usize);
+        for n in nodes.iter().filter(|n| n.accepts_builds()) {
+            ready += 1;
+            listed += usize::from(build.platforms.iter().all(|p| n.supports_platform(p)));
+        }
+        match (ready, listed) {
+            (0, _) => Err(PlacementError::NoBackend),
+            (_, 0) if self.config.strict_platforms => Err(self.no_platform(nodes, build)),
+            (_, listed) => Ok(listed > 0),
+        }
+    }
+
+    /// Whether `n` may take `build` under [`Placement::platform_rule`]'s answer.
+    fn capable_of<N: Node>(&self, n: &N, build: &BuildTraits, prefer_listed: bool) -> bool {
+        n.accepts_builds()
+            && (!prefer_listed || build.platforms.iter().all(|p| n.supports_platform(p)))
+    }
+
+    /// `n`'s hard capacity: the smaller of its own and `--max-builds-per-backend`;
+    /// `usize::MAX` when neither is set.
+    pub fn capacity_of<N: Node>(&self, n: &N) -> usize {
+        match (n.capacity(), self.config.max_builds_per_backend) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Whether some backend can take `build` now without exceeding its capacity (counting
+    /// [`Node::load`]). `NoBackend`: none ready; `NoPlatform`: none can build its platforms;
+    /// `AllAtCapacity`: every one that could is full. Records nothing.
+    pub fn room_for<N: Node>(
+        &self,
+        nodes: &[N],
+        build: &BuildTraits,
+    ) -> Result<(), PlacementError> {
+        let prefer_listed = self.platform_rule(nodes, build)?;
+        let mut backends = 0usize;
+        for n in nodes {
+            if self.capable_of(n, build, prefer_listed) {
+                if n.load() < self.capacity_of(n) {
+                    return Ok(());
+                }
+                backends += 1;
+            }
+        }
+        Err(PlacementError::AllAtCapacity { backends })
+    }
+
+    /// The build's home: the first backend of its key's ranking among the capable ones, load
+    /// aside (`None` without a key, for probes, or when no backend is capable). Records nothing.
+    pub fn home<N: Node>(&self, nodes: &[N], build: &BuildTraits) -> Option<usize> {
+        let key = match (&build.key, build.internal) {
+            (Some(k), false) => k.hash,
+            _ => return None,
+        };
+        let prefer_listed = self.platform_rule(nodes, build).ok()?;
+        let weighted = !self.config.weights.is_empty();
+        let mut best: Option<(usize, u64)> = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if !self.capable_of(n, build, prefer_listed) {
+                continue;
+            }
+            let s = if weighted {
+                hash::weighted_rendezvous(key, n.identity_hash(), self.weight_of(n.identity()))
+            } else {
+                hash::rendezvous(key, n.identity_hash())
+            };
+            if best.is_none_or(|(_, bs)| s > bs) {
+                best = Some((i, s));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// [`Placement::choose`] with capacity as a hard cap: never `Reason::Overflow`; a build that
+    /// finds every capable backend full gets `AllAtCapacity` (and waits). Checks room first, so a
+    /// refused build is not counted in the hot-key estimate. Loads are read with
+    /// `Node::active_builds`, as `choose` does; pass nodes whose `active_builds` is
+    /// [`Node::load`] (the queue does) to count the daemons' own reports.
+    pub fn choose_capped<N: Node>(
+        &self,
+        nodes: &[N],
+        build: &BuildTraits,
+    ) -> Result<Choice, PlacementError> {
+        self.room_for(nodes, build)?;
+        let choice = self.choose(nodes, build)?;
+        if choice.reason != Reason::Overflow {
+            return Ok(choice);
+        }
+        let prefer_listed = self.platform_rule(nodes, build)?;
+        // Backends of unequal capacities: the least loaded was full while another has room.
+        let index = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| self.capable_of(*n, build, prefer_listed))
+            .filter(|(_, n)| n.active_builds() < self.capacity_of(*n))
+            .min_by_key(|(_, n)| n.active_builds())
+            .map(|(i, _)| i)
+            .ok_or(PlacementError::AllAtCapacity {
+                backends: nodes.len(),
+            })?;
+        Ok(Choice {
+            index,
+            reason: Reason::LeastLoaded,
+            rank: 0,
+        })
+    }
 }
 
 #[cfg(test)]

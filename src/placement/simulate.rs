@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 use rand::rngs::StdRng;
@@ -19,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Zipf};
 
 use super::{BuildTraits, Node, Placement, PlacementConfig, Reason};
+use crate::queue::{self, Outcome, Queue, QueueConfig, TenantFrom};
 use crate::wire::SolveInfo;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -64,6 +66,20 @@ pub struct SimulateArgs {
     /// Builds a daemon runs at once; more wait for a slot.
     #[arg(long, default_value_t = 16)]
     pub slots: usize,
+    /// Our policy's router cap (--max-builds-per-backend): builds past it wait in the router's
+    /// queue (see --queue). Default: none, builds beyond --slots wait on their daemon.
+    #[arg(long)]
+    pub max_builds_per_backend: Option<usize>,
+    /// With --max-builds-per-backend: `on`, builds wait in the router's queue (the real one,
+    /// fair across the key owners); `off`, they overflow to the least loaded daemon and wait there.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = crate::queue::parse_switch, action = clap::ArgAction::Set)]
+    pub queue: bool,
+    /// The router queue's --queue-timeout: builds that waited this long fail.
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "30m")]
+    pub queue_timeout: Duration,
+    /// The router queue's --queue-max-skips (0: strict order, no home-first).
+    #[arg(long, default_value_t = crate::queue::DEFAULT_MAX_SKIPS)]
+    pub queue_max_skips: u32,
     /// Cache size per daemon, GiB (LRU eviction).
     #[arg(long, default_value_t = 60.0)]
     pub cache_gib: f64,
@@ -192,7 +208,7 @@ fn md5_u64(s: &str) -> u64 {
 }
 
 impl Chooser {
-    fn new(policy: Policy, nodes: &[SimNode], seed: u64, hot_key_threshold: f64) -> Self {
+    fn new(policy: Policy, nodes: &[SimNode], seed: u64, args: &SimulateArgs) -> Self {
         let c = if let Policy::Ours(c) = policy {
             c
         } else {
@@ -209,7 +225,8 @@ impl Chooser {
             policy,
             placement: Placement::new(PlacementConfig {
                 balance_factor: c,
-                hot_key_threshold,
+                hot_key_threshold: args.hot_key_threshold,
+                max_builds_per_backend: args.max_builds_per_backend,
                 ..PlacementConfig::default()
             }),
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
@@ -306,11 +323,14 @@ struct Report {
     hit_rate: f64,
     load_max_over_mean: f64,
     peak_active: usize,
-    wait_p95: f64,
+    wait_p50: f64,
+    wait_p90: f64,
     wait_p99: f64,
+    wait_max: f64,
     moved_add: f64,
     moved_remove: f64,
     spill_share: f64,
+    timeouts: usize,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -318,6 +338,23 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// The router's admission queue during a replay of our policy with a capacity: the real
+/// [`Queue`], fed simulated time.
+struct RouterQueue {
+    queue: Queue<usize>,
+    /// Time zero of the replay.
+    t0: Instant,
+}
+
+impl RouterQueue {
+    fn at(&self, t: f64) -> Instant {
+        self.t0 + Duration::from_secs_f64(t)
+    }
+    fn secs(&self, i: Instant) -> f64 {
+        i.saturating_duration_since(self.t0).as_secs_f64()
+    }
 }
 
 /// The pool during one replay: daemons, their slots and queues, caches and load integrals.
@@ -332,9 +369,17 @@ struct Sim {
     last: Vec<f64>,
     /// Completions: (time in ns, daemon). Integer time keeps the heap's order total.
     done: BinaryHeap<Reverse<(u64, usize)>>,
+    /// Time from arrival to a slot on a daemon: in the router's queue, then the daemon's.
     waits: Vec<f64>,
     now: f64,
     peak: usize,
+    hits: usize,
+    spills: usize,
+    timeouts: usize,
+    /// Our policy with a capacity and the queue on.
+    router: Option<RouterQueue>,
+    /// Cache footprint of each project.
+    sizes: Vec<u64>,
 }
 
 fn ns(t: f64) -> u64 {
@@ -349,30 +394,96 @@ impl Sim {
         self.peak = self.peak.max(active);
     }
 
-    fn complete_until(&mut self, until: u64) {
-        while let Some(&Reverse((t_ns, d))) = self.done.peek() {
-            if t_ns > until {
-                break;
-            }
-            self.done.pop();
-            let t = t_ns as f64 / 1e9;
-            self.now = t;
-            self.set_active(d, t, self.nodes[d].active - 1);
-            self.running[d] -= 1;
-            if let Some((arrived, dur)) = self.queues[d].pop_front() {
-                self.waits.push(t - arrived);
-                self.running[d] += 1;
-                self.done.push(Reverse((ns(t + dur), d)));
+    /// Runs completions and queue deadlines up to `until` (ns); a freed slot serves the
+    /// router's queue at once.
+    fn run_until(&mut self, until: u64, w: &Workload, placement: &Placement) {
+        loop {
+            let done = self.done.peek().map(|&Reverse((t_ns, _))| t_ns);
+            let deadline = self
+                .router
+                .as_ref()
+                .and_then(|r| r.queue.next_deadline().map(|d| (d, ns(r.secs(d)))));
+            match (done, deadline) {
+                (Some(t_ns), dl) if t_ns <= until && dl.is_none_or(|(_, d)| t_ns <= d) => {
+                    let Some(Reverse((t_ns, d))) = self.done.pop() else {
+                        unreachable!("peeked")
+                    };
+                    self.complete(t_ns, d);
+                    if let Some(r) = &self.router {
+                        let now = r.at(t_ns as f64 / 1e9);
+                        self.dispatch(now, w, placement);
+                    }
+                }
+                (_, Some((at, d))) if d <= until => {
+                    self.now = d as f64 / 1e9;
+                    self.dispatch(at, w, placement);
+                }
+                _ => return,
             }
         }
     }
 
-    fn start(&mut self, d: usize, a: &Arrival) {
-        self.set_active(d, a.t, self.nodes[d].active + 1);
+    fn complete(&mut self, t_ns: u64, d: usize) {
+        let t = t_ns as f64 / 1e9;
+        self.now = t;
+        self.set_active(d, t, self.nodes[d].active - 1);
+        self.running[d] -= 1;
+        if let Some((arrived, dur)) = self.queues[d].pop_front() {
+            self.waits.push(t - arrived);
+            self.running[d] += 1;
+            self.done.push(Reverse((ns(t + dur), d)));
+        }
+    }
+
+    /// Serves the router's queue: starts what it admits, counts what timed out.
+    fn dispatch(&mut self, now: Instant, w: &Workload, placement: &Placement) {
+        let Some(r) = &mut self.router else { return };
+        let t = r.secs(now);
+        for outcome in r.queue.dispatch(now, placement, &self.nodes) {
+            match outcome {
+                Outcome::Admitted {
+                    payload,
+                    choice,
+                    lease,
+                    ..
+                } => {
+                    // No tenant cap here: the tenant's count does not matter.
+                    if let Some(r) = &mut self.router {
+                        r.queue.finish(lease);
+                    }
+                    let a = w.arrivals[payload];
+                    self.place(w, &a, choice.index, Some(choice.reason));
+                    self.start(choice.index, t, &a);
+                }
+                Outcome::TimedOut(timed_out) => {
+                    self.timeouts += 1;
+                    self.waits.push(timed_out.waited.as_secs_f64());
+                }
+                Outcome::Rejected { .. } => {
+                    unreachable!("the workload only has buildable platforms")
+                }
+            }
+        }
+    }
+
+    /// Counts a placement's cache hit and spill.
+    fn place(&mut self, w: &Workload, a: &Arrival, d: usize, reason: Option<Reason>) {
+        if reason == Some(Reason::Spill) {
+            self.spills += 1;
+        }
+        let project = &w.projects[a.project];
+        if self.caches[d].touch(a.project, project.bytes, &self.sizes) {
+            self.hits += 1;
+        }
+    }
+
+    /// Starts `a` on daemon `d` at `t`: on a free slot, else in the daemon's own queue.
+    fn start(&mut self, d: usize, t: f64, a: &Arrival) {
+        self.set_active(d, t, self.nodes[d].active + 1);
         if self.running[d] < self.slots {
             self.running[d] += 1;
-            self.waits.push(0.0);
-            self.done.push(Reverse((ns(a.t + a.duration), d)));
+            self.waits.push(t - a.t);
+            self.done.push(Reverse((ns(t + a.duration), d)));
         } else {
             self.queues[d].push_back((a.t, a.duration));
         }
@@ -382,8 +493,10 @@ impl Sim {
 fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
     let nodes = sim_nodes(args, args.daemons);
     let n = nodes.len();
-    let mut chooser = Chooser::new(policy, &nodes, args.seed, args.hot_key_threshold);
+    let mut chooser = Chooser::new(policy, &nodes, args.seed, args);
     let cache_bytes = (args.cache_gib * GIB) as u64;
+    let queueing =
+        matches!(policy, Policy::Ours(_)) && args.max_builds_per_backend.is_some() && args.queue;
     let mut sim = Sim {
         nodes,
         slots: args.slots,
@@ -398,23 +511,40 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
         waits: Vec::with_capacity(w.arrivals.len()),
         now: 0.0,
         peak: 0,
+        hits: 0,
+        spills: 0,
+        timeouts: 0,
+        router: queueing.then(|| RouterQueue {
+            queue: Queue::new(QueueConfig {
+                timeout: args.queue_timeout,
+                max_skips: args.queue_max_skips,
+                ..QueueConfig::default()
+            }),
+            t0: Instant::now(),
+        }),
+        sizes: w.projects.iter().map(|p| p.bytes).collect(),
     };
-    let sizes: Vec<u64> = w.projects.iter().map(|p| p.bytes).collect();
-    let (mut hits, mut spills) = (0usize, 0usize);
-    for a in &w.arrivals {
-        sim.complete_until(ns(a.t));
+    for (i, a) in w.arrivals.iter().enumerate() {
+        sim.run_until(ns(a.t), w, &chooser.placement);
         sim.now = a.t;
         let project = &w.projects[a.project];
+        if let Some(r) = &mut sim.router {
+            let traits = BuildTraits {
+                nonce: chooser.rng.random(),
+                ..project.traits.clone()
+            };
+            let tenant =
+                queue::tenant_of(TenantFrom::KeyOwner, None, traits.key.as_ref()).to_owned();
+            let now = r.at(a.t);
+            r.queue.push(now, &tenant, traits, i);
+            sim.dispatch(now, w, &chooser.placement);
+            continue;
+        }
         let (d, reason) = chooser.choose(&sim.nodes, project);
-        if reason == Some(Reason::Spill) {
-            spills += 1;
-        }
-        if sim.caches[d].touch(a.project, project.bytes, &sizes) {
-            hits += 1;
-        }
-        sim.start(d, a);
+        sim.place(w, a, d, reason);
+        sim.start(d, a.t, a);
     }
-    sim.complete_until(u64::MAX);
+    sim.run_until(u64::MAX, w, &chooser.placement);
     let end = sim.now.max(1e-9);
     for d in 0..n {
         sim.set_active(d, end, sim.nodes[d].active);
@@ -427,14 +557,17 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
     let builds = w.arrivals.len().max(1) as f64;
     Report {
         policy: policy.name(),
-        hit_rate: hits as f64 / builds,
+        hit_rate: sim.hits as f64 / builds,
         load_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
         peak_active: sim.peak,
-        wait_p95: percentile(&sim.waits, 0.95),
+        wait_p50: percentile(&sim.waits, 0.50),
+        wait_p90: percentile(&sim.waits, 0.90),
         wait_p99: percentile(&sim.waits, 0.99),
+        wait_max: sim.waits.last().copied().unwrap_or(0.0),
         moved_add,
         moved_remove,
-        spill_share: spills as f64 / builds,
+        spill_share: sim.spills as f64 / builds,
+        timeouts: sim.timeouts,
     }
 }
 
@@ -471,8 +604,7 @@ impl Lru {
 fn keys_moved(args: &SimulateArgs, w: &Workload, policy: Policy) -> (f64, f64) {
     let place_all = |n: usize| -> Vec<String> {
         let nodes = sim_nodes(args, n);
-        let mut chooser =
-            Chooser::new(policy, &nodes, args.seed ^ n as u64, args.hot_key_threshold);
+        let mut chooser = Chooser::new(policy, &nodes, args.seed ^ n as u64, args);
         w.projects
             .iter()
             .map(|p| {
@@ -699,63 +831,88 @@ pub fn render(args: &SimulateArgs) -> Result<String, BoxError> {
     let rel = |r: &Report| if best > 0.0 { r.hit_rate / best } else { 0.0 };
     let mut out = String::new();
     if args.csv {
-        out.push_str("policy,hit_rate,hit_vs_unbounded,load_max_over_mean,peak_active,wait_p95_s,wait_p99_s,moved_on_add,moved_on_remove,spill_share\n");
+        out.push_str("policy,hit_rate,hit_vs_unbounded,load_max_over_mean,peak_active,wait_p50_s,wait_p90_s,wait_p99_s,wait_max_s,moved_on_add,moved_on_remove,spill_share,timeouts\n");
         for r in &reports {
             let _ = writeln!(
                 out,
-                "{},{:.4},{:.4},{:.4},{},{:.2},{:.2},{:.4},{:.4},{:.4}",
+                "{},{:.4},{:.4},{:.4},{},{:.2},{:.2},{:.2},{:.2},{:.4},{:.4},{:.4},{}",
                 r.policy,
                 r.hit_rate,
                 rel(r),
                 r.load_max_over_mean,
                 r.peak_active,
-                r.wait_p95,
+                r.wait_p50,
+                r.wait_p90,
                 r.wait_p99,
+                r.wait_max,
                 r.moved_add,
                 r.moved_remove,
-                r.spill_share
+                r.spill_share,
+                r.timeouts
             );
         }
         return Ok(out);
     }
     let _ = writeln!(out, "{}", w.description);
+    if let Some(cap) = args.max_builds_per_backend {
+        let _ = writeln!(
+            out,
+            "ours: at most {cap} builds per daemon, {}",
+            if args.queue {
+                format!(
+                    "further builds wait in the router's queue (timeout {})",
+                    queue::HumanDuration(args.queue_timeout)
+                )
+            } else {
+                "further builds overflow to the least loaded daemon (--queue off)".to_owned()
+            }
+        );
+    }
     let _ = writeln!(
         out,
-        "{:<16} {:>8} {:>9} {:>9} {:>5} {:>9} {:>9} {:>8} {:>8} {:>6}",
+        "{:<16} {:>6} {:>8} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>5}",
         "policy",
         "hit",
         "hit/best",
         "max/mean",
         "peak",
-        "wait p95",
-        "wait p99",
+        "wait p50",
+        "p90",
+        "p99",
+        "max",
         "moved+1",
         "moved-1",
-        "spill"
+        "spill",
+        "t/o"
     );
+    let secs = |x: f64| format!("{x:.1}s");
     for r in &reports {
         let _ = writeln!(
             out,
-            "{:<16} {:>8.3} {:>9.3} {:>9.3} {:>5} {:>8.1}s {:>8.1}s {:>8.3} {:>8.3} {:>6.3}",
+            "{:<16} {:>6.3} {:>8.3} {:>8.3} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>6.3} {:>5}",
             r.policy,
             r.hit_rate,
             rel(r),
             r.load_max_over_mean,
             r.peak_active,
-            r.wait_p95,
-            r.wait_p99,
+            secs(r.wait_p50),
+            secs(r.wait_p90),
+            secs(r.wait_p99),
+            secs(r.wait_max),
             r.moved_add,
             r.moved_remove,
-            r.spill_share
+            r.spill_share,
+            r.timeouts
         );
     }
     let _ = writeln!(
         out,
         "hit: share of builds whose daemon held the project's cache; hit/best: vs the best unbounded \
          policy; max/mean: busiest daemon's time-averaged active builds over the pool mean; peak: most \
-         active builds on one daemon at once; wait: time for a free slot; moved+1/-1: share of \
-         projects whose daemon changes when a daemon is added/removed; spill: builds placed past \
-         their home."
+         active builds on one daemon at once; wait: from arrival to a build slot (in the router's \
+         queue, then the daemon's); moved+1/-1: share of projects whose daemon changes when a \
+         daemon is added/removed; spill: builds placed past their home; t/o: builds that timed out \
+         in the router's queue."
     );
     Ok(out)
 }
