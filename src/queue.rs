@@ -49,7 +49,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 use crate::placement::{
     AffinityKey, BuildTraits, Choice, KeySource, Node, Placement, PlacementError,
 };

@@ -75,7 +75,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = crate::queue::parse_switch, action = clap::ArgAction::Set)]
     pub queue: bool,
     /// The router queue's --queue-timeout: builds that waited this long fail.
-    #[arg(long, value_parser = crate::config::parse_duration, default_value = "30m")]
+    #[arg(long, value_parser = crate::duration::parse_duration, default_value = "30m")]
     pub queue_timeout: Duration,
     /// The router queue's --queue-max-skips (0: strict order, no home-first).
     #[arg(long, default_value_t = crate::queue::DEFAULT_MAX_SKIPS)]
