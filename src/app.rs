@@ -10,9 +10,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::admin::AdminState;
+use crate::admission::Admission;
 use crate::config::RunConfig;
 use crate::listener::{Limits, Server};
-use crate::metrics::{AdminState, Metrics};
+use crate::metrics::Metrics;
 use crate::placement::Placement;
 use crate::pool::{Pool, PoolSettings};
 use crate::registry::{Registry, RegistrySettings};
@@ -84,7 +86,12 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         _ => None,
     };
 
-    let placement_config = cfg.placement.to_config();
+    let mut placement_config = cfg.placement.to_config();
+    // With the queue on, capacity is a real cap with a default (queue::DEFAULT_MAX_BUILDS_PER_BACKEND).
+    placement_config.max_builds_per_backend = cfg
+        .queue
+        .max_builds_per_backend(placement_config.max_builds_per_backend);
+    let placement = Placement::new(placement_config.clone());
     let pool = Pool::new(PoolSettings {
         connect_timeout: cfg.connect_timeout,
         health_interval: cfg.health_interval,
@@ -98,21 +105,36 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         unbound_expiry: (cfg.ref_wait + cfg.session_bind_window) * 4,
     });
     let metrics = Metrics::new(pool.clone(), cfg.target_builds_per_backend)?;
+    let admission = cfg.queue.enabled.then(|| {
+        Admission::new(
+            cfg.queue.to_config(),
+            placement.clone(),
+            pool.clone(),
+            metrics.clone(),
+        )
+    });
     let router = Router::new(
         pool.clone(),
         registry.clone(),
-        Placement::new(placement_config),
+        placement,
         metrics.clone(),
         RouterSettings {
             session_bind_window: cfg.session_bind_window,
             ref_wait: cfg.ref_wait,
             max_message_size: cfg.max_message_size,
+            tenant_from: cfg.queue.tenant_from,
+            state_dir: cfg.state_dir.clone(),
+            default_platforms: cfg.default_platforms.clone(),
             ..RouterSettings::default()
         },
+        admission.clone(),
     );
 
     let shutdown = CancellationToken::new();
     let mut background = Vec::new();
+    if let Some(admission) = &admission {
+        background.push(tokio::spawn(admission.clone().run(shutdown.clone())));
+    }
     let (updates_tx, updates_rx) = mpsc::channel(64);
     background.push(tokio::spawn(pool.clone().run_updates(updates_rx)));
     // Discovered endpoints use the backend TLS settings when --discovered-backend-tls is set.
@@ -146,8 +168,9 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         pool: pool.clone(),
         registry: registry.clone(),
+        admission: admission.clone(),
     };
-    background.push(tokio::spawn(crate::metrics::serve_admin(
+    background.push(tokio::spawn(crate::admin::serve_admin(
         admin,
         admin_state,
         shutdown.clone(),

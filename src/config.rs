@@ -152,6 +152,15 @@ pub struct RunConfig {
     )]
     pub target_builds_per_backend: usize,
 
+    /// Keep the last ListWorkers/Info answers here, so that a router restarted with no backend
+    /// (a pool scaled to zero) still answers `buildx create`/`inspect` as the pool would.
+    #[arg(long, value_name = "DIR", env = "BUILDKIT_ROUTER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Platforms ListWorkers reports while no daemon was ever seen (e.g. `linux/amd64,linux/arm64`),
+    /// so buildx works against a pool that starts at zero.
+    #[arg(long, value_delimiter = ',', env = "BUILDKIT_ROUTER_DEFAULT_PLATFORMS")]
+    pub default_platforms: Vec<String>,
+
     /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
     #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]
     pub shutdown_grace: Duration,

@@ -17,7 +17,7 @@ use crate::body::{RequestBody, ResponseBody, StreamContext};
 pub use crate::grpc::code;
 use crate::grpc::{grpc_message_of, grpc_status_of, status_trailers};
 use crate::pool::{Backend, ConnectError};
-use crate::wire::{self, WireError, GRPC_PREFIX_LEN};
+use crate::wire::{self, MessageSplitter, WireError, GRPC_PREFIX_LEN};
 
 /// Why a call could not be handed to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -252,32 +252,6 @@ pub async fn read_first_message(body: &mut Incoming, max_len: usize) -> Result<P
             Some(Err(error)) => return Err(PeekError::Body(error)),
             None => return Err(PeekError::Incomplete { got: buf.len() }),
         }
-    }
-}
-
-/// Splits a byte stream into whole framed gRPC messages (prefix included).
-#[derive(Debug, Default)]
-pub struct MessageSplitter {
-    buf: BytesMut,
-}
-
-impl MessageSplitter {
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete framed message, if one is buffered.
-    pub fn next_message(&mut self, max_len: usize) -> Result<Option<Bytes>, WireError> {
-        match wire::parse_frame_header(&self.buf, max_len)? {
-            Some(header) if self.buf.len() >= GRPC_PREFIX_LEN + header.len => Ok(Some(
-                self.buf.split_to(GRPC_PREFIX_LEN + header.len).freeze(),
-            )),
-            _ => Ok(None),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 }
 

@@ -5,6 +5,8 @@
 //! are forwarded ([`forward`], [`session`]) to a backend ([`pool`]) that [`discovery`] found.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod body;
 pub mod classify;
@@ -24,4 +26,6 @@ pub mod router;
 pub mod session;
 pub mod status;
 pub mod tls;
+pub mod waiting;
 pub mod wire;
+pub mod workers;

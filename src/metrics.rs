@@ -1,31 +1,21 @@
-//! The Prometheus registry, and the admin HTTP endpoints: `/metrics`, `/healthz`, `/readyz`,
-//! `/status`.
+//! The Prometheus registry: every metric the router exports (`/metrics` is served by
+//! [`crate::admin`]).
 //!
 //! Figures that describe the pool (builds active, backends by state, capacity, desired backends)
 //! are read from the pool at scrape time, so a removed backend's series disappear with it.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry as PromRegistry, TextEncoder,
 };
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::discovery::DiscoveryMetrics;
 use crate::placement::PlacementMetrics;
 use crate::pool::{BackendState, Pool};
-use crate::registry::Registry;
 
 const PREFIX: &str = "buildkit_router";
 
@@ -36,8 +26,13 @@ pub struct Metrics {
     pub builds_total: IntCounterVec,
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
-    pub builds_queued: IntGauge,
+    /// Builds waiting, by tenant (at most `queue::DEFAULT_TENANT_LABELS` tenants named, the rest
+    /// as `other`; `default` always present).
+    pub builds_queued: IntGaugeVec,
+    /// Their sum (not exported as such: `desired_backends` and `/status` read it).
+    pub queued_total: IntGauge,
     pub queue_wait_seconds: Histogram,
+    pub queue_timeouts_total: prometheus::IntCounter,
     pub connections_active: IntGauge,
     pub connections_total: IntCounterVec,
     pub placement: PlacementMetrics,
@@ -86,8 +81,22 @@ impl Metrics {
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             &["how"],
         )?;
-        let builds_queued = IntGauge::with_opts(
-            Opts::new("builds_queued", "Builds waiting for a backend slot").namespace(PREFIX),
+        let builds_queued = IntGaugeVec::new(
+            Opts::new(
+                "builds_queued",
+                "Builds waiting in the router's queue for a backend slot, by tenant",
+            )
+            .namespace(PREFIX),
+            &["tenant"],
+        )?;
+        builds_queued.with_label_values(&[crate::queue::DEFAULT_TENANT]);
+        let queued_total = IntGauge::new("queued_total", "sum of builds_queued")?;
+        let queue_timeouts_total = prometheus::IntCounter::with_opts(
+            Opts::new(
+                "queue_timeouts_total",
+                "Builds that waited --queue-timeout and were refused with RESOURCE_EXHAUSTED",
+            )
+            .namespace(PREFIX),
         )?;
         let queue_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -116,11 +125,12 @@ impl Metrics {
         registry.register(Box::new(session_bind_seconds.clone()))?;
         registry.register(Box::new(builds_queued.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
+        registry.register(Box::new(queue_timeouts_total.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(PoolCollector::new(
             pool,
-            builds_queued.clone(),
+            queued_total.clone(),
             target_builds_per_backend,
         )?))?;
         let placement = PlacementMetrics::new();
@@ -138,12 +148,30 @@ impl Metrics {
             build_duration_seconds,
             session_bind_seconds,
             builds_queued,
+            queued_total,
             queue_wait_seconds,
+            queue_timeouts_total,
             connections_active,
             connections_total,
             placement,
             discovery,
         }))
+    }
+
+    /// Sets the queue gauges from the queue's per-tenant counts.
+    pub fn set_queued(&self, by_tenant: &[(Arc<str>, usize)]) {
+        self.builds_queued.reset();
+        self.builds_queued
+            .with_label_values(&[crate::queue::DEFAULT_TENANT])
+            .set(0);
+        let mut total = 0;
+        for (tenant, n) in by_tenant {
+            self.builds_queued
+                .with_label_values(&[tenant])
+                .set(*n as i64);
+            total += n;
+        }
+        self.queued_total.set(total as i64);
     }
 
     /// Records one finished call.
@@ -241,7 +269,9 @@ impl Collector for PoolCollector {
         let mut total_active = 0usize;
         for backend in &snapshot.backends {
             let n = backend.active_builds();
-            total_active += n;
+            // Scaling reads the pool's whole load: the builds every replica started, as the
+            // daemon reports them, when that is more than this replica's own.
+            total_active += backend.reported_builds().map_or(n, |r| r.max(n));
             active
                 .with_label_values(&[backend.identity()])
                 .set(n as i64);
@@ -272,173 +302,4 @@ impl Collector for PoolCollector {
         families.extend(desired.collect());
         families
     }
-}
-
-/// What the admin endpoints read.
-#[derive(Clone)]
-pub struct AdminState {
-    pub metrics: Arc<Metrics>,
-    pub pool: Arc<Pool>,
-    pub registry: Arc<Registry>,
-}
-
-#[derive(serde::Serialize)]
-struct StatusBackend {
-    identity: String,
-    address: String,
-    state: BackendState,
-    active_builds: usize,
-    capacity: Option<usize>,
-    platforms: Vec<String>,
-    zone: Option<String>,
-    node: Option<String>,
-}
-
-#[derive(serde::Serialize)]
-struct StatusBuild {
-    build_ref: String,
-    age_seconds: f64,
-    #[serde(flatten)]
-    record: crate::registry::BuildRecord,
-}
-
-/// The `/status` document.
-#[derive(serde::Serialize)]
-struct StatusDoc {
-    synced: bool,
-    backends: Vec<StatusBackend>,
-    builds: Vec<StatusBuild>,
-    builds_queued: i64,
-}
-
-impl AdminState {
-    /// The `/status` JSON document.
-    pub fn status_json(&self) -> String {
-        let snapshot = self.pool.snapshot();
-        let backends = snapshot
-            .backends
-            .iter()
-            .map(|b| StatusBackend {
-                identity: b.identity().to_string(),
-                address: b.address().to_string(),
-                state: b.state(),
-                active_builds: b.active_builds(),
-                capacity: b.capacity(),
-                platforms: b.platforms().as_ref().clone(),
-                zone: b.zone().map(str::to_owned),
-                node: b.node().map(str::to_owned),
-            })
-            .collect();
-        let builds = self
-            .registry
-            .running_builds()
-            .into_iter()
-            .map(|(build_ref, record)| StatusBuild {
-                build_ref: build_ref.to_string(),
-                age_seconds: record.started.elapsed().as_secs_f64(),
-                record,
-            })
-            .collect();
-        let doc = StatusDoc {
-            synced: self.pool.is_synced(),
-            backends,
-            builds,
-            builds_queued: self.metrics.builds_queued.get(),
-        };
-        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    }
-
-    /// Ready: the first discovery list arrived and a backend takes builds.
-    pub fn ready(&self) -> Result<(), &'static str> {
-        if !self.pool.is_synced() {
-            return Err("waiting for the first list of backends from discovery");
-        }
-        if self.pool.snapshot().any_ready().is_none() {
-            return Err("no buildkitd backend is ready");
-        }
-        Ok(())
-    }
-
-    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let text = |status: StatusCode, body: String, content_type: &'static str| {
-            Response::builder()
-                .status(status)
-                .header(header::CONTENT_TYPE, content_type)
-                .body(Full::new(Bytes::from(body)))
-                .expect("static response parts")
-        };
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "use GET\n".into(),
-                "text/plain",
-            );
-        }
-        match request.uri().path() {
-            "/metrics" => match self.metrics.render() {
-                Ok(body) => Response::builder()
-                    .header(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("static response parts"),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot encode metrics: {e}\n"),
-                    "text/plain",
-                ),
-            },
-            "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-            "/readyz" => match self.ready() {
-                Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-                Err(why) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                    "text/plain",
-                ),
-            },
-            "/status" => text(StatusCode::OK, self.status_json(), "application/json"),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "try /metrics, /healthz, /readyz or /status\n".into(),
-                "text/plain",
-            ),
-        }
-    }
-}
-
-/// Serves the admin endpoints until `shutdown` is cancelled.
-pub async fn serve_admin(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = state.respond(&request);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, %error, "admin connection ended with an error");
-            }
-        });
-    }
-}
-
-/// Binds the admin listener.
-pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

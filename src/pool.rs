@@ -200,8 +200,15 @@ pub struct Backend {
     /// Why the backend was last ejected, for error messages and /status.
     last_error: Mutex<Option<String>>,
     active: AtomicUsize,
+    /// Builds the daemon itself reports running (`ListenBuildHistory{ActiveOnly}`), all router
+    /// replicas together; `usize::MAX` while unknown (no report stream open).
+    reported: AtomicUsize,
+    /// A task keeps the report stream open (started by the health checks).
+    watching: AtomicBool,
     platforms: RwLock<Arc<Vec<String>>>,
     settings: Arc<PoolSettings>,
+    /// Wakes whoever waits for the pool to change (the admission queue's dispatcher).
+    events: Arc<tokio::sync::Notify>,
     sender: Mutex<Option<SendRequest<RequestBody>>>,
     connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Option<Backoff>>,
@@ -217,7 +224,11 @@ impl fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(spec: EndpointSpec, settings: Arc<PoolSettings>) -> Self {
+    fn new(
+        spec: EndpointSpec,
+        settings: Arc<PoolSettings>,
+        events: Arc<tokio::sync::Notify>,
+    ) -> Self {
         Self {
             identity_hash: crate::placement::hash::hash_str(&spec.identity),
             identity: spec.identity.into(),
@@ -234,8 +245,11 @@ impl Backend {
             health_failures: AtomicU32::new(0),
             last_error: Mutex::new(None),
             active: AtomicUsize::new(0),
+            reported: AtomicUsize::new(usize::MAX),
+            watching: AtomicBool::new(false),
             platforms: RwLock::new(Arc::new(Vec::new())),
             settings,
+            events,
             sender: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(None),
@@ -293,6 +307,21 @@ impl Backend {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Builds the daemon reports running, when its report stream is open.
+    pub fn reported_builds(&self) -> Option<usize> {
+        match self.reported.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            n => Some(n),
+        }
+    }
+
+    fn set_reported(&self, n: Option<usize>) {
+        let n = n.unwrap_or(usize::MAX);
+        if self.reported.swap(n, Ordering::Relaxed) != n {
+            self.events.notify_one();
+        }
+    }
+
     /// Counts a build from its Solve until the returned guard drops.
     pub fn start_build(self: &Arc<Self>) -> LoadGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -340,6 +369,7 @@ impl Backend {
             .store(self.settings.health_failures, Ordering::Relaxed);
         if self.healthy.swap(false, Ordering::AcqRel) {
             warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
+            self.events.notify_one();
         }
     }
 
@@ -523,6 +553,68 @@ impl Backend {
             .unwrap_or_else(|_| Err(format!("{path} timed out after {timeout:?}")))
     }
 
+    /// Keeps `ListenBuildHistory{ActiveOnly: true}` open and counts the builds the daemon
+    /// reports running (STARTED adds a ref, COMPLETE and DELETED remove it), so that every router
+    /// replica sees the builds of all of them. Reopened with backoff (1 s to 30 s) while the
+    /// backend exists; the count is unknown while the stream is down.
+    async fn watch_active_builds(self: Arc<Self>) {
+        const LISTEN: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
+        // BuildHistoryRequest{ActiveOnly (1): true}
+        const ACTIVE_ONLY: &[u8] = &[0x08, 0x01];
+        let mut delay = Duration::from_secs(1);
+        while !self.gone.load(Ordering::Acquire) {
+            let opened = Instant::now();
+            let result = self.stream_active_builds(LISTEN, ACTIVE_ONLY).await;
+            self.set_reported(None);
+            if opened.elapsed() > Duration::from_secs(60) {
+                delay = Duration::from_secs(1);
+            }
+            debug!(backend = %self.identity, reason = %result.err().unwrap_or_default(), retry_in = ?delay, "active-build report stream ended");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        self.watching.store(false, Ordering::Release);
+    }
+
+    async fn stream_active_builds(&self, path: &'static str, message: &[u8]) -> Result<(), String> {
+        let mut sender = self.sender().await.map_err(|e| e.to_string())?;
+        let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(RequestBody::full(crate::wire::encode_frame(message)))
+            .map_err(|e| e.to_string())?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
+            return Err(format!("{path} answered grpc-status {code}"));
+        }
+        let mut body = response.into_body();
+        let mut splitter = crate::wire::MessageSplitter::default();
+        let mut active: std::collections::HashSet<String> = Default::default();
+        self.set_reported(Some(0));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Ok(data) = frame.into_data() else {
+                return Ok(()); // trailers: the daemon ended the stream
+            };
+            splitter.push(&data);
+            while let Some(framed) = splitter.next_message(16 << 20).map_err(|e| e.to_string())? {
+                let (kind, build_ref) =
+                    crate::wire::decode_history_event(&framed[crate::wire::GRPC_PREFIX_LEN..])
+                        .map_err(|e| e.to_string())?;
+                match kind {
+                    crate::wire::HISTORY_STARTED => active.insert(build_ref.to_owned()),
+                    _ => active.remove(build_ref),
+                };
+            }
+            self.set_reported(Some(active.len()));
+        }
+        Ok(())
+    }
+
     async fn check_health(&self) {
         const HEALTH: &str = "/grpc.health.v1.Health/Check";
         const LIST_WORKERS: &str = "/moby.buildkit.v1.Control/ListWorkers";
@@ -540,6 +632,7 @@ impl Backend {
                 self.health_failures.store(0, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     info!(backend = %self.identity, "backend passes health checks again; re-admitted");
+                    self.events.notify_one();
                 }
                 // Refresh the platforms the workers support (cheap; buildx calls it per build).
                 match self.unary_call(LIST_WORKERS, &[], timeout).await {
@@ -561,6 +654,7 @@ impl Backend {
                     && self.healthy.swap(false, Ordering::AcqRel)
                 {
                     warn!(backend = %self.identity, %reason, failures, "backend failed its health checks; ejected");
+                    self.events.notify_one();
                 } else {
                     debug!(backend = %self.identity, %reason, failures, "backend health check failed");
                 }
@@ -587,6 +681,7 @@ impl LoadGuard {
 impl Drop for LoadGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.notify_one();
     }
 }
 
@@ -599,6 +694,9 @@ impl crate::placement::Node for Arc<Backend> {
     }
     fn active_builds(&self) -> usize {
         Backend::active_builds(self)
+    }
+    fn reported_builds(&self) -> Option<usize> {
+        Backend::reported_builds(self)
     }
     fn accepts_builds(&self) -> bool {
         self.state() == BackendState::Ready
@@ -664,6 +762,7 @@ pub struct Pool {
     snapshot: RwLock<Arc<Snapshot>>,
     settings: Arc<PoolSettings>,
     synced: watch::Sender<bool>,
+    events: Arc<tokio::sync::Notify>,
 }
 
 impl fmt::Debug for Pool {
@@ -680,7 +779,15 @@ impl Pool {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             settings: Arc::new(settings),
             synced: watch::Sender::new(false),
+            events: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Fires (one stored permit) when the pool may have room it had not before, or lost some:
+    /// a backend added, removed, ejected or re-admitted, a build ended, a daemon's report of its
+    /// running builds changed. For one waiter: the admission queue's dispatcher.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.events
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -735,6 +842,7 @@ impl Pool {
             .map(|(i, b)| (b.identity.clone(), i))
             .collect();
         *guard = Arc::new(Snapshot { backends, index });
+        self.events.notify_one();
     }
 
     fn upsert(&self, backends: &mut Vec<Arc<Backend>>, spec: EndpointSpec) {
@@ -742,7 +850,11 @@ impl Pool {
             Some(existing) => existing.apply_spec(&spec),
             None => {
                 info!(backend = %spec.identity, address = %spec.address, state = ?spec.state, "backend added");
-                backends.push(Arc::new(Backend::new(spec, self.settings.clone())));
+                backends.push(Arc::new(Backend::new(
+                    spec,
+                    self.settings.clone(),
+                    self.events.clone(),
+                )));
             }
         }
     }
@@ -761,6 +873,11 @@ impl Pool {
         loop {
             interval.tick().await;
             let snapshot = self.snapshot();
+            for backend in &snapshot.backends {
+                if !backend.watching.swap(true, Ordering::AcqRel) {
+                    tokio::spawn(backend.clone().watch_active_builds());
+                }
+            }
             let checks = snapshot.backends.iter().map(|b| b.check_health());
             futures_util::future::join_all(checks).await;
         }

@@ -467,6 +467,11 @@ impl<T> Queue<T> {
         self.entries.contains_key(&ticket.0)
     }
 
+    /// Every waiting build's ticket and payload, in no particular order.
+    pub fn payloads(&self) -> impl Iterator<Item = (Ticket, &T)> + '_ {
+        self.entries.iter().map(|(&t, e)| (Ticket(t), &e.payload))
+    }
+
     /// Builds admitted and not yet finished, over all tenants.
     pub fn active(&self) -> usize {
         self.tenants.iter().flatten().map(|t| t.active).sum()

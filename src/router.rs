@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{field, info, warn, Instrument};
 
+use crate::admission::{Admission, Admitted, LeaseGuard, Progress, Refusal};
 use crate::body::{CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
 use crate::classify::{classify, Route};
 use crate::forward::{self, code, ForwardError, Head, PeekError};
@@ -20,9 +21,12 @@ use crate::grpc::status_trailers;
 use crate::metrics::Metrics;
 use crate::placement::{BuildTraits, Choice, Placement, PlacementError, Reason};
 use crate::pool::{Backend, BackendState, Pool};
+use crate::queue::TenantFrom;
 use crate::registry::{BuildRecord, KeyKind, Precheck, Registry};
 use crate::session;
+use crate::waiting;
 use crate::wire;
+use crate::workers::OfflineAnswers;
 
 /// The header naming an LLBBridge call's build.
 pub const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
@@ -35,6 +39,12 @@ pub struct RouterSettings {
     pub max_message_size: usize,
     /// How many backends a new build may try when connecting fails before anything was sent.
     pub connect_attempts: usize,
+    /// What a tenant of the admission queue is (`--tenant-from`).
+    pub tenant_from: TenantFrom,
+    /// Where ListWorkers/Info answers are kept across restarts (`--state-dir`).
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Platforms ListWorkers reports before any daemon was seen (`--default-platforms`).
+    pub default_platforms: Vec<String>,
 }
 
 impl Default for RouterSettings {
@@ -44,6 +54,9 @@ impl Default for RouterSettings {
             ref_wait: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024 + 64 * 1024,
             connect_attempts: 3,
+            tenant_from: TenantFrom::KeyOwner,
+            state_dir: None,
+            default_platforms: Vec::new(),
         }
     }
 }
@@ -52,9 +65,19 @@ impl Default for RouterSettings {
 #[derive(Debug, Default)]
 pub struct ConnState {
     last_backend: Mutex<Option<Arc<Backend>>>,
+    /// The client certificate's identity (mTLS), for `--tenant-from mtls`.
+    identity: Option<Arc<str>>,
 }
 
 impl ConnState {
+    /// A connection whose client presented a certificate naming `identity`.
+    pub fn with_identity(identity: Option<Arc<str>>) -> Self {
+        Self {
+            identity,
+            ..Self::default()
+        }
+    }
+
     fn last_backend(&self) -> Option<Arc<Backend>> {
         self.last_backend.lock().expect("conn lock").clone()
     }
@@ -70,7 +93,6 @@ impl ConnState {
 /// A cached answer for ListWorkers/Info, served when no backend is ready.
 #[derive(Clone)]
 struct CachedAnswer {
-    headers: HeaderMap,
     body: Bytes,
     at: Instant,
 }
@@ -78,6 +100,23 @@ struct CachedAnswer {
 /// How often a ListWorkers/Info answer is read whole to refresh the cache; in between, answers
 /// are relayed frame by frame like any other call.
 const CACHE_REFRESH: Duration = Duration::from_secs(30);
+
+/// `LLBBridge/Ping`: answered by the router for queued builds.
+const PING_PATH: &str = "/moby.buildkit.v1.frontend.LLBBridge/Ping";
+
+/// Where a build's calls go.
+enum RefState {
+    Bound(Arc<Backend>),
+    Queued(tokio::sync::watch::Receiver<Progress>),
+    Unknown,
+}
+
+/// How a queued build got its backend.
+enum Admit {
+    Admitted(Admitted),
+    /// A session it names was bound by another build while it waited.
+    Pinned(Arc<Backend>),
+}
 
 /// Routes every call.
 pub struct Router {
@@ -87,6 +126,10 @@ pub struct Router {
     metrics: Arc<Metrics>,
     settings: RouterSettings,
     cached: Mutex<HashMap<&'static str, CachedAnswer>>,
+    /// The admission queue; `None` with `--queue off` (builds are placed at once).
+    admission: Option<Arc<Admission>>,
+    /// ListWorkers/Info answers for when no backend is ready.
+    offline: OfflineAnswers,
 }
 
 fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
@@ -120,6 +163,8 @@ struct BuildEnd {
     build_ref: Arc<str>,
     started: Instant,
     load: Option<crate::pool::LoadGuard>,
+    /// The build's slot in its tenant's count (queueing on), given back when it ends.
+    _lease: Option<LeaseGuard>,
     _pins: Vec<crate::registry::Pin>,
 }
 
@@ -207,7 +252,12 @@ impl Router {
         placement: Placement,
         metrics: Arc<Metrics>,
         settings: RouterSettings,
+        admission: Option<Arc<Admission>>,
     ) -> Arc<Self> {
+        let offline = OfflineAnswers::new(
+            settings.state_dir.clone(),
+            settings.default_platforms.clone(),
+        );
         Arc::new(Self {
             pool,
             registry,
@@ -215,7 +265,14 @@ impl Router {
             metrics,
             settings,
             cached: Mutex::new(HashMap::new()),
+            admission,
+            offline,
         })
+    }
+
+    /// The admission queue, when queueing is on.
+    pub fn admission(&self) -> Option<&Arc<Admission>> {
+        self.admission.as_ref()
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -341,6 +398,54 @@ impl Router {
         Ok((candidates[choice.index].clone(), choice))
     }
 
+    /// Waits in the admission queue for a backend with room, or until a session the build
+    /// names is bound by another build (bake targets sharing a context): builds sharing a
+    /// session share a daemon, so that one's backend is taken without waiting further.
+    async fn admit(
+        &self,
+        admission: &Arc<Admission>,
+        conn: &ConnState,
+        build_ref: &Arc<str>,
+        sessions: &[&str],
+        traits: &BuildTraits,
+    ) -> Result<Admit, Response<ResponseBody>> {
+        const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+        let tenant = crate::queue::tenant_of(
+            self.settings.tenant_from,
+            conn.identity.as_deref(),
+            traits.key.as_ref(),
+        )
+        .to_owned();
+        let session_ids: Vec<Arc<str>> = sessions.iter().map(|s| Arc::from(*s)).collect();
+        let bound_elsewhere = async {
+            if sessions.is_empty() {
+                return std::future::pending().await;
+            }
+            let waits = sessions
+                .iter()
+                .map(|s| Box::pin(self.registry.wait_bound(KeyKind::Session, s, FOREVER)));
+            match futures_util::future::select_all(waits).await {
+                (Some(backend), _, _) => backend,
+                (None, _, _) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            verdict = admission.admit(build_ref.clone(), &session_ids, &tenant, traits.clone()) => {
+                match verdict {
+                    Ok(admitted) => Ok(Admit::Admitted(admitted)),
+                    Err(Refusal::TimedOut(message)) => {
+                        Err(error(code::RESOURCE_EXHAUSTED, format!("{message} (build {build_ref})")))
+                    }
+                    Err(Refusal::Placement(e)) => {
+                        Err(placement_error(&e, &format!("build {build_ref}"), &self.pool))
+                    }
+                    Err(e @ Refusal::ShuttingDown) => Err(error(code::UNAVAILABLE, e.to_string())),
+                }
+            }
+            backend = bound_elsewhere => Ok(Admit::Pinned(backend)),
+        }
+    }
+
     async fn solve(
         self: &Arc<Self>,
         conn: &Arc<ConnState>,
@@ -369,28 +474,60 @@ impl Router {
         // retry on the next candidate instead of a failed build.
         let mut excluded: Vec<Arc<str>> = Vec::new();
         let mut last_failure: Option<(Arc<Backend>, crate::pool::ConnectError)> = None;
+        // With queueing on: the build's slot (load and tenant lease) from admission.
+        let mut admitted: Option<Admitted>;
+        let pinned = |backend| {
+            (
+                backend,
+                Choice {
+                    index: 0,
+                    reason: Reason::PinnedSession,
+                    rank: 0,
+                },
+            )
+        };
         let (bound, choice) = loop {
+            admitted = None;
             let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
-                Precheck::Pinned(backend) => (
-                    backend,
-                    Choice {
-                        index: 0,
-                        reason: Reason::PinnedSession,
-                        rank: 0,
-                    },
-                ),
-                Precheck::Free => match self.place(&traits, &excluded) {
-                    Ok(found) => found,
-                    Err(error) => {
-                        // Every candidate failed to connect: say which and why.
-                        if let Some((backend, connect_error)) = last_failure {
-                            return unavailable_backend(&backend, Some(&build_ref), connect_error);
+                Precheck::Pinned(backend) => pinned(backend),
+                Precheck::Free => match &self.admission {
+                    Some(admission) => {
+                        match self
+                            .admit(admission, conn, &build_ref, &sessions, &traits)
+                            .await
+                        {
+                            Ok(Admit::Admitted(a)) => {
+                                let found = (a.backend.clone(), a.choice);
+                                admitted = Some(a);
+                                found
+                            }
+                            Ok(Admit::Pinned(backend)) => pinned(backend),
+                            Err(answer) => return answer,
                         }
-                        return placement_error(&error, &format!("build {build_ref}"), &self.pool);
                     }
+                    None => match self.place(&traits, &excluded) {
+                        Ok(found) => found,
+                        Err(error) => {
+                            // Every candidate failed to connect: say which and why.
+                            if let Some((backend, connect_error)) = last_failure {
+                                return unavailable_backend(
+                                    &backend,
+                                    Some(&build_ref),
+                                    connect_error,
+                                );
+                            }
+                            return placement_error(
+                                &error,
+                                &format!("build {build_ref}"),
+                                &self.pool,
+                            );
+                        }
+                    },
                 },
             };
             if let Err(error) = candidate.sender().await {
+                // A failed connect ejects the backend (`Backend::sender`), so admission will
+                // not choose it again; without the queue it is excluded explicitly.
                 let retry = choice.reason != Reason::PinnedSession
                     && excluded.len() + 1 < self.settings.connect_attempts;
                 if retry {
@@ -414,7 +551,14 @@ impl Router {
         };
         drop(solve);
         let backend = bound.backend.clone();
-        let load = backend.start_build();
+        let (load, lease) = match admitted {
+            // Counted at admission, on the backend the build is bound to.
+            Some(a) if Arc::ptr_eq(&a.backend, &backend) => (a.load, Some(a.lease)),
+            // A session it names was bound elsewhere meanwhile: builds sharing a session share
+            // a daemon, even one at its cap.
+            Some(a) => (backend.start_build(), Some(a.lease)),
+            None => (backend.start_build(), None),
+        };
         let started = Instant::now();
         self.metrics.placement.observe(&choice, &traits);
         let record = BuildRecord {
@@ -445,6 +589,7 @@ impl Router {
             build_ref: build_ref.clone(),
             started,
             load: Some(load),
+            _lease: lease,
             _pins: bound.pins,
         };
         let response = self
@@ -478,13 +623,17 @@ impl Router {
         let shared_key = header(session::SHARED_KEY_HEADER).unwrap_or_default();
         tracing::Span::current()
             .record("build_ref", field::display(format_args!("session:{uuid}")));
+        let bind_window = match &self.admission {
+            Some(admission) => self.wait_for_queued_owner(admission, &uuid).await,
+            None => self.settings.session_bind_window,
+        };
         let bound = match session::bind(
             &self.registry,
             &self.pool,
             &self.placement,
             &uuid,
             &shared_key,
-            self.settings.session_bind_window,
+            bind_window,
         )
         .await
         {
@@ -509,6 +658,39 @@ impl Router {
         response.map(|body| body.with_hook(EndHook::new(move |_| drop(pin))))
     }
 
+    /// Holds a Session while the build that names it waits in the queue, until that build is
+    /// placed (and binds it). Returns what is left of the bind window for `session::bind`.
+    async fn wait_for_queued_owner(&self, admission: &Admission, uuid: &str) -> Duration {
+        let deadline = Instant::now() + self.settings.session_bind_window;
+        loop {
+            let arrived = admission.arrivals().notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.registry.lookup(KeyKind::Session, uuid).is_some() {
+                return Duration::ZERO;
+            }
+            if let Some(mut progress) = admission.queued_session(uuid) {
+                let _ = progress
+                    .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
+                    .await;
+                // Placed: its Solve binds this session right after admission.
+                let _ = self
+                    .registry
+                    .wait_bound(KeyKind::Session, uuid, self.settings.ref_wait)
+                    .await;
+                return Duration::ZERO;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return remaining;
+            }
+            tokio::select! {
+                _ = self.registry.wait_bound(KeyKind::Session, uuid, remaining) => return Duration::ZERO,
+                _ = arrived => {}
+            }
+        }
+    }
+
     /// The backend of `build_ref`, waiting up to the ref wait for its Solve.
     async fn backend_of(&self, build_ref: &str) -> Option<Arc<Backend>> {
         match self.registry.lookup(KeyKind::Ref, build_ref) {
@@ -518,6 +700,62 @@ impl Router {
                     .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
                     .await
             }
+        }
+    }
+
+    /// Where the build `build_ref` is: bound to a backend, waiting in the queue, or unknown
+    /// after the ref wait (its Solve never came to this router).
+    async fn resolve_ref(&self, build_ref: &str) -> RefState {
+        let Some(admission) = &self.admission else {
+            return match self.backend_of(build_ref).await {
+                Some(backend) => RefState::Bound(backend),
+                None => RefState::Unknown,
+            };
+        };
+        let deadline = Instant::now() + self.settings.ref_wait;
+        loop {
+            let arrived = admission.arrivals().notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(backend) = self.registry.lookup(KeyKind::Ref, build_ref) {
+                return RefState::Bound(backend);
+            }
+            if let Some(progress) = admission.progress_of(build_ref) {
+                return RefState::Queued(progress);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return RefState::Unknown;
+            }
+            tokio::select! {
+                bound = self.registry.wait_bound(KeyKind::Ref, build_ref, remaining) => {
+                    return bound.map_or(RefState::Unknown, RefState::Bound);
+                }
+                _ = arrived => {}
+            }
+        }
+    }
+
+    /// Waits while the queued build `progress` belongs to is waiting; its backend once placed.
+    async fn placed(
+        &self,
+        build_ref: &str,
+        mut progress: tokio::sync::watch::Receiver<Progress>,
+    ) -> Option<Arc<Backend>> {
+        let state = progress
+            .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
+            .await
+            .map(|p| p.clone());
+        match state {
+            Ok(Progress::Placed(backend)) => {
+                // Its Solve binds the ref right after admission.
+                let bound = self
+                    .registry
+                    .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
+                    .await;
+                Some(bound.unwrap_or(backend))
+            }
+            _ => None,
         }
     }
 
@@ -535,7 +773,29 @@ impl Router {
             Err(error) => return error_response_invalid("Control/Status", &error),
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        if let Some(backend) = self.backend_of(&build_ref).await {
+        let backend = match self.resolve_ref(&build_ref).await {
+            RefState::Bound(backend) => Some(backend),
+            RefState::Queued(progress) => {
+                let placed = match &*progress.borrow() {
+                    Progress::Placed(backend) => Some(backend.clone()),
+                    _ => None,
+                };
+                match placed {
+                    Some(backend) => Some(backend),
+                    // The client sees the wait as a vertex, then the daemon's own stream.
+                    None => {
+                        return waiting::status_while_queued(
+                            Arc::from(build_ref.as_str()),
+                            progress,
+                            Head::from_parts(&parts),
+                            peeked.buffered,
+                        )
+                    }
+                }
+            }
+            RefState::Unknown => None,
+        };
+        if let Some(backend) = backend {
             return self
                 .forward_to(
                     conn,
@@ -611,6 +871,38 @@ impl Router {
         })
     }
 
+    /// Forwards an `LLBBridge/Ping` and keeps its Pong (small), to answer queued builds' Pings.
+    async fn forward_ping(
+        &self,
+        conn: &ConnState,
+        backend: &Arc<Backend>,
+        build_ref: &str,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        tracing::Span::current().record("backend", &**backend.identity());
+        conn.used(backend);
+        let (parts, body) = request.into_parts();
+        let response = match forward::send(backend, parts, RequestBody::incoming(body)).await {
+            Ok(response) => response,
+            Err(error) => return unavailable_backend(backend, Some(build_ref), error),
+        };
+        let collected = match forward::collect(response, self.settings.max_message_size).await {
+            Ok(collected) => collected,
+            Err(error) => return unavailable_backend(backend, Some(build_ref), error),
+        };
+        if collected.status != code::OK {
+            return error(collected.status, collected.message);
+        }
+        self.cached.lock().expect("cache lock").insert(
+            PING_PATH,
+            CachedAnswer {
+                body: collected.body.clone(),
+                at: Instant::now(),
+            },
+        );
+        forward::ok_response(Some(&collected.headers), collected.body)
+    }
+
     async fn bridge(
         self: &Arc<Self>,
         conn: &Arc<ConnState>,
@@ -627,7 +919,35 @@ impl Router {
             return self.sticky(conn, request).await;
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        let backend = match self.backend_of(&build_ref).await {
+        let is_ping = request.uri().path() == PING_PATH;
+        let found =
+            match self.resolve_ref(&build_ref).await {
+                RefState::Bound(backend) => Some(backend),
+                // The gateway client gives Ping 15 s: a queued build's Ping is answered here.
+                RefState::Queued(_) if is_ping => {
+                    let last = self
+                        .cached
+                        .lock()
+                        .expect("cache lock")
+                        .get(PING_PATH)
+                        .map(|a| a.body.clone());
+                    return waiting::pong(last);
+                }
+                RefState::Queued(progress) => match self.placed(&build_ref, progress).await {
+                    Some(backend) => Some(backend),
+                    None => return error(
+                        code::UNAVAILABLE,
+                        format!(
+                            "buildkit-router: build {build_ref} left the queue without a builder"
+                        ),
+                    ),
+                },
+                RefState::Unknown => None,
+            };
+        if let (Some(backend), true) = (&found, is_ping) {
+            return self.forward_ping(conn, backend, &build_ref, request).await;
+        }
+        let backend = match found {
             Some(backend) => backend,
             None => {
                 // The daemon answers `no such job` with its own wait; send it where the
@@ -927,40 +1247,60 @@ impl Router {
             "/moby.buildkit.v1.Control/ListWorkers" => "/moby.buildkit.v1.Control/ListWorkers",
             _ => "/moby.buildkit.v1.Control/Info",
         };
-        let backend = conn
-            .last_backend()
+        // This connection's backend first, then the others by load: a daemon that died a
+        // moment ago costs a retry on the next, never the client's call.
+        let mut candidates: Vec<Arc<Backend>> = self
+            .pool
+            .snapshot()
+            .backends
+            .iter()
             .filter(|b| b.state() == BackendState::Ready)
-            .or_else(|| self.least_loaded_ready());
-        let Some(backend) = backend else {
-            return match self.cached.lock().expect("cache lock").get(path).cloned() {
-                Some(answer) => {
-                    info!("no backend is ready; serving the cached answer");
-                    forward::ok_response(Some(&answer.headers), answer.body)
-                }
-                None => error(
-                    code::UNAVAILABLE,
-                    "buildkit-router: no buildkitd backend is ready",
-                ),
-            };
-        };
+            .cloned()
+            .collect();
+        candidates.sort_by_key(|b| b.active_builds());
+        if let Some(last) = conn.last_backend() {
+            if let Some(i) = candidates.iter().position(|b| Arc::ptr_eq(b, &last)) {
+                let last = candidates.remove(i);
+                candidates.insert(0, last);
+            }
+        }
         let fresh = self
             .cached
             .lock()
             .expect("cache lock")
             .get(path)
             .is_some_and(|answer| answer.at.elapsed() < CACHE_REFRESH);
-        let (parts, body) = request.into_parts();
-        if fresh {
-            return self
-                .forward_to(conn, &backend, None, parts, RequestBody::incoming(body))
-                .await;
-        }
-        tracing::Span::current().record("backend", &**backend.identity());
-        conn.used(&backend);
-        let response = match forward::send(&backend, parts, RequestBody::incoming(body)).await {
-            Ok(response) => response,
-            Err(error) => return unavailable_backend(&backend, None, error),
+        // ListWorkersRequest / InfoRequest: one small message, read to be sent again.
+        let (parts, _rest, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
         };
+        let head = Head::from_parts(&parts);
+        let mut response = None;
+        for backend in candidates {
+            match forward::send_copy(&backend, &head, peeked.buffered.clone()).await {
+                Ok(answer) => {
+                    tracing::Span::current().record("backend", &**backend.identity());
+                    conn.used(&backend);
+                    response = Some((backend, answer));
+                    break;
+                }
+                Err(error) => {
+                    if let ForwardError::Send { source, .. } = &error {
+                        if !crate::body::is_stream_reset(source) {
+                            backend.mark_unreachable(&source.to_string());
+                        }
+                    }
+                    warn!(backend = %backend.identity(), %error, "{path} failed on a backend; trying the next");
+                }
+            }
+        }
+        let Some((backend, response)) = response else {
+            return self.offline_answer(path);
+        };
+        if fresh {
+            return forward::relay(response, stream_context(&backend, None));
+        }
         // Small answers: read them whole, to cache them and learn the workers' platforms.
         let collected = match forward::collect(response, self.settings.max_message_size).await {
             Ok(collected) => collected,
@@ -969,8 +1309,9 @@ impl Router {
         if collected.status != code::OK {
             return error(collected.status, collected.message);
         }
+        self.offline.remember(path, &collected.body);
         if path.ends_with("ListWorkers") {
-            let mut splitter = forward::MessageSplitter::default();
+            let mut splitter = wire::MessageSplitter::default();
             splitter.push(&collected.body);
             if let Ok(Some(message)) = splitter.next_message(self.settings.max_message_size) {
                 if let Ok(platforms) =
@@ -983,12 +1324,26 @@ impl Router {
         self.cached.lock().expect("cache lock").insert(
             path,
             CachedAnswer {
-                headers: collected.headers.clone(),
                 body: collected.body.clone(),
                 at: Instant::now(),
             },
         );
         forward::ok_response(Some(&collected.headers), collected.body)
+    }
+
+    /// ListWorkers/Info with no backend to ask (see [`crate::workers`]).
+    fn offline_answer(&self, path: &str) -> Response<ResponseBody> {
+        match self.offline.answer(path) {
+            Some(framed) => {
+                info!("no backend is ready; answering {path} from the last known answer");
+                forward::ok_response(None, framed)
+            }
+            None => error(
+                code::UNAVAILABLE,
+                "buildkit-router: no buildkitd backend is ready (and no answer is known yet: \
+                 set --default-platforms or --state-dir to answer with an empty pool)",
+            ),
+        }
     }
 
     async fn sticky(
@@ -1011,7 +1366,9 @@ impl Router {
     fn health(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         match request.uri().path() {
             "/grpc.health.v1.Health/Check" => {
-                let serving = self.pool.is_synced() && self.pool.snapshot().any_ready().is_some();
+                // With the queue on, an empty pool still takes builds (they wait for a daemon).
+                let serving = self.pool.is_synced()
+                    && (self.admission.is_some() || self.pool.snapshot().any_ready().is_some());
                 // HealthCheckResponse { status = 1 SERVING | 2 NOT_SERVING }
                 let message = wire::encode_frame(&[0x08, if serving { 1 } else { 2 }]);
                 forward::ok_response(None, message)

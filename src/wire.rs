@@ -308,6 +308,25 @@ pub struct HistoryRequestInfo<'a> {
     pub early_exit: bool,
 }
 
+/// `BuildHistoryEventType.STARTED` (`COMPLETE` is 1, `DELETED` 2).
+pub const HISTORY_STARTED: u64 = 0;
+
+/// A `BuildHistoryEvent`'s type (field 1) and its record's `Ref` (field 2, then 1).
+pub fn decode_history_event(msg: &[u8]) -> Result<(u64, &str), WireError> {
+    let (mut kind, mut build_ref) = (HISTORY_STARTED, "");
+    let mut fields = Fields::new(msg);
+    while let Some((number, value)) = fields.next_field()? {
+        match (number, value) {
+            (1, Value::Varint(v)) => kind = v,
+            (2, Value::Len(record)) => {
+                build_ref = single_string(record, 1, "BuildHistoryRecord.Ref")?;
+            }
+            _ => {}
+        }
+    }
+    Ok((kind, build_ref))
+}
+
 /// Decodes a `BuildHistoryRequest`.
 pub fn decode_history_request(msg: &[u8]) -> Result<HistoryRequestInfo<'_>, WireError> {
     let mut info = HistoryRequestInfo::default();
@@ -498,9 +517,71 @@ fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, WireError> 
     std::str::from_utf8(bytes).map_err(|_| WireError::InvalidUtf8 { field })
 }
 
+/// Splits a byte stream into whole framed gRPC messages (prefix included).
+#[derive(Debug, Default)]
+pub struct MessageSplitter {
+    buf: BytesMut,
+}
+
+impl MessageSplitter {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete framed message, if one is buffered.
+    pub fn next_message(&mut self, max_len: usize) -> Result<Option<Bytes>, WireError> {
+        match parse_frame_header(&self.buf, max_len)? {
+            Some(header) if self.buf.len() >= GRPC_PREFIX_LEN + header.len => Ok(Some(
+                self.buf.split_to(GRPC_PREFIX_LEN + header.len).freeze(),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_events_give_their_type_and_ref() {
+        use crate::proto::control as pb;
+        use prost::Message;
+        for (kind, expected) in [(0, HISTORY_STARTED), (1, 1), (2, 2)] {
+            let event = pb::BuildHistoryEvent {
+                r#type: kind,
+                record: Some(pb::BuildHistoryRecord {
+                    r#ref: "r1".into(),
+                    frontend: "dockerfile.v0".into(),
+                    ..Default::default()
+                }),
+            }
+            .encode_to_vec();
+            assert_eq!(decode_history_event(&event).unwrap(), (expected, "r1"));
+        }
+        // STARTED is the zero value: proto3 leaves it off the wire.
+        let started = pb::BuildHistoryEvent {
+            r#type: 0,
+            record: Some(pb::BuildHistoryRecord {
+                r#ref: "r2".into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        assert_eq!(started[0], 0x12, "no type field");
+        assert_eq!(
+            decode_history_event(&started).unwrap(),
+            (HISTORY_STARTED, "r2")
+        );
+        assert!(
+            decode_history_event(&[0x12, 0x05, 0x0a]).is_err(),
+            "truncated record"
+        );
+    }
 
     // A minimal encoder, so each test states its input field by field.
     fn varint(mut v: u64) -> Vec<u8> {

@@ -816,6 +816,7 @@ impl Control for ControlSvc {
                         name,
                         cached: false,
                         error: err,
+                        ..Default::default()
                     }],
                     ..Default::default()
                 };
@@ -986,7 +987,6 @@ impl Control for ControlSvc {
             Box::pin(head)
         } else {
             let want = req.r#ref.clone();
-            let active_only = req.active_only;
             let (tx, rx) = mpsc::channel(16);
             let kill = state.kill.clone();
             tokio::spawn(async move {
@@ -995,9 +995,9 @@ impl Control for ControlSvc {
                         ev = live.recv() => match ev {
                             Ok(ev) => {
                                 let r = ev.record.as_ref().map(|r| r.r#ref.clone()).unwrap_or_default();
-                                if (!want.is_empty() && r != want)
-                                    || (active_only && ev.r#type != BuildHistoryEventType::Started as i32)
-                                {
+                                // ActiveOnly only filters the snapshot: live events of
+                                // every type follow, as BuildKit's history Queue.Listen does.
+                                if !want.is_empty() && r != want {
                                     continue;
                                 }
                                 if tx.send(Ok(ev)).await.is_err() { break }
