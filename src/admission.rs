@@ -174,11 +174,7 @@ impl Admission {
             queued: 0,
             pool: PoolState::default(),
         });
-        self.by_ref.insert(build_ref.clone(), progress_rx);
-        for s in sessions {
-            self.sessions.insert(s.clone(), build_ref.clone());
-        }
-        let ticket = {
+        let (ticket, waits) = {
             let mut queue = self.lock();
             let ticket = queue.push(
                 Instant::now().into_std(),
@@ -191,9 +187,20 @@ impl Admission {
                 },
             );
             self.dispatch_locked(&mut queue);
-            ticket
+            let waits = queue.contains(ticket);
+            if waits {
+                // Visible to its other calls only while it really waits (under the lock, so
+                // the dispatcher cannot admit it in between).
+                self.by_ref.insert(build_ref.clone(), progress_rx);
+                for s in sessions {
+                    self.sessions.insert(s.clone(), build_ref.clone());
+                }
+            }
+            (ticket, waits)
         };
-        self.arrivals.notify_waiters();
+        if waits {
+            self.arrivals.notify_waiters();
+        }
         let mut pending = Pending {
             admission: self,
             ticket,

@@ -322,7 +322,7 @@ impl Body for ResponseBody {
                 }
                 Some(Err(error)) if is_stream_reset(&error) => {
                     // The backend reset the stream: hand the reset on to the client.
-                    tracing::debug!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend reset the stream");
+                    tracing::debug!(backend = %context.backend, build_ref = context.build_ref.as_deref().unwrap_or("-"), %error, "backend reset the stream");
                     this.finish(CallEnd::Cancelled);
                     Poll::Ready(Some(Err(error)))
                 }
@@ -331,7 +331,7 @@ impl Body for ResponseBody {
                     if let Some(health) = &context.health {
                         health.connection_failed(&error.to_string());
                     }
-                    tracing::warn!(backend = %context.backend, build_ref = ?context.build_ref, %error, "backend connection failed mid-stream");
+                    tracing::warn!(backend = %context.backend, build_ref = context.build_ref.as_deref().unwrap_or("-"), %error, "backend connection failed mid-stream");
                     this.finish(CallEnd::Status(code::UNAVAILABLE));
                     Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
                         code::UNAVAILABLE,

@@ -50,6 +50,21 @@ pub struct Head {
 }
 
 impl Head {
+    /// A gRPC call the router makes itself: POST `path`, `application/grpc`, `te: trailers`.
+    pub fn grpc(path: &'static str) -> Self {
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        Self {
+            method: http::Method::POST,
+            path_and_query: PathAndQuery::from_static(path),
+            headers,
+        }
+    }
+
     pub fn from_parts(parts: &Parts) -> Self {
         Self {
             method: parts.method.clone(),

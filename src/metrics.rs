@@ -176,7 +176,8 @@ impl Metrics {
 
     /// Records one finished call.
     pub fn record_call(&self, method: &'static str, code: Option<u32>) {
-        let code = code.map_or("CANCELLED_BY_PEER", code_name);
+        // No status: the client cancelled the call (RST_STREAM CANCEL) before it ended.
+        let code = code.map_or("CANCELLED", code_name);
         self.requests_total.with_label_values(&[method, code]).inc();
     }
 

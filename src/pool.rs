@@ -336,7 +336,14 @@ impl Backend {
         self.platforms.read().expect("platforms lock").clone()
     }
 
+    /// Keeps the workers' platforms, normalised (see `placement::normalize_platform`), so that
+    /// matching a build's (normalised) platforms allocates nothing.
     pub fn set_platforms(&self, platforms: Vec<String>) {
+        let mut platforms: Vec<String> = platforms
+            .iter()
+            .map(|p| crate::placement::normalize_platform(p))
+            .collect();
+        platforms.dedup();
         *self.platforms.write().expect("platforms lock") = Arc::new(platforms);
     }
 
@@ -730,7 +737,9 @@ fn target_of(address: &BackendAddress) -> (Scheme, Authority) {
     (scheme, authority)
 }
 
-/// `linux/arm64` is served by a worker listing `linux/arm64` or `linux/arm64/v8`.
+/// Whether a worker listing `worker` builds `wanted`, both normalised: the same platform, or a
+/// variant of the wanted one (`linux/amd64/v3` builds `linux/amd64`; a wanted bare OS takes any
+/// architecture).
 fn platform_matches(worker: &str, wanted: &str) -> bool {
     worker == wanted
         || worker
@@ -942,7 +951,21 @@ mod tests {
 
     #[test]
     fn platform_variants_match() {
-        assert!(platform_matches("linux/arm64/v8", "linux/arm64"));
+        // Aliases, as buildkitd accepts them, once both sides are normalised.
+        let matches = |worker: &str, wanted: &str| {
+            let n = crate::placement::normalize_platform;
+            platform_matches(&n(worker), &n(wanted))
+        };
+        assert!(matches("linux/arm64/v8", "linux/arm64"));
+        assert!(matches("linux/arm64", "linux/arm64/v8"));
+        assert!(matches("linux/arm64", "linux/aarch64"));
+        assert!(matches("linux/arm64", "arm64"));
+        assert!(matches("linux/amd64", "linux/x86_64"));
+        assert!(matches("linux/386", "linux/i386"));
+        assert!(matches("linux/arm/v7", "linux/armhf"));
+        assert!(matches("linux/arm/v7", "linux/arm"));
+        assert!(!matches("linux/arm/v6", "linux/arm"));
+        assert!(!matches("linux/amd64", "linux/aarch64"));
         assert!(platform_matches("linux/amd64", "linux/amd64"));
         assert!(!platform_matches("linux/amd64/v2", "linux/arm64"));
         assert!(!platform_matches("linux/arm", "linux/arm64"));

@@ -103,6 +103,11 @@ const CACHE_REFRESH: Duration = Duration::from_secs(30);
 
 /// `LLBBridge/Ping`: answered by the router for queued builds.
 const PING_PATH: &str = "/moby.buildkit.v1.frontend.LLBBridge/Ping";
+const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
+/// The ref of buildx's history API probe (buildkit-protocol.md, "What one build looks like").
+const BUILDX_HISTORY_PROBE: &str = "buildx-test-history-api-feature";
+/// How long a call for an unknown ref waits for its Solve before daemons' histories are asked.
+const LOCATE_AFTER: Duration = Duration::from_millis(300);
 
 /// Where a build's calls go.
 enum RefState {
@@ -153,6 +158,21 @@ fn unavailable_backend(
     };
     warn!(backend = %backend.identity(), build_ref, %error, "backend unavailable");
     forward::status_response(code::UNAVAILABLE, &message)
+}
+
+/// Counts a call whose handler was dropped unanswered (the client cancelled it).
+struct Unanswered<'a> {
+    metrics: &'a Metrics,
+    method: &'static str,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.record_call(self.method, None);
+        }
+    }
 }
 
 /// Ends a build's accounting exactly once: when its Solve answer ends, or when the Solve is
@@ -303,7 +323,15 @@ impl Router {
         } else {
             tracing::Span::none()
         };
+        // A call the client cancels before any answer (a Solve runs the whole build before its
+        // answer's headers) is counted when its future is dropped.
+        let mut unanswered = Unanswered {
+            metrics: &self.metrics,
+            method: call.method,
+            armed: true,
+        };
         let response = self.route(call.route, conn, request).instrument(span).await;
+        unanswered.armed = false;
         let metrics = self.metrics.clone();
         let method = call.method;
         response.map(|body| {
@@ -736,6 +764,60 @@ impl Router {
         }
     }
 
+    /// The backend whose build history holds `build_ref` (a build another replica placed, or
+    /// one this router has forgotten): every live backend is asked with
+    /// `ListenBuildHistory{Ref, EarlyExit}`, which answers at once; the first with a record wins.
+    async fn locate_ref(&self, build_ref: &str) -> Option<Arc<Backend>> {
+        use prost::Message;
+        let request = wire::encode_frame(
+            &crate::proto::control::BuildHistoryRequest {
+                r#ref: build_ref.to_owned(),
+                early_exit: true,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let head = Head::grpc(HISTORY_PATH);
+        let max = self.settings.max_message_size;
+        let mut asks: FuturesUnordered<_> = self
+            .live_backends()
+            .into_iter()
+            .map(|backend| {
+                let (head, request) = (&head, request.clone());
+                async move {
+                    let response = forward::send_copy(&backend, head, request).await.ok()?;
+                    let collected = forward::collect(response, max).await.ok()?;
+                    (collected.status == code::OK && !collected.body.is_empty()).then_some(backend)
+                }
+            })
+            .collect();
+        while let Some(found) = asks.next().await {
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// [`Router::resolve_ref`], but a ref that some daemon's history already holds is routed
+    /// there without waiting out the ref wait (`buildctl debug logs`, `buildx history` on old
+    /// builds). Asked only after a short delay: a new build's Solve binds its ref sooner.
+    async fn resolve_or_locate(&self, build_ref: &str) -> RefState {
+        let resolve = self.resolve_ref(build_ref);
+        let locate = async {
+            tokio::time::sleep(LOCATE_AFTER).await;
+            self.locate_ref(build_ref).await
+        };
+        tokio::pin!(resolve, locate);
+        tokio::select! {
+            state = &mut resolve => state,
+            Some(backend) = &mut locate => {
+                info!(build_ref, backend = %backend.identity(), "found the build in a backend's history");
+                RefState::Bound(backend)
+            }
+        }
+    }
+
     /// Waits while the queued build `progress` belongs to is waiting; its backend once placed.
     async fn placed(
         &self,
@@ -773,7 +855,7 @@ impl Router {
             Err(error) => return error_response_invalid("Control/Status", &error),
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        let backend = match self.resolve_ref(&build_ref).await {
+        let backend = match self.resolve_or_locate(&build_ref).await {
             RefState::Bound(backend) => Some(backend),
             RefState::Queued(progress) => {
                 let placed = match &*progress.borrow() {
@@ -789,6 +871,7 @@ impl Router {
                             progress,
                             Head::from_parts(&parts),
                             peeked.buffered,
+                            body,
                         )
                     }
                 }
@@ -920,30 +1003,31 @@ impl Router {
         };
         tracing::Span::current().record("build_ref", &*build_ref);
         let is_ping = request.uri().path() == PING_PATH;
-        let found =
-            match self.resolve_ref(&build_ref).await {
-                RefState::Bound(backend) => Some(backend),
-                // The gateway client gives Ping 15 s: a queued build's Ping is answered here.
-                RefState::Queued(_) if is_ping => {
-                    let last = self
-                        .cached
-                        .lock()
-                        .expect("cache lock")
-                        .get(PING_PATH)
-                        .map(|a| a.body.clone());
-                    return waiting::pong(last);
-                }
-                RefState::Queued(progress) => match self.placed(&build_ref, progress).await {
-                    Some(backend) => Some(backend),
-                    None => return error(
+        let found = match self.resolve_ref(&build_ref).await {
+            RefState::Bound(backend) => Some(backend),
+            // The gateway client gives Ping 15 s: a queued build's Ping is answered here.
+            RefState::Queued(_) if is_ping => {
+                let last = self
+                    .cached
+                    .lock()
+                    .expect("cache lock")
+                    .get(PING_PATH)
+                    .map(|a| a.body.clone());
+                return waiting::pong(last);
+            }
+            RefState::Queued(progress) => match self.placed(&build_ref, progress).await {
+                Some(backend) => Some(backend),
+                None => {
+                    return error(
                         code::UNAVAILABLE,
                         format!(
                             "buildkit-router: build {build_ref} left the queue without a builder"
                         ),
-                    ),
-                },
-                RefState::Unknown => None,
-            };
+                    )
+                }
+            },
+            RefState::Unknown => None,
+        };
         if let (Some(backend), true) = (&found, is_ping) {
             return self.forward_ping(conn, backend, &build_ref, request).await;
         }
@@ -1001,7 +1085,15 @@ impl Router {
         };
         if !build_ref.is_empty() {
             tracing::Span::current().record("build_ref", &*build_ref);
-            if let Some(backend) = self.registry.lookup(KeyKind::Ref, &build_ref) {
+            // Known to this router, else found in a daemon's history (the Content reads that
+            // follow on this connection then go there too); else every backend is asked.
+            let backend = match self.registry.lookup(KeyKind::Ref, &build_ref) {
+                Some(backend) => Some(backend),
+                // buildx's feature probe names a ref no daemon holds: skip the search.
+                None if build_ref == BUILDX_HISTORY_PROBE => None,
+                None => self.locate_ref(&build_ref).await,
+            };
+            if let Some(backend) = backend {
                 return self
                     .forward_to(
                         conn,

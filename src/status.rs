@@ -21,6 +21,8 @@ pub async fn print(args: StatusArgs) -> Result<(), BoxError> {
 }
 
 async fn fetch(admin: &str) -> Result<String, BoxError> {
+    // `http://host:port/` is accepted as well as `host:port`.
+    let admin = admin.trim_start_matches("http://").trim_end_matches('/');
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .map_err(|e| format!("cannot reach the router's admin endpoint {admin}: {e}"))?;

@@ -107,9 +107,13 @@ pub fn status_while_queued(
     mut progress: watch::Receiver<Progress>,
     head: Head,
     request: Bytes,
+    request_rest: hyper::body::Incoming,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<Frame<Bytes>>(16);
     let task = async move {
+        // Held to the end: dropping a request body the client has not finished sending would
+        // reset the client's stream.
+        let _request_rest = request_rest;
         let digest = vertex_digest(&build_ref);
         let started = SystemTime::now();
         let mut shown = describe(&progress.borrow_and_update());

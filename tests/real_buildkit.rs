@@ -849,6 +849,87 @@ async fn a_multi_platform_build_without_emulators_works_as_on_one_daemon() {
         "{}",
         refused.stderr
     );
+    // Platform aliases name the same platform, as buildkitd reads them.
+    for alias in ["linux/x86_64", "amd64", "linux/amd64/v1"] {
+        strict_ok(&pool, &strict, &ctx, alias).await;
+    }
+}
+
+/// History of builds this router does not know (placed by another replica, or forgotten after
+/// `--build-linger`) is found in the daemons' own histories: logs, inspect and Status work as
+/// against the daemon that ran the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_of_builds_placed_by_another_replica() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let (o, build_ref) = pool
+        .buildctl_build(
+            &ctx,
+            &out.path().join("a"),
+            &["--opt", "build-arg:N=replica"],
+        )
+        .await;
+    o.assert_ok();
+    let holder = pool.holder(&build_ref).await;
+    // A second replica over the same daemons never saw the build.
+    let replica = RouterProcess::start(&pool.daemons.iter().collect::<Vec<_>>(), &[]);
+    let started = std::time::Instant::now();
+    let logs = pool
+        .clients
+        .buildctl(&replica.url(), &["debug", "logs", &build_ref])
+        .await;
+    logs.assert_ok();
+    assert!(
+        logs.stdout.contains("n=replica") || logs.stdout.contains("RUN"),
+        "the build's logs:\n{}",
+        logs.stdout
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "found in the daemon's history, not after the daemons' 6 s job wait: {:?}",
+        started.elapsed()
+    );
+    pool.clients
+        .buildx_builder("replica", &replica.url(), None)
+        .await;
+    for cmd in [["history", "inspect"], ["history", "logs"]] {
+        let o = pool
+            .clients
+            .buildx(&[cmd[0], cmd[1], "--builder", "replica", &build_ref])
+            .await;
+        o.assert_ok();
+    }
+    // The same through the daemon directly, for comparison.
+    let direct = pool
+        .clients
+        .buildctl(&pool.daemons[holder].url(), &["debug", "logs", &build_ref])
+        .await;
+    direct.assert_ok();
+}
+
+/// A build for `platform` through the strict router succeeds.
+async fn strict_ok(pool: &Pool, strict: &RouterProcess, ctx: &Context, platform: &str) {
+    pool.clients
+        .buildctl(
+            &strict.url(),
+            &[
+                "build",
+                "--frontend",
+                "dockerfile.v0",
+                "--local",
+                &format!("context={}", ctx.path()),
+                "--local",
+                &format!("dockerfile={}", ctx.path()),
+                "--opt",
+                &format!("platform={platform}"),
+            ],
+        )
+        .await
+        .assert_ok();
 }
 
 /// The platforms of the manifests in an OCI layout tarball's image index, sorted.

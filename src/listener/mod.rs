@@ -122,12 +122,14 @@ impl Server {
                     match tls {
                         None => {
                             metrics.connections_total.with_label_values(&["h2c"]).inc();
-                            serve_connection(stream, router, &limits, watcher).await;
+                            serve_connection(stream, None, router, &limits, watcher).await;
                         }
-                        Some(acceptor) => match accept_tls(acceptor, stream, &limits).await {
+                        Some(acceptor) => match accept_tls(acceptor, stream, peer, &limits).await {
                             Some(tls_stream) => {
                                 metrics.connections_total.with_label_values(&["tls"]).inc();
-                                serve_connection(tls_stream, router, &limits, watcher).await;
+                                let identity = client_identity(&tls_stream);
+                                serve_connection(tls_stream, identity, router, &limits, watcher)
+                                    .await;
                             }
                             None => metrics
                                 .connections_total
@@ -151,9 +153,25 @@ impl Server {
     }
 }
 
+/// The client certificate's identity (mTLS): its subject's common name, else the whole
+/// subject; `None` without a certificate.
+fn client_identity(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Arc<str>> {
+    let der = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| subject.to_string());
+    (!name.is_empty()).then(|| Arc::from(name))
+}
+
 async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     limits: &Limits,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
@@ -170,11 +188,11 @@ async fn accept_tls(
             Some(tls)
         }
         Ok(Err(error)) => {
-            warn!(%error, "TLS handshake failed");
+            warn!(%peer, %error, "TLS handshake failed");
             None
         }
         Err(_) => {
-            warn!(timeout = ?limits.tls_handshake_timeout, "TLS handshake timed out");
+            warn!(%peer, timeout = ?limits.tls_handshake_timeout, "TLS handshake timed out");
             None
         }
     }
@@ -182,13 +200,14 @@ async fn accept_tls(
 
 async fn serve_connection<S>(
     stream: S,
+    identity: Option<Arc<str>>,
     router: Arc<Router>,
     limits: &Limits,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn_state = Arc::new(ConnState::default());
+    let conn_state = Arc::new(ConnState::with_identity(identity));
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let router = router.clone();
         let conn_state = conn_state.clone();

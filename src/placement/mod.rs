@@ -635,13 +635,48 @@ fn bound(x: f64) -> usize {
     }
 }
 
-/// `linux/amd64, linux/arm64` -> `["linux/amd64", "linux/arm64"]`.
+/// `linux/amd64, linux/arm64` -> `["linux/amd64", "linux/arm64"]`, each normalised
+/// ([`normalize_platform`]).
 pub fn parse_platforms(p: &str) -> Vec<String> {
     p.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(str::to_ascii_lowercase)
+        .map(normalize_platform)
         .collect()
+}
+
+/// A platform as containerd's `platforms.Normalize` (which BuildKit uses) spells it, so that
+/// aliases match: `aarch64` and `arm64/v8` are `arm64`, `x86_64` is `amd64`, `i386` is `386`,
+/// `armhf` is `arm/v7`, a bare architecture means Linux (`arm64` is `linux/arm64`).
+pub fn normalize_platform(p: &str) -> String {
+    let p = p.trim().to_ascii_lowercase();
+    let parts: Vec<&str> = p.split('/').collect();
+    let (os, arch, variant) = match parts.as_slice() {
+        [one] if matches!(*one, "linux" | "windows" | "darwin" | "freebsd") => (*one, "", ""),
+        [arch] => ("linux", *arch, ""),
+        [os, arch] => (*os, *arch, ""),
+        [os, arch, variant, ..] => (*os, *arch, *variant),
+        [] => ("", "", ""),
+    };
+    let (arch, variant) = match (arch, variant) {
+        ("i386" | "i686", _) => ("386", ""),
+        ("x86_64" | "x86-64" | "amd64", "v1") => ("amd64", ""),
+        ("x86_64" | "x86-64", v) => ("amd64", v),
+        ("aarch64" | "arm64", "v8" | "8") => ("arm64", ""),
+        ("aarch64", v) => ("arm64", v),
+        ("armhf", _) => ("arm", "v7"),
+        ("armel", _) => ("arm", "v6"),
+        ("arm", "" | "7") => ("arm", "v7"),
+        ("arm", "5") => ("arm", "v5"),
+        ("arm", "6") => ("arm", "v6"),
+        ("arm", "8") => ("arm", "v8"),
+        other => other,
+    };
+    match (arch, variant) {
+        ("", _) => os.to_owned(),
+        (arch, "") => format!("{os}/{arch}"),
+        (arch, variant) => format!("{os}/{arch}/{variant}"),
+    }
 }
 
 /// Capacity as a real cap, for the admission queue (`crate::queue`). Kept apart from
