@@ -65,14 +65,27 @@ if [ -z "$router" ]; then
 fi
 export PATH="$bin:$PATH"
 
+# Refuse to start over ports something else already serves: the demo would talk to that instead.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$port" $((port + 1)) $((port + 2)) "$admin_port"; do
+  if port_in_use "$p"; then
+    say "127.0.0.1:$p is already in use; pick free ports with DEMO_PORT (uses it and the next two) and DEMO_ADMIN_PORT"
+    exit 1
+  fi
+done
+
 mkdir -p "$dir"
 touch "$dir/.buildkit-router-demo" # `stop` removes only a folder carrying this mark
 trap 'say "failed; stopping what was started"; stop' ERR
 
-# wait_for WHAT CMD...: retries CMD for up to 30 s.
+# wait_for WHAT PIDFILE CMD...: retries CMD for up to 30 s while the process started for it lives.
 wait_for() {
-  local what=$1; shift
+  local what=$1 pid; pid=$(cat "$2"); shift 2
   for _ in $(seq 300); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      say "$what exited; its log:"; cat "$dir/$what.log" >&2 || true
+      return 1
+    fi
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
@@ -88,7 +101,7 @@ for i in 1 2; do
     --otel-socket-path="$dir/buildkitd-$i.otel.sock" \
     >"$dir/buildkitd-$i.log" 2>&1 </dev/null &
   echo $! >"$dir/buildkitd-$i.pid"
-  wait_for "buildkitd $i" buildctl --addr "tcp://127.0.0.1:$p" debug workers
+  wait_for "buildkitd-$i" "$dir/buildkitd-$i.pid" buildctl --addr "tcp://127.0.0.1:$p" debug workers
   backends+=(--backend "tcp://127.0.0.1:$p")
 done
 
@@ -96,7 +109,7 @@ done
 setsid "$router" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" "${backends[@]}" \
   >"$dir/router.log" 2>&1 </dev/null &
 echo $! >"$dir/router.pid"
-wait_for "the router" buildctl --addr "tcp://127.0.0.1:$port" debug workers
+wait_for "router" "$dir/router.pid" buildctl --addr "tcp://127.0.0.1:$port" debug workers
 
 # One real build through the router: FROM scratch, a static busybox for the RUN step.
 ctx="$dir/context"
@@ -112,6 +125,12 @@ say "running one build through the router"
 buildctl --addr "tcp://127.0.0.1:$port" build --frontend dockerfile.v0 \
   --local context="$ctx" --local dockerfile="$ctx" --output type=local,dest="$dir/out" >&2
 trap - ERR
+
+# The stop line repeats the settings this demo was started with.
+stop_command="$0 stop"
+for v in DEMO_DIR DEMO_PORT DEMO_ADMIN_PORT; do
+  [ -n "${!v:-}" ] && stop_command="$v=${!v} $stop_command"
+done
 
 cat <<EOF
 
@@ -129,5 +148,5 @@ Use it:
   curl -s http://127.0.0.1:$admin_port/status; curl -s http://127.0.0.1:$admin_port/metrics
 
 Stop everything:
-  $0 stop
+  $stop_command
 EOF

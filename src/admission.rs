@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::grpc::code;
 use crate::metrics::Metrics;
 use crate::placement::{BuildTraits, Choice, Placement, PlacementError};
 use crate::pool::{Backend, LoadGuard, Pool};
@@ -36,8 +37,18 @@ pub enum Progress {
     },
     /// Admitted onto this backend.
     Placed(Arc<Backend>),
-    /// Left the queue without a backend (timed out, refused, cancelled).
-    Ended,
+    /// Left the queue without a backend (timed out, refused, cancelled), with the gRPC code
+    /// and message its other calls answer with.
+    Ended { code: u32, message: Arc<str> },
+}
+
+impl Progress {
+    fn ended(code: u32, message: impl Into<Arc<str>>) -> Self {
+        Progress::Ended {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// A build's place on a backend, from admission until it ends.
@@ -127,7 +138,10 @@ impl Drop for Pending<'_> {
         if !self.done {
             let cancelled = self.admission.lock().cancel(self.ticket);
             if let Some(waiter) = cancelled {
-                waiter.progress.send_replace(Progress::Ended);
+                waiter.progress.send_replace(Progress::ended(
+                    code::CANCELLED,
+                    "buildkit-router: the build was cancelled by its client while queued",
+                ));
                 info!(build_ref = %self.build_ref, "build cancelled by its client while queued");
             }
             self.admission.kick.notify_one();
@@ -200,6 +214,8 @@ impl Admission {
         };
         if waits {
             self.arrivals.notify_waiters();
+            // The dispatcher recomputes its next timeout with this build in the queue.
+            self.kick.notify_one();
         }
         let mut pending = Pending {
             admission: self,
@@ -280,7 +296,10 @@ impl Admission {
         let mut queue = self.lock();
         for (ticket, _) in queue.payloads().map(|(t, _)| (t, ())).collect::<Vec<_>>() {
             if let Some(waiter) = queue.cancel(ticket) {
-                waiter.progress.send_replace(Progress::Ended);
+                waiter.progress.send_replace(Progress::ended(
+                    code::UNAVAILABLE,
+                    Refusal::ShuttingDown.to_string(),
+                ));
                 let _ = waiter.verdict.send(Err(Refusal::ShuttingDown));
             }
         }
@@ -341,14 +360,24 @@ impl Admission {
                     let message = timed_out.message();
                     warn!(build_ref = %timed_out.payload.build_ref, waited_seconds = timed_out.waited.as_secs_f64(), position = timed_out.position, "queued build timed out");
                     self.metrics.queue_timeouts_total.inc();
-                    timed_out.payload.progress.send_replace(Progress::Ended);
+                    timed_out.payload.progress.send_replace(Progress::ended(
+                        code::RESOURCE_EXHAUSTED,
+                        format!("{message} (build {})", timed_out.payload.build_ref),
+                    ));
                     let _ = timed_out
                         .payload
                         .verdict
                         .send(Err(Refusal::TimedOut(message)));
                 }
                 Outcome::Rejected { payload, error, .. } => {
-                    payload.progress.send_replace(Progress::Ended);
+                    let code = match error {
+                        PlacementError::NoPlatform { .. } => code::FAILED_PRECONDITION,
+                        _ => code::UNAVAILABLE,
+                    };
+                    payload.progress.send_replace(Progress::ended(
+                        code,
+                        format!("buildkit-router: {error} for build {}", payload.build_ref),
+                    ));
                     let _ = payload.verdict.send(Err(Refusal::Placement(error)));
                 }
             }

@@ -212,7 +212,17 @@ pub struct Backend {
     sender: Mutex<Option<SendRequest<RequestBody>>>,
     connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Option<Backoff>>,
+    /// When the next health check is due, and the delay before the one after while the
+    /// backend is unhealthy (doubling from [`FIRST_PROBE`] up to the health interval).
+    next_check: Mutex<(Instant, Duration)>,
+    /// A health check is running.
+    checking: AtomicBool,
 }
+
+/// How soon an ejected backend is probed again; the delay doubles up to the health interval.
+const FIRST_PROBE: Duration = Duration::from_millis(200);
+/// How often the health loop looks for due checks.
+const HEALTH_TICK: Duration = Duration::from_millis(100);
 
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -253,6 +263,8 @@ impl Backend {
             sender: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(None),
+            next_check: Mutex::new((Instant::now(), FIRST_PROBE)),
+            checking: AtomicBool::new(false),
         }
     }
 
@@ -377,6 +389,9 @@ impl Backend {
         if self.healthy.swap(false, Ordering::AcqRel) {
             warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
             self.events.notify_one();
+            // Probe it again soon, not at the next health interval.
+            *self.next_check.lock().expect("check lock") =
+                (Instant::now() + FIRST_PROBE, FIRST_PROBE * 2);
         }
     }
 
@@ -620,6 +635,24 @@ impl Backend {
             self.set_reported(Some(active.len()));
         }
         Ok(())
+    }
+
+    /// Whether a health check is due: every health interval while healthy; after a backoff from
+    /// [`FIRST_PROBE`] (doubling to the interval) while ejected, so a daemon that comes back
+    /// rejoins within a fraction of a second.
+    fn health_due(&self, now: Instant) -> bool {
+        self.next_check.lock().expect("check lock").0 <= now
+    }
+
+    fn schedule_next_check(&self) {
+        let now = Instant::now();
+        let interval = self.settings.health_interval;
+        let mut next = self.next_check.lock().expect("check lock");
+        *next = if self.healthy.load(Ordering::Acquire) {
+            (now + interval, FIRST_PROBE)
+        } else {
+            (now + next.1.min(interval), (next.1 * 2).min(interval))
+        };
     }
 
     async fn check_health(&self) {
@@ -875,20 +908,28 @@ impl Pool {
         }
     }
 
-    /// Health-checks every backend each interval, forever.
+    /// Health-checks every backend when due (see `Backend::health_due`), forever. Each check
+    /// runs in its own task, so a backend that does not answer delays no other.
     pub async fn run_health_checks(self: Arc<Self>) {
-        let mut interval = tokio::time::interval(self.settings.health_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
+            tick.tick().await;
+            let now = Instant::now();
             let snapshot = self.snapshot();
             for backend in &snapshot.backends {
                 if !backend.watching.swap(true, Ordering::AcqRel) {
                     tokio::spawn(backend.clone().watch_active_builds());
                 }
+                if backend.health_due(now) && !backend.checking.swap(true, Ordering::AcqRel) {
+                    let backend = backend.clone();
+                    tokio::spawn(async move {
+                        backend.check_health().await;
+                        backend.schedule_next_check();
+                        backend.checking.store(false, Ordering::Release);
+                    });
+                }
             }
-            let checks = snapshot.backends.iter().map(|b| b.check_health());
-            futures_util::future::join_all(checks).await;
         }
     }
 

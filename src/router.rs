@@ -160,6 +160,15 @@ fn unavailable_backend(
     forward::status_response(code::UNAVAILABLE, &message)
 }
 
+/// A queued build's progress once it left the queue (placed or ended), or as last seen if its
+/// waiter is gone.
+async fn settled(progress: &mut tokio::sync::watch::Receiver<Progress>) -> Progress {
+    let _ = progress
+        .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
+        .await;
+    progress.borrow().clone()
+}
+
 /// Counts a call whose handler was dropped unanswered (the client cancelled it).
 struct Unanswered<'a> {
     metrics: &'a Metrics,
@@ -652,7 +661,10 @@ impl Router {
         tracing::Span::current()
             .record("build_ref", field::display(format_args!("session:{uuid}")));
         let bind_window = match &self.admission {
-            Some(admission) => self.wait_for_queued_owner(admission, &uuid).await,
+            Some(admission) => match self.wait_for_queued_owner(admission, &uuid).await {
+                Ok(left) => left,
+                Err(answer) => return answer,
+            },
             None => self.settings.session_bind_window,
         };
         let bound = match session::bind(
@@ -688,32 +700,36 @@ impl Router {
 
     /// Holds a Session while the build that names it waits in the queue, until that build is
     /// placed (and binds it). Returns what is left of the bind window for `session::bind`.
-    async fn wait_for_queued_owner(&self, admission: &Admission, uuid: &str) -> Duration {
+    async fn wait_for_queued_owner(
+        &self,
+        admission: &Admission,
+        uuid: &str,
+    ) -> Result<Duration, Response<ResponseBody>> {
         let deadline = Instant::now() + self.settings.session_bind_window;
         loop {
             let arrived = admission.arrivals().notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             if self.registry.lookup(KeyKind::Session, uuid).is_some() {
-                return Duration::ZERO;
+                return Ok(Duration::ZERO);
             }
             if let Some(mut progress) = admission.queued_session(uuid) {
-                let _ = progress
-                    .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
-                    .await;
+                if let Progress::Ended { code, message } = settled(&mut progress).await {
+                    return Err(error(code, &*message));
+                }
                 // Placed: its Solve binds this session right after admission.
                 let _ = self
                     .registry
                     .wait_bound(KeyKind::Session, uuid, self.settings.ref_wait)
                     .await;
-                return Duration::ZERO;
+                return Ok(Duration::ZERO);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return remaining;
+                return Ok(remaining);
             }
             tokio::select! {
-                _ = self.registry.wait_bound(KeyKind::Session, uuid, remaining) => return Duration::ZERO,
+                _ = self.registry.wait_bound(KeyKind::Session, uuid, remaining) => return Ok(Duration::ZERO),
                 _ = arrived => {}
             }
         }
@@ -818,26 +834,27 @@ impl Router {
         }
     }
 
-    /// Waits while the queued build `progress` belongs to is waiting; its backend once placed.
+    /// Waits while the queued build `progress` belongs to is waiting; its backend once placed,
+    /// else the answer its calls get (why it left the queue).
     async fn placed(
         &self,
         build_ref: &str,
         mut progress: tokio::sync::watch::Receiver<Progress>,
-    ) -> Option<Arc<Backend>> {
-        let state = progress
-            .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
-            .await
-            .map(|p| p.clone());
-        match state {
-            Ok(Progress::Placed(backend)) => {
+    ) -> Result<Arc<Backend>, Response<ResponseBody>> {
+        match settled(&mut progress).await {
+            Progress::Placed(backend) => {
                 // Its Solve binds the ref right after admission.
                 let bound = self
                     .registry
                     .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
                     .await;
-                Some(bound.unwrap_or(backend))
+                Ok(bound.unwrap_or(backend))
             }
-            _ => None,
+            Progress::Ended { code, message } => Err(error(code, &*message)),
+            Progress::Waiting { .. } => Err(error(
+                code::UNAVAILABLE,
+                format!("buildkit-router: build {build_ref} left the queue without a builder"),
+            )),
         }
     }
 
@@ -1016,15 +1033,8 @@ impl Router {
                 return waiting::pong(last);
             }
             RefState::Queued(progress) => match self.placed(&build_ref, progress).await {
-                Some(backend) => Some(backend),
-                None => {
-                    return error(
-                        code::UNAVAILABLE,
-                        format!(
-                            "buildkit-router: build {build_ref} left the queue without a builder"
-                        ),
-                    )
-                }
+                Ok(backend) => Some(backend),
+                Err(answer) => return answer,
             },
             RefState::Unknown => None,
         };

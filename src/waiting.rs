@@ -56,7 +56,7 @@ pub fn describe(progress: &Progress) -> String {
             format!("{VERTEX_PREFIX}: {ahead}, {pool}")
         }
         Progress::Placed(backend) => format!("{VERTEX_PREFIX}: placed on {}", backend.identity()),
-        Progress::Ended => format!("{VERTEX_PREFIX}: gave up"),
+        Progress::Ended { message, .. } => format!("{VERTEX_PREFIX}: {message}"),
     }
 }
 
@@ -170,13 +170,13 @@ pub fn status_while_queued(
                     }
                     break backend;
                 }
-                Progress::Ended => {
+                Progress::Ended { message, .. } => {
                     let frame = status_frame(
                         &digest,
                         &shown,
                         started,
                         Some(SystemTime::now()),
-                        Some("the build left the queue without a builder"),
+                        Some(&message),
                         None,
                     );
                     let _ = tx.send(Frame::data(frame)).await;

@@ -1063,6 +1063,32 @@ async fn the_demo_script_runs_a_build_and_stops_cleanly() {
         .assert_ok();
     assert_eq!(read(out.path().join("out/n")), "n=demo\n");
 
+    // A second demo on the same ports refuses to start instead of talking to the first one.
+    let mut again = tokio::process::Command::new("bash");
+    again
+        .arg(&script)
+        .env("DEMO_DIR", state.path().join("second"))
+        .env("DEMO_PORT", port.to_string())
+        .env("DEMO_ADMIN_PORT", admin.to_string())
+        .env("BUILDKIT_ROUTER_BIN", env!("CARGO_BIN_EXE_buildkit-router"))
+        .env("BUILDKIT_PEERS_BIN", &peers.bin)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let refused = Clients::run_cmd("a second scripts/demo.sh".into(), again).await;
+    assert!(!refused.ok(), "ports in use: {}", refused.stdout);
+    assert!(
+        refused.stderr.contains("already in use"),
+        "{}",
+        refused.stderr
+    );
+    // The printed stop line carries the settings it was started with.
+    assert!(
+        started.stdout.contains(&format!("DEMO_PORT={port}")),
+        "{}",
+        started.stdout
+    );
+
     run(Some("stop")).await.assert_ok();
     assert!(!dir.exists(), "stop removes the demo's state");
     assert!(

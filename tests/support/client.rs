@@ -241,6 +241,8 @@ pub struct BuildResult {
     pub status: CallResult,
     /// Status messages received.
     pub status_messages: usize,
+    /// The names of the vertexes the Status stream showed, in order of first sight.
+    pub status_vertexes: Vec<String>,
     /// `None` when the build opened no session.
     pub session: Option<CallResult>,
     pub ping: CallResult,
@@ -585,7 +587,7 @@ impl Client {
             }),
             None => None,
         };
-        let (status, status_messages) =
+        let (status, status_messages, status_vertexes) =
             match tokio::time::timeout(opts.drain_timeout, status_task).await {
                 Ok(Ok(r)) => r,
                 _ => (
@@ -595,6 +597,7 @@ impl Client {
                         message: "client gave up waiting for the status stream".into(),
                     },
                     0,
+                    Vec::new(),
                 ),
             };
         let solve_call = CallResult::from_result("Solve", &solve);
@@ -604,6 +607,7 @@ impl Client {
             solve: solve_call,
             status,
             status_messages,
+            status_vertexes,
             session,
             ping,
             bridge_solve,
@@ -747,7 +751,7 @@ impl Client {
 
     /// Status of `build_ref` alone: the number of messages until the stream ended.
     pub async fn status(&self, build_ref: &str) -> Result<usize, Status> {
-        let (c, n) = status_call(self.control(), build_ref.to_string()).await;
+        let (c, n, _) = status_call(self.control(), build_ref.to_string()).await;
         if c.is_ok() {
             Ok(n)
         } else {
@@ -778,20 +782,29 @@ async fn collect<T>(mut s: Streaming<T>) -> Result<Vec<T>, Status> {
     Ok(v)
 }
 
-async fn status_call(mut c: ControlClient<Channel>, build_ref: String) -> (CallResult, usize) {
+async fn status_call(
+    mut c: ControlClient<Channel>,
+    build_ref: String,
+) -> (CallResult, usize, Vec<String>) {
     let mut n = 0;
+    let mut names: Vec<String> = Vec::new();
     let r: Result<(), Status> = async {
         let mut s = c
             .status(pb::StatusRequest { r#ref: build_ref })
             .await?
             .into_inner();
-        while s.message().await?.is_some() {
+        while let Some(m) = s.message().await? {
             n += 1;
+            for v in m.vertexes {
+                if !names.contains(&v.name) {
+                    names.push(v.name);
+                }
+            }
         }
         Ok(())
     }
     .await;
-    (CallResult::from_result("Status", &r), n)
+    (CallResult::from_result("Status", &r), n, names)
 }
 
 struct SessionCfg {

@@ -88,6 +88,8 @@ impl Default for Timers {
 /// Options of a fake daemon.
 #[derive(Clone)]
 pub struct DaemonOpts {
+    /// Listen here instead of an ephemeral port (a daemon that comes up at a known address).
+    pub listen: Option<std::net::SocketAddr>,
     /// Serve TLS with this config (set its ALPN as you need); h2c when `None`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Worker platforms reported by ListWorkers (`os/arch[/variant]`). Default `linux/amd64`.
@@ -109,6 +111,7 @@ pub struct DaemonOpts {
 impl Default for DaemonOpts {
     fn default() -> Self {
         DaemonOpts {
+            listen: None,
             tls: None,
             platforms: vec!["linux/amd64".into()],
             timers: Timers::default(),
@@ -475,7 +478,12 @@ pub struct FakeDaemon {
 impl FakeDaemon {
     /// Starts a daemon named `name` on 127.0.0.1:0.
     pub async fn start(name: &str, opts: DaemonOpts) -> FakeDaemon {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(
+            opts.listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal")),
+        )
+        .await
+        .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let disk = vec![
             pb::UsageRecord {

@@ -33,3 +33,28 @@ pub fn new_node_id() -> String {
     let mut rng = rand::rng();
     format!("{:016x}", rng.random::<u64>())
 }
+
+/// GET an admin path of a router (`/status`, `/readyz`, `/metrics`); the body as text.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", "admin")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("admin request");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}

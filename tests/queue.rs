@@ -1,0 +1,233 @@
+//! The admission queue through the real router, over fake daemons: builds wait for a daemon with
+//! room (an empty pool, a full one), see why in their Status stream, time out with a clear
+//! RESOURCE_EXHAUSTED, and leave the queue at once when their client cancels.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use buildkit_router::app::{self, Running};
+use buildkit_router::config::RunConfig;
+use buildkit_router::pool::{BackendAddress, EndpointSpec, EndpointState, PoolUpdate};
+use support::client::{BuildOpts, CancelAt, Client};
+use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use tonic::Code;
+
+/// A router over `backends`; with none, over one address where nothing listens (a pool scaled
+/// to zero: discovery lists no live daemon).
+async fn router(backends: &[&FakeDaemon], tweak: impl FnOnce(&mut RunConfig)) -> Running {
+    let mut cfg = RunConfig::for_tests();
+    cfg.backends = backends.iter().map(|d| d.url()).collect();
+    if backends.is_empty() {
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        cfg.backends = vec![format!("tcp://{nowhere}")];
+    }
+    tweak(&mut cfg);
+    let running = app::start(cfg).await.expect("router starts");
+    running.pool.wait_synced().await;
+    running
+}
+
+/// Waits (bounded) until `n` builds wait in the router's queue.
+async fn wait_queued(router: &Running, n: i64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while router.metrics.queued_total.get() != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "expected {n} queued builds, have {}",
+            router.metrics.queued_total.get()
+        )
+    });
+}
+
+fn add(daemon: &FakeDaemon) -> PoolUpdate {
+    PoolUpdate::Add(EndpointSpec {
+        identity: daemon.name().to_owned(),
+        address: BackendAddress::tcp("127.0.0.1", daemon.addr().port()),
+        state: EndpointState::Ready,
+        zone: None,
+        node: None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_wait_for_an_empty_pool_and_all_complete_when_a_daemon_appears() {
+    let router = router(&[], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let builds: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+        })
+        .collect();
+    wait_queued(&router, 3).await;
+    let status: serde_json::Value =
+        serde_json::from_str(&support::admin_get(router.admin_addr, "/status").await)
+            .expect("status json");
+    assert_eq!(
+        status["queued"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    let daemon = FakeDaemon::start("late", DaemonOpts::default()).await;
+    router.pool.apply(add(&daemon));
+    for b in builds {
+        let b = b.await.expect("build task");
+        assert!(b.ok(), "{b:#?}");
+        assert!(
+            b.status_vertexes
+                .iter()
+                .any(|v| v.starts_with("[buildkit-router] waiting for a builder")),
+            "the client saw why it waited: {:?}",
+            b.status_vertexes
+        );
+        assert!(
+            b.status_vertexes.iter().any(|v| v.contains("fake step")),
+            "then the daemon's own progress: {:?}",
+            b.status_vertexes
+        );
+        assert!(b.tunnel.bytes_uploaded > 0, "context went through: {b:#?}");
+    }
+    assert_eq!(daemon.counters().refs().len(), 3);
+    assert_eq!(router.metrics.queued_total.get(), 0);
+    assert!(router.metrics.queue_wait_seconds.get_sample_count() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_serves_queued_builds_as_slots_free_never_over_capacity() {
+    let opts = DaemonOpts {
+        hold_builds: true,
+        ..DaemonOpts::default()
+    };
+    let d0 = FakeDaemon::start("d0", opts.clone()).await;
+    let d1 = FakeDaemon::start("d1", opts).await;
+    let router = router(&[&d0, &d1], |cfg| {
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let builds: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+        })
+        .collect();
+    d0.wait_held(1).await;
+    d1.wait_held(1).await;
+    wait_queued(&router, 2).await;
+    assert_eq!(
+        (d0.held(), d1.held()),
+        (1, 1),
+        "the cap is real: nothing overflows"
+    );
+    d0.release_builds();
+    d1.release_builds();
+    for b in builds {
+        let b = b.await.expect("build task");
+        assert!(b.ok(), "{b:#?}");
+    }
+    assert_eq!(d0.counters().refs().len() + d1.counters().refs().len(), 4);
+    assert_eq!(router.metrics.queued_total.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_waits_too_long_gets_resource_exhausted_naming_its_wait() {
+    let router = router(&[], |cfg| {
+        cfg.queue.queue_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let b = client.build(BuildOpts::buildctl()).await;
+    // The Solve, or the frontend call the client was waiting in (which then cancels the
+    // Solve), ends with the queue's verdict.
+    let calls = b.calls();
+    let refused = calls
+        .iter()
+        .find(|c| c.code == Code::ResourceExhausted)
+        .unwrap_or_else(|| panic!("a call ends with RESOURCE_EXHAUSTED: {calls:#?}"));
+    for needle in [
+        "no builder became free after waiting",
+        "--queue-timeout",
+        "no builder is ready",
+        &b.build_ref,
+    ] {
+        assert!(
+            refused.message.contains(needle),
+            "{needle}: {}",
+            refused.message
+        );
+    }
+    assert_eq!(router.metrics.queue_timeouts_total.get(), 1);
+    assert_eq!(router.metrics.queued_total.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_cancelled_while_queued_leaves_at_once_and_reaches_no_daemon() {
+    let daemon = FakeDaemon::start(
+        "d0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router(&[&daemon], |cfg| {
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    daemon.wait_held(1).await;
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let queued = {
+        let client = client.clone();
+        let opts = BuildOpts {
+            cancel: Some(CancelAt::Signal(cancel.clone())),
+            ..BuildOpts::buildctl()
+        };
+        tokio::spawn(async move { client.build(opts).await })
+    };
+    wait_queued(&router, 1).await;
+    cancel.notify_one();
+    wait_queued(&router, 0).await;
+    let queued = queued.await.expect("build task");
+    assert!(queued.cancelled, "{queued:#?}");
+    assert!(
+        !daemon.counters().refs().contains(&queued.build_ref),
+        "a build cancelled while queued never reaches a daemon"
+    );
+    daemon.release_builds();
+    assert!(running.await.expect("build task").ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_pool_is_ready_and_answers_list_workers_from_default_platforms() {
+    let router = router(&[], |cfg| {
+        cfg.default_platforms = vec!["linux/amd64".into(), "linux/arm64".into()];
+    })
+    .await;
+    let ready = support::admin_get(router.admin_addr, "/readyz").await;
+    assert!(ready.starts_with("ready"), "{ready}");
+    let client = Client::connect(router.addr).await.expect("connect");
+    let workers = client
+        .list_workers()
+        .await
+        .expect("ListWorkers with no daemon");
+    let platforms: Vec<String> = workers.record[0]
+        .platforms
+        .iter()
+        .map(|p| format!("{}/{}", p.os, p.architecture))
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    client.info().await.expect("Info with no daemon");
+}
