@@ -36,6 +36,9 @@ pub struct Metrics {
     pub builds_total: IntCounterVec,
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
+    /// Control/Session streams open, by phase: `held` (answered by the router, no backend
+    /// yet) or `relayed` (tunnel relayed to a backend).
+    pub sessions: IntGaugeVec,
     pub builds_queued: IntGauge,
     pub queue_wait_seconds: Histogram,
     pub connections_active: IntGauge,
@@ -86,6 +89,17 @@ impl Metrics {
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             &["how"],
         )?;
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "sessions",
+                "Control/Session streams open, by phase (held: no backend yet; relayed)",
+            )
+            .namespace(PREFIX),
+            &["phase"],
+        )?;
+        for phase in ["held", "relayed"] {
+            sessions.with_label_values(&[phase]);
+        }
         let builds_queued = IntGauge::with_opts(
             Opts::new("builds_queued", "Builds waiting for a backend slot").namespace(PREFIX),
         )?;
@@ -114,6 +128,7 @@ impl Metrics {
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(build_duration_seconds.clone()))?;
         registry.register(Box::new(session_bind_seconds.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(builds_queued.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
@@ -137,6 +152,7 @@ impl Metrics {
             builds_total,
             build_duration_seconds,
             session_bind_seconds,
+            sessions,
             builds_queued,
             queue_wait_seconds,
             connections_active,
