@@ -435,11 +435,13 @@ async fn relay_stream(
         (cut, stop_sending)
     };
     match cut {
-        None if stop_sending => {
-            // The client answered in full and wants no more of the request: tell the daemon.
-            respond.send_reset(Reason::NO_ERROR);
+        None => {
+            // Done. If the client answered in full and wanted no more of the request
+            // (`stop_sending`), dropping the daemon's stream handles makes h2 send the daemon
+            // RST_STREAM(NO_ERROR) *after* the queued answer and trailers: an explicit reset
+            // here would discard them.
+            let _ = stop_sending;
         }
-        None => {}
         Some(Cut::Reset(reason)) => {
             debug!(%reason, "inner stream reset; resetting its other side");
             to_client.send_reset(reason);
