@@ -541,7 +541,12 @@ impl Router {
             session::SessionCall {
                 uuid,
                 request,
-                max_message: self.settings.max_message_size,
+                // The tunnel carries whole inner connections: BuildKit's own message limit
+                // applies there, whatever limit the router reads routed calls with.
+                max_message: self
+                    .settings
+                    .max_message_size
+                    .max(session::tunnel::MAX_MESSAGE),
                 gauges,
             },
             wait,

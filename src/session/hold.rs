@@ -30,6 +30,7 @@ pub(crate) mod code {
     pub const OK: u32 = 0;
     pub const CANCELLED: u32 = 1;
     pub const UNKNOWN: u32 = 2;
+    pub const INVALID_ARGUMENT: u32 = 3;
     pub const INTERNAL: u32 = 13;
     pub const UNAVAILABLE: u32 = 14;
 }
@@ -249,10 +250,18 @@ impl Held {
     /// answer any more. (A half-close is not gone: the client waits for our trailers.)
     pub(crate) fn client_gone(&self) -> bool {
         self.out.is_closed()
-            || matches!(
-                self.handle.end(),
-                ReadEnd::Reset(_) | ReadEnd::Lost(_) | ReadEnd::Malformed(_)
-            )
+            || matches!(self.handle.end(), ReadEnd::Reset(_) | ReadEnd::Lost(_))
+    }
+
+    /// The status for a client whose Session stream was not a Session stream.
+    pub(crate) fn malformed_status(&self) -> Option<HeaderMap> {
+        match self.handle.end() {
+            ReadEnd::Malformed(error) => Some(status_trailers(
+                code::INVALID_ARGUMENT,
+                &format!("buildkit-router: malformed Control/Session stream: {error}"),
+            )),
+            _ => None,
+        }
     }
 
     /// Ends the session toward the client: closes the inner connection (GOAWAY once its streams
@@ -270,7 +279,9 @@ impl Held {
         if self.client_gone() {
             return;
         }
-        let trailers = trailers.unwrap_or_else(|| status_trailers(code::OK, ""));
+        let trailers = trailers
+            .or_else(|| self.malformed_status())
+            .unwrap_or_else(|| status_trailers(code::OK, ""));
         let _ = tokio::time::timeout(
             CLIENT_CLOSE_GRACE,
             self.out.send(Frame::trailers(trailers)),

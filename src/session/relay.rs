@@ -203,6 +203,11 @@ pub(crate) async fn run(
                 info!("the client went away; resetting the session on its backend");
                 return;
             }
+            if let Some(status) = held.malformed_status() {
+                // The client's stream broke: reset the daemon's side, tell the client why.
+                drop(server);
+                return held.finish(Some(status)).await;
+            }
             // The client half-closed. As it would have directly, the daemon sees its inner
             // connection end: a GOAWAY, then the end of our half of the outer stream.
             server.abrupt_shutdown(Reason::NO_ERROR);
@@ -400,7 +405,7 @@ async fn relay_stream(
         };
     drop(client);
 
-    let (cut, stop_sending) = {
+    let cut = {
         let up = async {
             if request_done {
                 Ok(())
@@ -410,14 +415,17 @@ async fn relay_stream(
         };
         let down = relay_response(response, &mut respond);
         tokio::pin!(up, down);
-        let (mut up_done, mut down_done, mut stop_sending) = (false, false, false);
-        let cut = loop {
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
             tokio::select! {
                 result = &mut up, if !up_done => {
                     up_done = true;
                     match result {
-                        Ok(()) => {}
-                        Err(Cut::StopSending) => stop_sending = true,
+                        // The client answered in full and wants no more of the request: once
+                        // the answer is relayed, dropping the daemon's stream handles makes h2
+                        // send it RST_STREAM(NO_ERROR) *after* the queued answer and trailers
+                        // (an explicit reset would discard them).
+                        Ok(()) | Err(Cut::StopSending) => {}
                         Err(cut) => break Some(cut),
                     }
                 }
@@ -431,17 +439,10 @@ async fn relay_stream(
             if up_done && down_done {
                 break None;
             }
-        };
-        (cut, stop_sending)
+        }
     };
     match cut {
-        None => {
-            // Done. If the client answered in full and wanted no more of the request
-            // (`stop_sending`), dropping the daemon's stream handles makes h2 send the daemon
-            // RST_STREAM(NO_ERROR) *after* the queued answer and trailers: an explicit reset
-            // here would discard them.
-            let _ = stop_sending;
-        }
+        None => {}
         Some(Cut::Reset(reason)) => {
             debug!(%reason, "inner stream reset; resetting its other side");
             to_client.send_reset(reason);

@@ -29,6 +29,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::PollSender;
 
+/// The largest Session message accepted by default: BuildKit's 16 MiB message limit plus
+/// slack for the framing. (The fake and real clients send 32 KiB or smaller.)
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024 + 64 * 1024;
+
 /// Coalesce outbound writes into messages of up to this many payload bytes. Large enough that
 /// a burst of 16 KiB inner DATA frames costs one outer message, not sixteen; small enough to
 /// stay far below every peer's message limit (grpc-go and tonic default to 4 MiB).
@@ -670,7 +674,7 @@ mod tests {
     use http_body_util::StreamBody;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const MAX: usize = 16 * 1024 * 1024 + 64 * 1024;
+    const MAX: usize = MAX_MESSAGE;
 
     fn decode_all(chunks: &[&[u8]]) -> Result<Vec<u8>, TunnelError> {
         let mut d = Decoder::new(MAX);
