@@ -520,16 +520,14 @@ impl Router {
             Box::new(move |backend, parts, body| {
                 Box::pin(async move {
                     conn.used(&backend);
-                    forward::send(&backend, parts, body)
-                        .await
-                        .map_err(|error| {
-                            if let ForwardError::Send { source, .. } = &error {
-                                if !crate::body::is_stream_reset(source) {
-                                    backend.mark_unreachable(&source.to_string());
-                                }
+                    forward::send(&backend, parts, body).await.map_err(|error| {
+                        if let ForwardError::Send { source, .. } = &error {
+                            if !crate::body::is_stream_reset(source) {
+                                backend.mark_unreachable(&source.to_string());
                             }
-                            error.to_string()
-                        })
+                        }
+                        error.to_string()
+                    })
                 })
             })
         };

@@ -249,8 +249,7 @@ impl Held {
     /// True when the client is gone: its outer stream was reset or lost, or nobody reads our
     /// answer any more. (A half-close is not gone: the client waits for our trailers.)
     pub(crate) fn client_gone(&self) -> bool {
-        self.out.is_closed()
-            || matches!(self.handle.end(), ReadEnd::Reset(_) | ReadEnd::Lost(_))
+        self.out.is_closed() || matches!(self.handle.end(), ReadEnd::Reset(_) | ReadEnd::Lost(_))
     }
 
     /// The status for a client whose Session stream was not a Session stream.
@@ -282,10 +281,7 @@ impl Held {
         let trailers = trailers
             .or_else(|| self.malformed_status())
             .unwrap_or_else(|| status_trailers(code::OK, ""));
-        let _ = tokio::time::timeout(
-            CLIENT_CLOSE_GRACE,
-            self.out.send(Frame::trailers(trailers)),
-        )
-        .await;
+        let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, self.out.send(Frame::trailers(trailers)))
+            .await;
     }
 }

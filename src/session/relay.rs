@@ -121,7 +121,11 @@ pub(crate) async fn run(
     // x-docker-expose-session-* header unchanged).
     let (daemon_tx, daemon_rx) = mpsc::channel(OUT_CHANNEL);
     let response = match held
-        .until(open(backend.clone(), parts, RequestBody::channel(daemon_rx)))
+        .until(open(
+            backend.clone(),
+            parts,
+            RequestBody::channel(daemon_rx),
+        ))
         .await
     {
         None => return held.finish(None).await,
@@ -228,7 +232,11 @@ pub(crate) async fn run(
             held.finish(status).await;
         }
         Stop::Daemon(error) => {
-            let lost = error.is_some() || !matches!(daemon_end.end(), ReadEnd::Open | ReadEnd::Eof | ReadEnd::Trailers(_));
+            let lost = error.is_some()
+                || !matches!(
+                    daemon_end.end(),
+                    ReadEnd::Open | ReadEnd::Eof | ReadEnd::Trailers(_)
+                );
             if lost {
                 // Inner streams toward the client are reset (CANCEL) when their relays drop.
                 streams.shutdown().await;

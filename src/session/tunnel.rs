@@ -78,7 +78,9 @@ struct Varint {
 impl Varint {
     fn push(&mut self, byte: u8) -> Result<Option<u64>, TunnelError> {
         if self.shift >= 64 {
-            return Err(TunnelError::NotBytesMessage("a varint is longer than 10 bytes"));
+            return Err(TunnelError::NotBytesMessage(
+                "a varint is longer than 10 bytes",
+            ));
         }
         self.value |= u64::from(byte & 0x7f) << self.shift;
         self.shift += 7;
@@ -234,9 +236,7 @@ impl Decoder {
                             State::Skip { left: left - n, n }
                         }
                         _ => {
-                            return Err(TunnelError::NotBytesMessage(
-                                "invalid or group wire type",
-                            ))
+                            return Err(TunnelError::NotBytesMessage("invalid or group wire type"))
                         }
                     };
                 }
@@ -702,7 +702,11 @@ mod tests {
         want.extend_from_slice(b"world");
         assert_eq!(decode_all(&[&wire]).unwrap(), want);
         for i in 0..wire.len() {
-            assert_eq!(decode_all(&[&wire[..i], &wire[i..]]).unwrap(), want, "split {i}");
+            assert_eq!(
+                decode_all(&[&wire[..i], &wire[i..]]).unwrap(),
+                want,
+                "split {i}"
+            );
         }
         for i in (0..wire.len()).step_by(7) {
             for j in (i..wire.len()).step_by(5) {
@@ -827,9 +831,8 @@ mod tests {
         assert!(e.is_full());
     }
 
-    type ChunkBody = StreamBody<
-        tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>,
-    >;
+    type ChunkBody =
+        StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 
     fn body() -> (
         mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
@@ -870,7 +873,10 @@ mod tests {
         io.shutdown().await.unwrap();
         let message = out_rx.recv().await.unwrap().into_data().unwrap();
         assert_eq!(decode_all(&[&message]).unwrap(), b"abcdef");
-        assert!(out_rx.recv().await.is_none(), "shutdown ends the outbound body");
+        assert!(
+            out_rx.recv().await.is_none(),
+            "shutdown ends the outbound body"
+        );
     }
 
     #[tokio::test]

@@ -16,6 +16,19 @@ use rand::Rng;
 /// The largest gRPC message either side of BuildKit accepts.
 pub const MAX_MESSAGE: usize = 16 << 20;
 
+/// The fill byte of the `index`th DATA packet of a FileSync or FileSend transfer. Every packet
+/// is filled with one byte that changes from packet to packet, so the receiving side can check
+/// every byte it got, and its order, in one pass (`pattern_ok`).
+pub fn pattern_byte(index: u64) -> u8 {
+    (index.wrapping_mul(151).wrapping_add(7) % 251) as u8
+}
+
+/// Whether `data` is the `index`th packet of a transfer.
+pub fn pattern_ok(index: u64, data: &[u8]) -> bool {
+    let b = pattern_byte(index);
+    data.iter().all(|&x| x == b)
+}
+
 /// A BuildKit identity (`identity.NewID()`): 25 base36 characters, used for build refs and
 /// session ids.
 pub fn new_id() -> String {
