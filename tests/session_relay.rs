@@ -203,6 +203,34 @@ async fn an_inner_reset_from_the_daemon_reaches_the_client() {
     assert_no_sessions_left(&router).await;
 }
 
+/// The client answers an inner call early (its FileSend handler refuses the export while the
+/// daemon is still sending), then resets the stream with NO_ERROR: the refusal and its status
+/// must reach the daemon before that reset, and the daemon must stop sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_from_the_client_reaches_the_daemon_before_its_reset() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            export_size: 32 << 20,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildx();
+    opts.reject_export_after = Some(1 << 20);
+    let result = client.build(opts).await;
+    assert_eq!(result.solve.code, Code::Unknown, "{:#?}", result.solve);
+    assert!(
+        result.solve.message.contains("no space left on device"),
+        "the daemon got the client's own status: {}",
+        result.solve.message
+    );
+    assert!(result.tunnel.bytes_exported < 32 << 20);
+    assert_no_sessions_left(&router).await;
+}
+
 /// The daemon dies mid-build: the client's Session ends with UNAVAILABLE naming the backend and
 /// the session, not with a hang or an anonymous reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

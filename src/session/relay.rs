@@ -355,7 +355,7 @@ enum Cut {
     /// body (a server that answered early). The answer must still be relayed.
     StopSending,
     /// A connection failed under the stream: reset whatever is still open (CANCEL).
-    Failed,
+    Failed(&'static str),
 }
 
 impl Cut {
@@ -363,7 +363,10 @@ impl Cut {
     fn from_sender(error: &h2::Error) -> Cut {
         match error.reason() {
             Some(reason) if error.is_reset() && error.is_remote() => Cut::Reset(reason),
-            _ => Cut::Failed,
+            _ => {
+                debug!(%error, "inner stream failed on the sending side");
+                Cut::Failed("the sending side failed")
+            }
         }
     }
 
@@ -380,7 +383,10 @@ impl Cut {
     fn from_send_error(error: &h2::Error) -> Cut {
         match error.reason() {
             Some(reason) if error.is_reset() && error.is_remote() => Cut::from_receiver(reason),
-            _ => Cut::Failed,
+            _ => {
+                debug!(%error, "inner stream failed on the receiving side");
+                Cut::Failed("the receiving side failed")
+            }
         }
     }
 }
@@ -456,7 +462,8 @@ async fn relay_stream(
             to_client.send_reset(reason);
             respond.send_reset(reason);
         }
-        Some(Cut::StopSending) | Some(Cut::Failed) => {
+        Some(cut @ (Cut::StopSending | Cut::Failed(_))) => {
+            debug!(?cut, "inner stream cut; resetting both sides");
             to_client.send_reset(Reason::CANCEL);
             respond.send_reset(Reason::CANCEL);
         }
@@ -479,7 +486,10 @@ async fn relay_response(
     .await;
     let answer = match answer {
         Err(Ok(reason)) => return Err(Cut::Reset(reason)),
-        Err(Err(_)) => return Err(Cut::Failed),
+        Err(Err(error)) => {
+            debug!(%error, "the daemon's side of an inner stream failed");
+            return Err(Cut::Failed("the daemon's side failed"));
+        }
         Ok(Err(error)) => return Err(Cut::from_sender(&error)),
         Ok(Ok(answer)) => answer,
     };
@@ -508,7 +518,10 @@ async fn pump(from: &mut RecvStream, to: &mut SendStream<Bytes>) -> Result<(), C
         .await;
         let mut chunk = match next {
             Err(Ok(reason)) => return Err(Cut::from_receiver(reason)),
-            Err(Err(_)) => return Err(Cut::Failed),
+            Err(Err(error)) => {
+                debug!(%error, "the receiving side of an inner stream failed");
+                return Err(Cut::Failed("the receiving side failed"));
+            }
             Ok(None) => break,
             Ok(Some(Err(error))) => return Err(Cut::from_sender(&error)),
             Ok(Some(Ok(chunk))) => chunk,
@@ -525,7 +538,13 @@ async fn pump(from: &mut RecvStream, to: &mut SendStream<Bytes>) -> Result<(), C
                 match poll_fn(|cx| to.poll_capacity(cx)).await {
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(Cut::from_send_error(&error)),
-                    None => return Err(Cut::Failed),
+                    // No more capacity will come: the receiver reset or closed the stream.
+                    None => {
+                        return Err(match poll_fn(|cx| Poll::Ready(to.poll_reset(cx))).await {
+                            Poll::Ready(Ok(reason)) => Cut::from_receiver(reason),
+                            _ => Cut::Failed("the receiving side closed"),
+                        })
+                    }
                 }
             };
             let part = chunk.split_to(capacity.min(chunk.len()));

@@ -133,6 +133,9 @@ pub struct BuildOpts {
     pub calls_after: Option<Duration>,
     /// Notified (once per cut) when a FileSync answer is cut mid-file, as it happens.
     pub filesync_cut: Option<Arc<Notify>>,
+    /// Refuse an export once this many bytes arrived: the FileSend handler answers
+    /// RESOURCE_EXHAUSTED ("no space left on device") while the daemon is still sending.
+    pub reject_export_after: Option<u64>,
 }
 
 impl BuildOpts {
@@ -174,6 +177,7 @@ impl BuildOpts {
             drain_timeout: Duration::from_secs(30),
             calls_after: None,
             filesync_cut: None,
+            reject_export_after: None,
         }
     }
 
@@ -473,6 +477,7 @@ impl Client {
                     preface_timeout: opts.preface_timeout,
                     rst: opts.session_rst,
                     filesync_cut: opts.filesync_cut.clone(),
+                    reject_export_after: opts.reject_export_after,
                 },
                 stats.clone(),
                 close_rx,
@@ -682,6 +687,7 @@ impl Client {
                 preface_timeout: Duration::from_secs(10),
                 rst: false,
                 filesync_cut: None,
+                reject_export_after: None,
             },
             stats.clone(),
             close_rx,
@@ -824,6 +830,7 @@ struct SessionCfg {
     preface_timeout: Duration,
     rst: bool,
     filesync_cut: Option<Arc<Notify>>,
+    reject_export_after: Option<u64>,
 }
 
 /// The client's side of one Session: serves Health/FileSync/FileSend as the HTTP/2 server of the
@@ -872,6 +879,7 @@ async fn run_session(
     let svc = ClientSessionSvc {
         context_size: cfg.context_size,
         filesync_cut: cfg.filesync_cut.clone(),
+        reject_export_after: cfg.reject_export_after,
         stats: stats.clone(),
     };
     if cfg.methods.iter().any(|m| m == FILESYNC_DIFFCOPY) {
@@ -962,6 +970,7 @@ impl Drop for AbortOnDrop {
 struct ClientSessionSvc {
     context_size: usize,
     filesync_cut: Option<Arc<Notify>>,
+    reject_export_after: Option<u64>,
     stats: Arc<SessionStats>,
 }
 
@@ -1095,14 +1104,24 @@ impl FileSend for ClientSessionSvc {
         self.stats.filesend_calls.fetch_add(1, Ordering::SeqCst);
         let mut inbound = request.into_inner();
         let mut index = 0u64;
+        let mut received = 0u64;
         while let Some(p) = inbound.message().await? {
             if !super::pattern_ok(index, &p.data) {
                 self.stats.corrupt_packets.fetch_add(1, Ordering::SeqCst);
             }
             index += 1;
+            received += p.data.len() as u64;
             self.stats
                 .bytes_exported
                 .fetch_add(p.data.len() as u64, Ordering::SeqCst);
+            if self
+                .reject_export_after
+                .is_some_and(|limit| received >= limit)
+            {
+                // Answered while the daemon is still sending: the status goes out, then
+                // RST_STREAM(NO_ERROR) tells the daemon to stop.
+                return Err(Status::resource_exhausted("no space left on device"));
+            }
         }
         Ok(Response::new(Box::pin(futures_util::stream::empty())))
     }
