@@ -462,8 +462,12 @@ async fn relay_stream(
             to_client.send_reset(reason);
             respond.send_reset(reason);
         }
-        Some(cut @ (Cut::StopSending | Cut::Failed(_))) => {
-            debug!(?cut, "inner stream cut; resetting both sides");
+        Some(Cut::StopSending | Cut::Failed(_)) => {
+            let why = match cut {
+                Some(Cut::Failed(why)) => why,
+                _ => "the daemon reset with NO_ERROR",
+            };
+            debug!(why, "inner stream cut; resetting both sides (CANCEL)");
             to_client.send_reset(Reason::CANCEL);
             respond.send_reset(Reason::CANCEL);
         }
