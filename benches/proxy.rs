@@ -45,8 +45,16 @@ const ROUNDS: usize = 6;
 const CALLS_1: usize = 1500;
 /// Calls per caller per round with 64 callers (64 x 40 = 2560 calls a round).
 const CALLS_64: usize = 40;
-/// Tunnel builds per path in the summary pass (on top of criterion's).
+/// Tunnel builds per path in the summary pass (on top of criterion's); more with
+/// `PROXY_BENCH_TUNNEL_ROUNDS` on a noisy machine.
 const TUNNEL_ROUNDS: usize = 3;
+
+fn tunnel_rounds() -> usize {
+    std::env::var("PROXY_BENCH_TUNNEL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TUNNEL_ROUNDS)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -360,7 +368,7 @@ fn summary(rt: &Runtime, env: &Arc<Env>, tunnel: &TunnelLog) {
     let tunnel_group = format!("tunnel_{}MiB", tunnel_bytes() >> 20);
     if wanted(&tunnel_group) {
         rt.block_on(async {
-            for round in 0..TUNNEL_ROUNDS {
+            for round in 0..tunnel_rounds() {
                 let order = if round % 2 == 0 {
                     [Path::Direct, Path::Router]
                 } else {
