@@ -179,6 +179,20 @@ async fn tunnel_build(client: &Client, bytes: usize) -> Duration {
 /// Every tunnel build's duration, per path, from criterion's runs and the summary pass.
 type TunnelLog = Arc<Mutex<[Vec<Duration>; 2]>>;
 
+/// CPU time this process has used so far (user + system, all threads), from /proc/self/stat.
+/// Unlike wall time it barely moves with other work on the machine, so the relay's cost per
+/// build reads clearly even when throughput is noisy. `None` off Linux.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn criterion_benches(c: &mut Criterion, rt: &Runtime, env: &Arc<Env>, tunnel: &TunnelLog) {
     let tunnel_bytes = tunnel_bytes();
 
@@ -366,6 +380,8 @@ fn summary(rt: &Runtime, env: &Arc<Env>, tunnel: &TunnelLog) {
         rows.push(rt.block_on(latency_rows(env, "64 callers, 64 conns", CALLERS, CALLS_64)));
     }
     let tunnel_group = format!("tunnel_{}MiB", tunnel_bytes() >> 20);
+    let mut cpu = [Duration::ZERO; 2];
+    let mut cpu_builds = [0u32; 2];
     if wanted(&tunnel_group) {
         rt.block_on(async {
             for round in 0..tunnel_rounds() {
@@ -375,7 +391,12 @@ fn summary(rt: &Runtime, env: &Arc<Env>, tunnel: &TunnelLog) {
                     [Path::Router, Path::Direct]
                 };
                 for path in order {
+                    let before = process_cpu();
                     let d = tunnel_build(env.single(path), tunnel_bytes()).await;
+                    if let (Some(a), Some(b)) = (before, process_cpu()) {
+                        cpu[Env::idx(path)] += b.saturating_sub(a);
+                        cpu_builds[Env::idx(path)] += 1;
+                    }
                     tunnel.lock().unwrap()[Env::idx(path)].push(d);
                 }
             }
@@ -458,6 +479,16 @@ fn summary(rt: &Runtime, env: &Arc<Env>, tunnel: &TunnelLog) {
             "relay/direct throughput (median): {:.2}x (target >= 0.90x)\n",
             t.0 / d.0
         ));
+        if cpu_builds[0] > 0 && cpu_builds[1] > 0 {
+            let per = |i: usize| cpu[i].as_secs_f64() * 1e3 / f64::from(cpu_builds[i]);
+            out.push_str(&format!(
+                "CPU per build, whole process (client + router + daemon), summary pass: direct {:.0} ms, relay {:.0} ms ({:.2}x); the relay path adds {:.0} ms per {mib:.0} MiB\n",
+                per(0),
+                per(1),
+                per(1) / per(0),
+                per(1) - per(0),
+            ));
+        }
     }
     let k = env.daemon.counters();
     out.push_str(&format!(
