@@ -369,3 +369,36 @@ async fn a_vanishing_client_ends_the_daemons_session_and_leaves_nothing_behind()
     .expect("the daemon's session ended");
     assert_no_sessions_left(&router).await;
 }
+
+/// A client that goes away while its session is held (no Solve has named it yet): the hold ends
+/// at once (the wait future, a queue entry tomorrow, is dropped) and nothing reaches a daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.session_bind_window = Duration::from_secs(3600);
+    })
+    .await;
+    let addr = router.addr;
+    let mut opts = BuildOpts::buildctl();
+    // The build's other calls would only start after an hour: the session stays held.
+    opts.calls_after = Some(Duration::from_secs(3600));
+    let session_id = opts.session_id.clone();
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    client_runtime.spawn(async move {
+        let client = Client::connect(addr).await.expect("connect");
+        client.build(opts).await
+    });
+    eventually("the session is held", Duration::from_secs(10), || {
+        sessions(&router, "held") == 1
+    })
+    .await;
+    client_runtime.shutdown_background();
+    assert_no_sessions_left(&router).await;
+    assert!(!daemon.counters().saw_session(&session_id));
+    assert_eq!(daemon.counters().calls("Session"), 0);
+}
