@@ -22,6 +22,8 @@ use crate::grpc::{code, grpc_status_of, status_trailers};
 pub struct RequestBody {
     prefix: Option<Bytes>,
     inner: Option<Incoming>,
+    /// Frames the router produces as it goes (the Session relay's side of the tunnel).
+    channel: Option<mpsc::Receiver<Frame<Bytes>>>,
 }
 
 impl RequestBody {
@@ -30,6 +32,7 @@ impl RequestBody {
         Self {
             prefix: None,
             inner: Some(inner),
+            channel: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl RequestBody {
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
             inner: Some(inner),
+            channel: None,
         }
     }
 
@@ -46,6 +50,16 @@ impl RequestBody {
         Self {
             prefix: (!data.is_empty()).then_some(data),
             inner: None,
+            channel: None,
+        }
+    }
+
+    /// Frames produced by a task; the body ends when every sender is dropped.
+    pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
+        Self {
+            prefix: None,
+            inner: None,
+            channel: Some(rx),
         }
     }
 }
@@ -61,6 +75,9 @@ impl Body for RequestBody {
         if let Some(prefix) = self.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
+        if let Some(rx) = self.channel.as_mut() {
+            return rx.poll_recv(cx).map(|frame| frame.map(Ok));
+        }
         match self.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_frame(cx),
             None => Poll::Ready(None),
@@ -68,10 +85,15 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.prefix.is_none()
+            && self.channel.is_none()
+            && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.channel.is_some() {
+            return SizeHint::default();
+        }
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
         let inner = self
             .inner

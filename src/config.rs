@@ -114,7 +114,8 @@ pub struct RunConfig {
     pub max_message_size: usize,
 
     /// How long a Control/Session waits for a Solve that names it before it is placed on its own.
-    /// Must stay well under the client's 10 s preface timeout.
+    /// The router answers the session's inner connection itself while it waits, so this is not
+    /// bounded by the client's 10 s preface timeout (docs/session-relay.md).
     #[arg(long, value_parser = parse_duration, default_value = "3s", env = "BUILDKIT_ROUTER_SESSION_BIND_WINDOW")]
     pub session_bind_window: Duration,
     /// How long a Status or LLBBridge call for an unknown build ref waits for its Solve.

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub builds_total: IntCounterVec,
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
+    /// Control/Session streams open, by phase: `held` (answered by the router, no backend
+    /// yet) or `relayed` (tunnel relayed to a backend).
+    pub sessions: IntGaugeVec,
     /// Builds waiting, by tenant (at most `queue::DEFAULT_TENANT_LABELS` tenants named, the rest
     /// as `other`; `default` always present).
     pub builds_queued: IntGaugeVec,
@@ -81,6 +84,17 @@ impl Metrics {
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             &["how"],
         )?;
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "sessions",
+                "Control/Session streams open, by phase (held: no backend yet; relayed)",
+            )
+            .namespace(PREFIX),
+            &["phase"],
+        )?;
+        for phase in ["held", "relayed"] {
+            sessions.with_label_values(&[phase]);
+        }
         let builds_queued = IntGaugeVec::new(
             Opts::new(
                 "builds_queued",
@@ -123,6 +137,7 @@ impl Metrics {
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(build_duration_seconds.clone()))?;
         registry.register(Box::new(session_bind_seconds.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(builds_queued.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(queue_timeouts_total.clone()))?;
@@ -147,6 +162,7 @@ impl Metrics {
             builds_total,
             build_duration_seconds,
             session_bind_seconds,
+            sessions,
             builds_queued,
             queued_total,
             queue_wait_seconds,

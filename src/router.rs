@@ -1,5 +1,5 @@
 //! One request's way: classify it, find its backend (registry, else placement), and hand it to
-//! forwarding or session binding. The only module that knows every other module's role.
+//! forwarding or the session relay. The only module that knows every other module's role.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -228,6 +228,12 @@ impl Drop for BuildEnd {
 /// A placement failure, naming the build and what the pool looks like, so the user can tell
 /// "all daemons down" from "pool scaled to zero" from "wrong platform".
 fn placement_error(error: &PlacementError, build: &str, pool: &Pool) -> Response<ResponseBody> {
+    let (code, message) = placement_refusal(error, build, pool);
+    forward::status_response(code, &message)
+}
+
+/// The gRPC status of a placement failure (see [`placement_error`]).
+fn placement_refusal(error: &PlacementError, build: &str, pool: &Pool) -> (u32, String) {
     let code = match error {
         PlacementError::NoBackend => code::UNAVAILABLE,
         PlacementError::NoPlatform { .. } => code::FAILED_PRECONDITION,
@@ -252,9 +258,9 @@ fn placement_error(error: &PlacementError, build: &str, pool: &Pool) -> Response
         states.join(", ")
     };
     warn!(%error, build, pool = %pool_text, "cannot place");
-    forward::status_response(
+    (
         code,
-        &format!("buildkit-router: {error} for {build} ({pool_text})"),
+        format!("buildkit-router: {error} for {build} ({pool_text})"),
     )
 }
 
@@ -641,6 +647,9 @@ impl Router {
         response.map(|body| body.with_hook(EndHook::new(move |end| build_end.finish(end))))
     }
 
+    /// Control/Session: answered at once and held by the router (its inner HTTP/2 connection
+    /// to the client keeps the client's timers satisfied) until a Solve names it or the bind
+    /// window places it, then relayed to that backend. The tunnel work is in `session`.
     async fn session(
         self: &Arc<Self>,
         conn: &Arc<ConnState>,
@@ -660,42 +669,87 @@ impl Router {
         let shared_key = header(session::SHARED_KEY_HEADER).unwrap_or_default();
         tracing::Span::current()
             .record("build_ref", field::display(format_args!("session:{uuid}")));
-        let bind_window = match &self.admission {
-            Some(admission) => match self.wait_for_queued_owner(admission, &uuid).await {
-                Ok(left) => left,
-                Err(answer) => return answer,
+        let wait = {
+            let router = self.clone();
+            let uuid = uuid.clone();
+            async move {
+                // A Session whose build waits in the queue is held (the relay keeps the
+                // client's inner connection alive) until that build is placed.
+                let held_since = Instant::now();
+                let bind_window = match &router.admission {
+                    Some(admission) => router
+                        .wait_for_queued_owner(admission, &uuid)
+                        .await
+                        .map_err(|(code, message)| session::Refusal { code, message })?,
+                    None => router.settings.session_bind_window,
+                };
+                let held = held_since.elapsed();
+                let mut bound = session::bind(
+                    &router.registry,
+                    &router.pool,
+                    &router.placement,
+                    &uuid,
+                    &shared_key,
+                    bind_window,
+                )
+                .await
+                .map_err(|error| {
+                    let (code, message) =
+                        placement_refusal(&error, &format!("session {uuid}"), &router.pool);
+                    session::Refusal { code, message }
+                })?;
+                if !held.is_zero() && bound.how == session::BindHow::Immediate {
+                    // A Solve bound it while it was held for its queued build.
+                    bound.how = session::BindHow::Solve;
+                    bound.waited += held;
+                }
+                router
+                    .metrics
+                    .session_bind_seconds
+                    .with_label_values(&[bound.how.as_str()])
+                    .observe(bound.waited.as_secs_f64());
+                let pin = router.registry.pin_session(&uuid);
+                Ok(session::Placed {
+                    backend: bound.backend,
+                    keep: Some(Box::new(pin)),
+                })
+            }
+        };
+        let open: session::Open = {
+            let conn = conn.clone();
+            Box::new(move |backend, parts, body| {
+                Box::pin(async move {
+                    conn.used(&backend);
+                    forward::send(&backend, parts, body).await.map_err(|error| {
+                        if let ForwardError::Send { source, .. } = &error {
+                            if !crate::body::is_stream_reset(source) {
+                                backend.mark_unreachable(&source.to_string());
+                            }
+                        }
+                        error.to_string()
+                    })
+                })
+            })
+        };
+        let gauges = session::Gauges {
+            held: self.metrics.sessions.with_label_values(&["held"]),
+            relayed: self.metrics.sessions.with_label_values(&["relayed"]),
+        };
+        session::serve(
+            session::SessionCall {
+                uuid,
+                request,
+                // The tunnel carries whole inner connections: BuildKit's own message limit
+                // applies there, whatever limit the router reads routed calls with.
+                max_message: self
+                    .settings
+                    .max_message_size
+                    .max(session::tunnel::MAX_MESSAGE),
+                gauges,
             },
-            None => self.settings.session_bind_window,
-        };
-        let bound = match session::bind(
-            &self.registry,
-            &self.pool,
-            &self.placement,
-            &uuid,
-            &shared_key,
-            bind_window,
+            wait,
+            open,
         )
-        .await
-        {
-            Ok(bound) => bound,
-            Err(error) => return placement_error(&error, &format!("session {uuid}"), &self.pool),
-        };
-        self.metrics
-            .session_bind_seconds
-            .with_label_values(&[bound.how.as_str()])
-            .observe(bound.waited.as_secs_f64());
-        let pin = self.registry.pin_session(&uuid);
-        let (parts, body) = request.into_parts();
-        let response = self
-            .forward_to(
-                conn,
-                &bound.backend,
-                None,
-                parts,
-                RequestBody::incoming(body),
-            )
-            .await;
-        response.map(|body| body.with_hook(EndHook::new(move |_| drop(pin))))
     }
 
     /// Holds a Session while the build that names it waits in the queue, until that build is
@@ -704,7 +758,7 @@ impl Router {
         &self,
         admission: &Admission,
         uuid: &str,
-    ) -> Result<Duration, Response<ResponseBody>> {
+    ) -> Result<Duration, (u32, String)> {
         let deadline = Instant::now() + self.settings.session_bind_window;
         loop {
             let arrived = admission.arrivals().notified();
@@ -715,7 +769,7 @@ impl Router {
             }
             if let Some(mut progress) = admission.queued_session(uuid) {
                 if let Progress::Ended { code, message } = settled(&mut progress).await {
-                    return Err(error(code, &*message));
+                    return Err((code, message.to_string()));
                 }
                 // Placed: its Solve binds this session right after admission.
                 let _ = self

@@ -39,6 +39,7 @@ const ROUTER_METRICS: &[(&str, MetricKind)] = &[
         "buildkit_router_session_bind_seconds",
         MetricKind::Histogram,
     ),
+    ("buildkit_router_sessions", MetricKind::Gauge),
     ("buildkit_router_requests_total", MetricKind::Counter),
     (
         "buildkit_router_discovery_updates_total",

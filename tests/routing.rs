@@ -55,7 +55,9 @@ fn assert_build_on_one_daemon(daemons: &[FakeDaemon], build_ref: &str) {
         .find(|d| d.name() == owners[0])
         .expect("owner");
     let methods = d.counters().methods_for(build_ref);
-    for m in ["Solve", "Status", "LLBBridge/Ping", "LLBBridge/Return"] {
+    // (LLBBridge/Ping may not reach any daemon: the router answers it while the build waits in
+    // the queue. Any call it forwarded went to the owner: `owner` counts every call's ref.)
+    for m in ["Solve", "Status", "LLBBridge/Return"] {
         assert!(
             methods.iter().any(|x| x == m),
             "{m} of {build_ref} did not reach {}: {methods:?}",

@@ -127,6 +127,15 @@ pub struct BuildOpts {
     pub ping_timeout: Duration,
     /// Safety net: how long to wait for Status/Session to end after the Solve ended.
     pub drain_timeout: Duration,
+    /// Open the Session, then start the build's other calls (Status, Solve, LLBBridge) only
+    /// this long after (the session is held that long before any Solve names it). A sleep in
+    /// the simulated client, never a synchronisation.
+    pub calls_after: Option<Duration>,
+    /// Notified (once per cut) when a FileSync answer is cut mid-file, as it happens.
+    pub filesync_cut: Option<Arc<Notify>>,
+    /// Refuse an export once this many bytes arrived: the FileSend handler answers
+    /// RESOURCE_EXHAUSTED ("no space left on device") while the daemon is still sending.
+    pub reject_export_after: Option<u64>,
 }
 
 impl BuildOpts {
@@ -166,6 +175,9 @@ impl BuildOpts {
             preface_timeout: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(30),
+            calls_after: None,
+            filesync_cut: None,
+            reject_export_after: None,
         }
     }
 
@@ -287,6 +299,11 @@ pub struct TunnelStats {
     pub bytes_exported: u64,
     /// The inner preface from the daemon arrived.
     pub preface_received: bool,
+    /// FileSend DATA packets whose bytes were not what the daemon sent (`support::pattern_ok`).
+    pub corrupt_packets: u64,
+    /// FileSync answers cut mid-file: the daemon reset the call (RST_STREAM), or the tunnel
+    /// closed under it.
+    pub filesync_resets: u64,
 }
 
 #[derive(Default)]
@@ -298,6 +315,8 @@ struct SessionStats {
     preface: AtomicU64,
     context_done: Notify,
     context_done_flag: AtomicU64,
+    corrupt_packets: AtomicU64,
+    filesync_resets: AtomicU64,
 }
 
 impl SessionStats {
@@ -308,6 +327,8 @@ impl SessionStats {
             bytes_uploaded: self.bytes_uploaded.load(Ordering::SeqCst),
             bytes_exported: self.bytes_exported.load(Ordering::SeqCst),
             preface_received: self.preface.load(Ordering::SeqCst) > 0,
+            corrupt_packets: self.corrupt_packets.load(Ordering::SeqCst),
+            filesync_resets: self.filesync_resets.load(Ordering::SeqCst),
         }
     }
 }
@@ -457,11 +478,16 @@ impl Client {
                     context_size: opts.context_size,
                     preface_timeout: opts.preface_timeout,
                     rst: opts.session_rst,
+                    filesync_cut: opts.filesync_cut.clone(),
+                    reject_export_after: opts.reject_export_after,
                 },
                 stats.clone(),
                 close_rx,
             ))
         });
+        if let Some(delay) = opts.calls_after {
+            tokio::time::sleep(delay).await;
+        }
         let status_task = tokio::spawn(status_call(self.control(), opts.build_ref.clone()));
         let mut solve_task = {
             let mut c = self.control();
@@ -664,6 +690,8 @@ impl Client {
                 context_size,
                 preface_timeout: Duration::from_secs(10),
                 rst: false,
+                filesync_cut: None,
+                reject_export_after: None,
             },
             stats.clone(),
             close_rx,
@@ -814,6 +842,8 @@ struct SessionCfg {
     context_size: usize,
     preface_timeout: Duration,
     rst: bool,
+    filesync_cut: Option<Arc<Notify>>,
+    reject_export_after: Option<u64>,
 }
 
 /// The client's side of one Session: serves Health/FileSync/FileSend as the HTTP/2 server of the
@@ -861,6 +891,8 @@ async fn run_session(
     let mut routes = tonic::service::Routes::new(tonic_health::server::health_reporter().1);
     let svc = ClientSessionSvc {
         context_size: cfg.context_size,
+        filesync_cut: cfg.filesync_cut.clone(),
+        reject_export_after: cfg.reject_export_after,
         stats: stats.clone(),
     };
     if cfg.methods.iter().any(|m| m == FILESYNC_DIFFCOPY) {
@@ -950,6 +982,8 @@ impl Drop for AbortOnDrop {
 #[derive(Clone)]
 struct ClientSessionSvc {
     context_size: usize,
+    filesync_cut: Option<Arc<Notify>>,
+    reject_export_after: Option<u64>,
     stats: Arc<SessionStats>,
 }
 
@@ -986,6 +1020,7 @@ impl FileSync for ClientSessionSvc {
         };
         let is_context = dir == "context" && follow.is_empty();
         let stats = self.stats.clone();
+        let cut = self.filesync_cut.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<Packet, Status>>(16);
         tokio::spawn(async move {
@@ -1006,20 +1041,34 @@ impl FileSync for ClientSessionSvc {
                 }))
                 .await;
             const CHUNK: usize = 32 * 1024;
-            while let Ok(Some(p)) = inbound.message().await {
+            loop {
+                let p = match inbound.message().await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(_) => break,
+                };
                 match p.r#type {
                     PACKET_REQ => {
                         let size = files.get(p.id as usize).map(|f| f.1).unwrap_or(0);
                         let mut off = 0;
+                        let mut index = 0u64;
                         while off < size {
                             let n = CHUNK.min(size - off);
+                            let data = vec![super::pattern_byte(index); n];
+                            index += 1;
                             let d = Packet {
                                 r#type: PACKET_DATA,
                                 id: p.id,
-                                data: vec![0xa5; n],
+                                data,
                                 ..Default::default()
                             };
                             if tx.send(Ok(d)).await.is_err() {
+                                // Our answer is gone mid-file: the daemon reset the call (or
+                                // the tunnel closed).
+                                stats.filesync_resets.fetch_add(1, Ordering::SeqCst);
+                                if let Some(cut) = &cut {
+                                    cut.notify_one();
+                                }
                                 return;
                             }
                             stats.bytes_uploaded.fetch_add(n as u64, Ordering::SeqCst);
@@ -1067,10 +1116,25 @@ impl FileSend for ClientSessionSvc {
     ) -> Result<Response<Self::DiffCopyStream>, Status> {
         self.stats.filesend_calls.fetch_add(1, Ordering::SeqCst);
         let mut inbound = request.into_inner();
+        let mut index = 0u64;
+        let mut received = 0u64;
         while let Some(p) = inbound.message().await? {
+            if !super::pattern_ok(index, &p.data) {
+                self.stats.corrupt_packets.fetch_add(1, Ordering::SeqCst);
+            }
+            index += 1;
+            received += p.data.len() as u64;
             self.stats
                 .bytes_exported
                 .fetch_add(p.data.len() as u64, Ordering::SeqCst);
+            if self
+                .reject_export_after
+                .is_some_and(|limit| received >= limit)
+            {
+                // Answered while the daemon is still sending: the status goes out, then
+                // RST_STREAM(NO_ERROR) tells the daemon to stop.
+                return Err(Status::resource_exhausted("no space left on device"));
+            }
         }
         Ok(Response::new(Box::pin(futures_util::stream::empty())))
     }

@@ -106,6 +106,10 @@ pub struct DaemonOpts {
     /// connection nor register the session (what a proxy that holds a Session too long looks
     /// like to the client).
     pub stall_sessions: bool,
+    /// Test knob: drop the build context's FileSync/DiffCopy call (the client sees
+    /// RST_STREAM CANCEL inside the tunnel) once this many context bytes arrived, and carry on
+    /// as if the upload had finished.
+    pub abort_context_after: Option<u64>,
 }
 
 impl Default for DaemonOpts {
@@ -119,6 +123,7 @@ impl Default for DaemonOpts {
             build_duration: None,
             export_size: 1 << 20,
             stall_sessions: false,
+            abort_context_after: None,
         }
     }
 }
@@ -133,6 +138,9 @@ pub struct SessionInfo {
     pub tunnel_calls: Vec<String>,
     /// Bytes received through FileSync/DiffCopy on this session.
     pub bytes_uploaded: u64,
+    /// DATA packets received through FileSync whose bytes were not what the client sent
+    /// (see `support::pattern_ok`): corruption or reordering on the way.
+    pub corrupt_packets: u64,
     pub health_checks_ok: u64,
     pub health_checks_failed: u64,
     pub ended: bool,
@@ -1209,6 +1217,12 @@ async fn file_sync(
         .map_err(|_| Status::unknown("diffcopy: client went away"))?;
     }
     let mut finished = 0;
+    // Index of the next DATA packet of the current file.
+    let mut packet = 0u64;
+    let abort_after = state
+        .opts
+        .abort_context_after
+        .filter(|_| dir_name == "context" && follow_paths.is_empty());
     while finished < files {
         let p = resp
             .message()
@@ -1216,9 +1230,24 @@ async fn file_sync(
             .map_err(|e| tunnel_err("diffcopy data", e))?
             .ok_or_else(|| Status::unknown("diffcopy: stream ended during data"))?;
         match p.r#type {
-            PACKET_DATA if p.data.is_empty() => finished += 1,
+            PACKET_DATA if p.data.is_empty() => {
+                finished += 1;
+                packet = 0;
+            }
             PACKET_DATA => {
+                if !super::pattern_ok(packet, &p.data) {
+                    state.counters.session_mut(id, |s| s.corrupt_packets += 1);
+                }
+                packet += 1;
                 received += p.data.len() as u64;
+                if let Some(limit) = abort_after {
+                    if received >= limit {
+                        // Dropping the call resets its inner stream (RST_STREAM CANCEL).
+                        drop(resp);
+                        drop(tx);
+                        return Ok(received);
+                    }
+                }
                 state
                     .counters
                     .bytes_uploaded
@@ -1259,7 +1288,7 @@ async fn file_send(state: &State, id: &str, channel: Channel, size: usize) -> Re
     let chunks: Vec<Packet> = (0..size.div_ceil(CHUNK))
         .map(|i| Packet {
             r#type: PACKET_DATA,
-            data: vec![0x5a; CHUNK.min(size - i * CHUNK)],
+            data: vec![super::pattern_byte(i as u64); CHUNK.min(size - i * CHUNK)],
             ..Default::default()
         })
         .collect();

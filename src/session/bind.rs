@@ -1,11 +1,11 @@
-//! Control/Session streams: holding a session until the Solve that names it is routed, then
-//! binding it to that Solve's backend.
+//! Binding a held Session to the backend of the Solve that names it.
 //!
-//! A Session is not forwarded on arrival: which daemon it belongs to is only known once a Solve
-//! names its uuid (in `Session`, `SourcePolicySession` or a `local-sessionid:*` attribute). The
-//! client waits up to 10 s for the daemon's side of the tunnel, so the hold (the bind window,
-//! 3 s by default) must stay well under that. A Session no Solve names in time is placed on its
-//! own: by its shared key, else on the least loaded backend; a Solve naming it later follows it.
+//! Which daemon a Session belongs to is only known once a Solve names its uuid (in `Session`,
+//! `SourcePolicySession` or a `local-sessionid:*` attribute). Meanwhile the router holds it
+//! ([`super::hold`] answers the inner connection itself, so the hold has no 10 s limit). A
+//! Session no Solve names within the bind window is placed on its own: by its shared key, else
+//! on the least loaded backend; a Solve naming it later follows it. [`bind`] is the default
+//! "wait until bound" future handed to [`super::serve`]; a queue can hand in its own.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,288 @@
+//! Holding a Session: the router answers the client's `Control/Session` itself and runs the
+//! inner HTTP/2 connection toward the build client as its HTTP/2 client, as a daemon would.
+//!
+//! The client's side of the tunnel is an x/net `http2.Server` whose `ServeConn` gives up when
+//! the client preface has not arrived within 10 s. The router sends its preface and SETTINGS the
+//! moment the Session arrives, so a session can then wait for its backend for as long as the
+//! `wait` future takes (the bind window today, a queue tomorrow) without the client noticing.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, field, info, Instrument};
+
+use super::relay;
+use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
+use crate::body::{RequestBody, ResponseBody};
+use crate::grpc::status_trailers;
+use crate::pool::Backend;
+
+/// gRPC codes this module produces.
+pub(crate) mod code {
+    pub const OK: u32 = 0;
+    pub const CANCELLED: u32 = 1;
+    pub const UNKNOWN: u32 = 2;
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const INTERNAL: u32 = 13;
+    pub const UNAVAILABLE: u32 = 14;
+}
+
+/// How long the router gives the client's side of the inner connection to take its GOAWAY and
+/// close, when the router ends it, before it sends the outer trailers anyway.
+const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Where a held session goes, and what keeps its routing state alive while it is relayed.
+pub struct Placed {
+    pub backend: Arc<Backend>,
+    /// Dropped when the relay ends (for example the registry pin of the session).
+    pub keep: Option<Box<dyn Send>>,
+}
+
+/// Why a held session was not placed: the gRPC status its client gets.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: u32,
+    pub message: String,
+}
+
+/// Opens the Session on a backend: sends the client's request head with `body` as the outgoing
+/// tunnel, and returns the backend's response head (or why it could not, for the client).
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
+pub type Open =
+    Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
+
+/// Gauges of sessions by phase (held before placement, relayed to a backend).
+#[derive(Clone)]
+pub struct Gauges {
+    pub held: IntGauge,
+    pub relayed: IntGauge,
+}
+
+/// Counts one session in a phase while alive.
+pub(crate) struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One `Control/Session` to serve.
+pub struct SessionCall {
+    /// `x-docker-expose-session-uuid`.
+    pub uuid: String,
+    /// The client's request: its head goes to the daemon unchanged, its body is the tunnel.
+    pub request: Request<Incoming>,
+    /// Largest outer message accepted.
+    pub max_message: usize,
+    pub gauges: Gauges,
+}
+
+/// Answers `call` at once and serves it in a task of its own: holds it until `wait` says where
+/// it goes, then relays it there (see [`relay`]). `wait` may take as long as it likes: the
+/// client's timers are kept satisfied meanwhile. If the client leaves first, `wait` is dropped.
+pub fn serve<W>(call: SessionCall, wait: W, open: Open) -> Response<ResponseBody>
+where
+    W: Future<Output = Result<Placed, Refusal>> + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::channel(OUT_CHANNEL);
+    let span = tracing::info_span!("session", session = %call.uuid, backend = field::Empty);
+    let (parts, body) = call.request.into_parts();
+    tokio::spawn(
+        run(
+            call.uuid,
+            parts,
+            body,
+            out_tx,
+            call.max_message,
+            call.gauges,
+            wait,
+            open,
+        )
+        .instrument(span),
+    );
+    let mut response = Response::new(ResponseBody::channel(out_rx));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<W>(
+    uuid: String,
+    parts: http::request::Parts,
+    body: Incoming,
+    out: mpsc::Sender<Frame<Bytes>>,
+    max_message: usize,
+    gauges: Gauges,
+    wait: W,
+    open: Open,
+) where
+    W: Future<Output = Result<Placed, Refusal>> + Send + 'static,
+{
+    let held_gauge = GaugeGuard::new(&gauges.held);
+    let mut held = match Held::start(body, out.clone(), max_message).await {
+        Ok(held) => held,
+        Err(error) => {
+            info!(%error, "the client's side of the Session tunnel failed before it started");
+            let _ = out
+                .send(Frame::trailers(status_trailers(
+                    code::UNAVAILABLE,
+                    &format!("buildkit-router: cannot start the Session tunnel: {error}"),
+                )))
+                .await;
+            return;
+        }
+    };
+    debug!("holding the session; inner connection to the client is up");
+    let placed = match held.until(wait).await {
+        None => {
+            info!("the client ended the session while it was held");
+            held.finish(None).await;
+            return;
+        }
+        Some(Err(refusal)) => {
+            held.finish(Some(status_trailers(refusal.code, &refusal.message)))
+                .await;
+            return;
+        }
+        Some(Ok(placed)) => placed,
+    };
+    drop(held_gauge);
+    let _relayed = GaugeGuard::new(&gauges.relayed);
+    tracing::Span::current().record("backend", &**placed.backend.identity());
+    relay::run(held, placed, parts, open, &uuid, max_message).await;
+}
+
+/// The client's side of a held session: the router's inner HTTP/2 client connection to the
+/// build client, running in its own task.
+pub(crate) struct Held {
+    /// Opens inner streams toward the client. Dropping every clone lets the connection close
+    /// with a GOAWAY once its streams are done.
+    pub(crate) send: Option<h2::client::SendRequest<Bytes>>,
+    conn: JoinHandle<Result<(), h2::Error>>,
+    conn_end: Option<Result<(), String>>,
+    handle: TunnelHandle<Incoming>,
+    /// The outer response: the router's trailers go out on it at the end.
+    out: mpsc::Sender<Frame<Bytes>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl Held {
+    /// Starts the inner connection: the HTTP/2 preface and SETTINGS go out right away.
+    async fn start(
+        body: Incoming,
+        out: mpsc::Sender<Frame<Bytes>>,
+        max_message: usize,
+    ) -> Result<Held, h2::Error> {
+        let (io, handle) = TunnelIo::new(body, out.clone(), max_message);
+        let (send, conn) = relay::client_builder().handshake(io).await?;
+        let conn = tokio::spawn(conn.in_current_span());
+        Ok(Held {
+            send: Some(send),
+            conn,
+            conn_end: None,
+            handle,
+            out,
+        })
+    }
+
+    /// Runs `fut` while the client's side lasts. `None`: the client's side ended first (the
+    /// client half-closed, reset or vanished); `fut` is dropped.
+    pub(crate) async fn until<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        if self.conn_end.is_some() {
+            return None;
+        }
+        tokio::select! {
+            out = fut => Some(out),
+            end = &mut self.conn => {
+                self.record_end(end);
+                None
+            }
+        }
+    }
+
+    /// Waits for the client's side to end.
+    pub(crate) async fn ended(&mut self) {
+        if self.conn_end.is_none() {
+            let end = (&mut self.conn).await;
+            self.record_end(end);
+        }
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.conn_end.is_some()
+    }
+
+    fn record_end(&mut self, end: Result<Result<(), h2::Error>, tokio::task::JoinError>) {
+        let end = match end {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        debug!(?end, read = ?self.handle.end(), "the client's side of the tunnel ended");
+        self.conn_end = Some(end);
+    }
+
+    /// True when the client is gone: its outer stream was reset or lost, or nobody reads our
+    /// answer any more. (A half-close is not gone: the client waits for our trailers.)
+    pub(crate) fn client_gone(&self) -> bool {
+        self.out.is_closed() || matches!(self.handle.end(), ReadEnd::Reset(_) | ReadEnd::Lost(_))
+    }
+
+    /// The status for a client whose Session stream was not a Session stream.
+    pub(crate) fn malformed_status(&self) -> Option<HeaderMap> {
+        match self.handle.end() {
+            ReadEnd::Malformed(error) => Some(status_trailers(
+                code::INVALID_ARGUMENT,
+                &format!("buildkit-router: malformed Control/Session stream: {error}"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Ends the session toward the client: closes the inner connection (GOAWAY once its streams
+    /// are done), then ends the outer stream with `trailers` (OK when `None`).
+    pub(crate) async fn finish(mut self, trailers: Option<HeaderMap>) {
+        self.send = None;
+        if !self.is_ended()
+            && tokio::time::timeout(CLIENT_CLOSE_GRACE, self.ended())
+                .await
+                .is_err()
+        {
+            debug!("the client's side of the tunnel did not close in time; ending it");
+            self.conn.abort();
+        }
+        if self.client_gone() {
+            return;
+        }
+        let trailers = trailers
+            .or_else(|| self.malformed_status())
+            .unwrap_or_else(|| status_trailers(code::OK, ""));
+        let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, self.out.send(Frame::trailers(trailers)))
+            .await;
+    }
+}

@@ -1,0 +1,404 @@
+//! The Session tunnel relay end to end: the router terminates the inner HTTP/2 connection (the
+//! HTTP/2 client toward the build client, the server toward the daemon) and relays every inner
+//! stream. Fake daemons and clients keep BuildKit's real timers: the client's 10 s preface
+//! timeout, the daemon's 5 s health checks through the tunnel.
+#![forbid(unsafe_code)]
+
+mod support;
+
+use std::time::Duration;
+
+use buildkit_router::app::{self, Running};
+use buildkit_router::config::RunConfig;
+use support::client::{BuildOpts, CancelAt, Client};
+use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use tonic::Code;
+
+async fn router_over(daemons: &[&FakeDaemon], tweak: impl FnOnce(&mut RunConfig)) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut cfg = RunConfig::for_tests();
+    cfg.backends = daemons.iter().map(|d| d.url()).collect();
+    tweak(&mut cfg);
+    let running = app::start(cfg).await.expect("router starts");
+    running.pool.wait_synced().await;
+    running
+}
+
+fn sessions(router: &Running, phase: &str) -> i64 {
+    router.metrics.sessions.with_label_values(&[phase]).get()
+}
+
+/// Polls `f` until it holds (5 ms apart, as the routing tests do), or panics after `limit`.
+async fn eventually(what: &str, limit: Duration, f: impl Fn() -> bool) {
+    tokio::time::timeout(limit, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within {limit:?}"));
+}
+
+/// Every session task is gone once its streams ended: nothing held, nothing relayed.
+async fn assert_no_sessions_left(router: &Running) {
+    eventually(
+        "no session left held or relayed",
+        Duration::from_secs(10),
+        || sessions(router, "held") == 0 && sessions(router, "relayed") == 0,
+    )
+    .await;
+}
+
+/// The build client's 10 s preface timer and the daemon's 5 s health checks are the real ones;
+/// the session is held five minutes before any Solve names it. Without the router answering
+/// the inner connection itself, the client would give up after 10 s.
+#[tokio::test(start_paused = true)]
+async fn a_session_held_five_minutes_completes_its_build_with_every_context_byte() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.session_bind_window = Duration::from_secs(3600);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildctl();
+    opts.context_size = 3 << 20;
+    opts.calls_after = Some(Duration::from_secs(300));
+    let session_id = opts.session_id.clone();
+    let build = tokio::spawn({
+        let client = client.clone();
+        async move { client.build(opts).await }
+    });
+    // While held, the session is counted as such and has not reached the daemon.
+    eventually("the session is held", Duration::from_secs(60), || {
+        sessions(&router, "held") == 1
+    })
+    .await;
+    assert!(!daemon.counters().saw_session(&session_id));
+    let started = tokio::time::Instant::now();
+    let result = build.await.expect("join");
+    assert!(started.elapsed() >= Duration::from_secs(290));
+    assert!(result.ok(), "{:#?}", result.errors());
+    assert!(result.tunnel.preface_received);
+    // The context, plus the Dockerfile the frontend read first.
+    assert!(result.tunnel.bytes_uploaded >= 3 << 20);
+    let info = daemon.counters().session(&session_id).expect("session");
+    assert_eq!(
+        info.bytes_uploaded, result.tunnel.bytes_uploaded,
+        "every byte the client sent reached the daemon"
+    );
+    assert_eq!(info.corrupt_packets, 0);
+    assert!(info.ended, "the daemon saw the session end");
+    let metrics = router.metrics.render().expect("render");
+    let metrics = String::from_utf8(metrics).expect("utf8");
+    assert!(
+        metrics.contains("buildkit_router_session_bind_seconds_count{how=\"solve\"} 1"),
+        "{metrics}"
+    );
+    assert_no_sessions_left(&router).await;
+}
+
+/// The daemon health-checks the client every 5 s through the tunnel: through the relay, each
+/// check is a new inner stream the router opens toward the client.
+#[tokio::test(start_paused = true)]
+async fn the_daemons_health_checks_cross_the_relay() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let opts = BuildOpts::buildctl();
+    let session_id = opts.session_id.clone();
+    let build = tokio::spawn(async move { client.build(opts).await });
+    daemon.wait_held(1).await;
+    // 30 s of (virtual) build time: six periodic checks on top of the Solve's own.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        daemon.wait_health_checks(&session_id, 7),
+    )
+    .await
+    .expect("health checks pass through the relay");
+    daemon.release_builds();
+    let result = build.await.expect("join");
+    assert!(result.ok(), "{:#?}", result.errors());
+    let info = daemon.counters().session(&session_id).expect("session");
+    assert_eq!(info.health_checks_failed, 0);
+    assert_no_sessions_left(&router).await;
+}
+
+/// A 64 MiB context upload (client to daemon, FileSync) and a 64 MiB export (daemon to client,
+/// FileSend) through the relay, every packet's bytes and order checked on arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_cross_the_relay_byte_exact_both_ways() {
+    const SIZE: usize = 64 << 20;
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            export_size: SIZE,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildx();
+    opts.context_size = SIZE;
+    let session_id = opts.session_id.clone();
+    let result = client.build(opts).await;
+    assert!(result.ok(), "{:#?}", result.errors());
+    // The context, plus the Dockerfile the frontend read first.
+    assert!(result.tunnel.bytes_uploaded >= SIZE as u64);
+    assert_eq!(result.tunnel.bytes_exported, SIZE as u64);
+    assert_eq!(result.tunnel.corrupt_packets, 0, "export bytes intact");
+    let info = daemon.counters().session(&session_id).expect("session");
+    assert_eq!(info.bytes_uploaded, result.tunnel.bytes_uploaded);
+    assert_eq!(info.corrupt_packets, 0, "context bytes intact");
+    assert_no_sessions_left(&router).await;
+}
+
+/// The daemon gives up on an inner call (it drops FileSync mid-upload, as buildkitd does when
+/// a context read is cancelled): its RST_STREAM CANCEL reaches the client's FileSync handler
+/// through the relay while the session is still open (the build is then held on the daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_reset_from_the_daemon_reaches_the_client() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            abort_context_after: Some(1 << 20),
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildctl();
+    opts.context_size = 32 << 20;
+    let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+    opts.filesync_cut = Some(cut.clone());
+    let build = tokio::spawn(async move { client.build(opts).await });
+    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+        .await
+        .expect("the build runs");
+    // The session stays open while the build is held: only the relayed reset can cut the
+    // client's FileSync answer now.
+    tokio::time::timeout(Duration::from_secs(10), cut.notified())
+        .await
+        .expect("the daemon's RST_STREAM reached the client's FileSync call");
+    daemon.release_builds();
+    let result = build.await.expect("join");
+    assert!(result.ok(), "{:#?}", result.errors());
+    assert_eq!(result.tunnel.filesync_resets, 1);
+    assert!(
+        result.tunnel.bytes_uploaded < 32 << 20,
+        "the upload stopped early"
+    );
+    assert_no_sessions_left(&router).await;
+}
+
+/// The client answers an inner call early (its FileSend handler refuses the export while the
+/// daemon is still sending), then resets the stream with NO_ERROR: the refusal and its status
+/// must reach the daemon before that reset, and the daemon must stop sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_from_the_client_reaches_the_daemon_before_its_reset() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            export_size: 32 << 20,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildx();
+    opts.reject_export_after = Some(1 << 20);
+    let result = client.build(opts).await;
+    assert_eq!(result.solve.code, Code::Unknown, "{:#?}", result.solve);
+    assert!(
+        result.solve.message.contains("no space left on device"),
+        "the daemon got the client's own status: {}",
+        result.solve.message
+    );
+    assert!(result.tunnel.bytes_exported < 32 << 20);
+    assert_no_sessions_left(&router).await;
+}
+
+/// The daemon dies mid-build: the client's Session ends with UNAVAILABLE naming the backend and
+/// the session, not with a hang or an anonymous reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_tunnel_ends_the_session_with_unavailable_naming_it() {
+    let mut daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let opts = BuildOpts::buildctl();
+    let session_id = opts.session_id.clone();
+    let build = tokio::spawn(async move { client.build(opts).await });
+    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+        .await
+        .expect("the build runs");
+    let addr = daemon.addr().to_string();
+    daemon.kill();
+    let result = tokio::time::timeout(Duration::from_secs(20), build)
+        .await
+        .expect("no hang")
+        .expect("join");
+    let session = result.session.expect("session result");
+    assert_eq!(session.code, Code::Unavailable, "{session:#?}");
+    assert!(
+        session.message.contains(&addr),
+        "names the backend: {}",
+        session.message
+    );
+    assert!(
+        session.message.contains(&session_id),
+        "names the session: {}",
+        session.message
+    );
+    assert_eq!(result.solve.code, Code::Unavailable, "{:#?}", result.solve);
+    assert_no_sessions_left(&router).await;
+}
+
+/// Normal end and cancel, as in the captures: the client half-closes its Session; the daemon
+/// sees its inner connection end and ends the Session with status 0, which the client gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn normal_end_and_cancel_end_the_session_with_the_daemons_status() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+
+    // Cancel: RST CANCEL on the Solve, END_STREAM on the Session.
+    let mut opts = BuildOpts::buildctl();
+    let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+    opts.cancel = Some(CancelAt::Signal(cancel.clone()));
+    let session_id = opts.session_id.clone();
+    let build = tokio::spawn({
+        let client = client.clone();
+        async move { client.build(opts).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+        .await
+        .expect("the build runs");
+    cancel.notify_one();
+    let result = build.await.expect("join");
+    assert!(result.cancelled);
+    let session = result.session.expect("session result");
+    assert_eq!(session.code, Code::Ok, "{session:#?}");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
+    )
+    .await
+    .expect("the daemon's session ended");
+
+    // Normal end.
+    daemon.release_builds();
+    let opts = BuildOpts::buildctl();
+    let session_id = opts.session_id.clone();
+    let result = client.build(opts).await;
+    assert!(result.ok(), "{:#?}", result.errors());
+    assert_eq!(result.session.expect("session").code, Code::Ok);
+    assert!(
+        daemon
+            .counters()
+            .session(&session_id)
+            .expect("session")
+            .ended
+    );
+    assert_no_sessions_left(&router).await;
+}
+
+/// A client that vanishes mid-build takes its relay with it: the daemon's session ends and the
+/// router keeps no task for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanishing_client_ends_the_daemons_session_and_leaves_nothing_behind() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let addr = router.addr;
+    let opts = BuildOpts::buildctl();
+    let session_id = opts.session_id.clone();
+    // The client runs on its own runtime; shutting it down drops its TCP connection without
+    // any HTTP/2 goodbye, like a CI job killed mid-build.
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    client_runtime.spawn(async move {
+        let client = Client::connect(addr).await.expect("connect");
+        client.build(opts).await
+    });
+    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+        .await
+        .expect("the build runs");
+    assert_eq!(sessions(&router, "relayed"), 1);
+    client_runtime.shutdown_background();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
+    )
+    .await
+    .expect("the daemon's session ended");
+    assert_no_sessions_left(&router).await;
+}
+
+/// A client that goes away while its session is held (no Solve has named it yet): the hold ends
+/// at once (the wait future, a queue entry tomorrow, is dropped) and nothing reaches a daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.session_bind_window = Duration::from_secs(3600);
+    })
+    .await;
+    let addr = router.addr;
+    let mut opts = BuildOpts::buildctl();
+    // The build's other calls would only start after an hour: the session stays held.
+    opts.calls_after = Some(Duration::from_secs(3600));
+    let session_id = opts.session_id.clone();
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    client_runtime.spawn(async move {
+        let client = Client::connect(addr).await.expect("connect");
+        client.build(opts).await
+    });
+    eventually("the session is held", Duration::from_secs(10), || {
+        sessions(&router, "held") == 1
+    })
+    .await;
+    client_runtime.shutdown_background();
+    assert_no_sessions_left(&router).await;
+    assert!(!daemon.counters().saw_session(&session_id));
+    assert_eq!(daemon.counters().calls("Session"), 0);
+}
