@@ -19,6 +19,23 @@ pub mod code {
     pub const UNAVAILABLE: u32 = 14;
 }
 
+/// A call's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit, `H M S m u n`).
+pub fn grpc_timeout_of(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The `grpc-status` in a header block, if any.
 pub fn grpc_status_of(headers: &HeaderMap) -> Option<u32> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
@@ -58,6 +75,23 @@ pub fn grpc_message_of(headers: &HeaderMap) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let t = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_static(v));
+            grpc_timeout_of(&h)
+        };
+        use std::time::Duration;
+        assert_eq!(t("14999m"), Some(Duration::from_millis(14999)));
+        assert_eq!(t("15S"), Some(Duration::from_secs(15)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(t("x"), None);
+        assert_eq!(t("5"), None);
+    }
 
     #[test]
     fn grpc_messages_are_encoded_once_and_decoded_back() {

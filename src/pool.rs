@@ -219,8 +219,11 @@ pub struct Backend {
     checking: AtomicBool,
 }
 
-/// How soon an ejected backend is probed again; the delay doubles up to the health interval.
+/// How soon an ejected backend is probed again; the delay doubles up to [`MAX_PROBE`] (or the
+/// health interval, if shorter).
 const FIRST_PROBE: Duration = Duration::from_millis(200);
+/// The longest delay between two probes of an ejected backend (a TCP connect is cheap).
+const MAX_PROBE: Duration = Duration::from_secs(2);
 /// How often the health loop looks for due checks.
 const HEALTH_TICK: Duration = Duration::from_millis(100);
 
@@ -434,9 +437,10 @@ impl Backend {
                 };
                 let mut backoff = self.backoff.lock().expect("backoff lock");
                 let failures = backoff.as_ref().map_or(0, |b| b.failures) + 1;
-                // 100 ms, doubling, capped at 10 s.
+                // 100 ms, doubling, capped at MAX_PROBE: a daemon that comes up (scale from
+                // zero) is used within about that long.
                 let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(7)))
-                    .min(Duration::from_secs(10));
+                    .min(MAX_PROBE);
                 *backoff = Some(Backoff {
                     failures,
                     next_attempt: Instant::now() + delay,
@@ -648,10 +652,11 @@ impl Backend {
         let now = Instant::now();
         let interval = self.settings.health_interval;
         let mut next = self.next_check.lock().expect("check lock");
+        let cap = interval.min(MAX_PROBE);
         *next = if self.healthy.load(Ordering::Acquire) {
             (now + interval, FIRST_PROBE)
         } else {
-            (now + next.1.min(interval), (next.1 * 2).min(interval))
+            (now + next.1.min(cap), (next.1 * 2).min(cap))
         };
     }
 

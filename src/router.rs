@@ -90,19 +90,12 @@ impl ConnState {
     }
 }
 
-/// A cached answer for ListWorkers/Info, served when no backend is ready.
-#[derive(Clone)]
-struct CachedAnswer {
-    body: Bytes,
-    at: Instant,
-}
-
 /// How often a ListWorkers/Info answer is read whole to refresh the cache; in between, answers
 /// are relayed frame by frame like any other call.
 const CACHE_REFRESH: Duration = Duration::from_secs(30);
 
 /// `LLBBridge/Ping`: answered by the router for queued builds.
-const PING_PATH: &str = "/moby.buildkit.v1.frontend.LLBBridge/Ping";
+const PING_PATH: &str = crate::workers::PING;
 const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
 /// The ref of buildx's history API probe (buildkit-protocol.md, "What one build looks like").
 const BUILDX_HISTORY_PROBE: &str = "buildx-test-history-api-feature";
@@ -130,7 +123,8 @@ pub struct Router {
     placement: Placement,
     metrics: Arc<Metrics>,
     settings: RouterSettings,
-    cached: Mutex<HashMap<&'static str, CachedAnswer>>,
+    /// When each of ListWorkers/Info was last read whole (its answer kept in `offline`).
+    refreshed: Mutex<HashMap<&'static str, Instant>>,
     /// The admission queue; `None` with `--queue off` (builds are placed at once).
     admission: Option<Arc<Admission>>,
     /// ListWorkers/Info answers for when no backend is ready.
@@ -299,7 +293,7 @@ impl Router {
             placement,
             metrics,
             settings,
-            cached: Mutex::new(HashMap::new()),
+            refreshed: Mutex::new(HashMap::new()),
             admission,
             offline,
         })
@@ -1047,13 +1041,7 @@ impl Router {
         if collected.status != code::OK {
             return error(collected.status, collected.message);
         }
-        self.cached.lock().expect("cache lock").insert(
-            PING_PATH,
-            CachedAnswer {
-                body: collected.body.clone(),
-                at: Instant::now(),
-            },
-        );
+        self.offline.remember(PING_PATH, &collected.body);
         forward::ok_response(Some(&collected.headers), collected.body)
     }
 
@@ -1077,14 +1065,25 @@ impl Router {
         let found = match self.resolve_ref(&build_ref).await {
             RefState::Bound(backend) => Some(backend),
             // The gateway client gives Ping 15 s: a queued build's Ping is answered here.
-            RefState::Queued(_) if is_ping => {
-                let last = self
-                    .cached
-                    .lock()
-                    .expect("cache lock")
-                    .get(PING_PATH)
-                    .map(|a| a.body.clone());
-                return waiting::pong(last);
+            RefState::Queued(progress) if is_ping => {
+                if let Some(pong) = self.offline.known(PING_PATH) {
+                    return waiting::pong(pong);
+                }
+                // No daemon's Pong known yet: wait for the placement within the Ping's own
+                // deadline, then ask the daemon; else answer with the pinned release's Pong.
+                let budget = crate::grpc::grpc_timeout_of(request.headers())
+                    .unwrap_or(Duration::from_secs(15))
+                    .saturating_sub(Duration::from_secs(2));
+                match tokio::time::timeout(budget, self.placed(&build_ref, progress)).await {
+                    Ok(Ok(backend)) => {
+                        return self.forward_ping(conn, &backend, &build_ref, request).await
+                    }
+                    Ok(Err(answer)) => return answer,
+                    Err(_) => {
+                        let pong = self.offline.answer(PING_PATH).unwrap_or_default();
+                        return waiting::pong(pong);
+                    }
+                }
             }
             RefState::Queued(progress) => match self.placed(&build_ref, progress).await {
                 Ok(backend) => Some(backend),
@@ -1421,11 +1420,11 @@ impl Router {
             }
         }
         let fresh = self
-            .cached
+            .refreshed
             .lock()
-            .expect("cache lock")
+            .expect("refresh lock")
             .get(path)
-            .is_some_and(|answer| answer.at.elapsed() < CACHE_REFRESH);
+            .is_some_and(|at| at.elapsed() < CACHE_REFRESH);
         // ListWorkersRequest / InfoRequest: one small message, read to be sent again.
         let (parts, _rest, peeked) = match self.peek(request).await {
             Ok(peeked) => peeked,
@@ -1477,13 +1476,10 @@ impl Router {
                 }
             }
         }
-        self.cached.lock().expect("cache lock").insert(
-            path,
-            CachedAnswer {
-                body: collected.body.clone(),
-                at: Instant::now(),
-            },
-        );
+        self.refreshed
+            .lock()
+            .expect("refresh lock")
+            .insert(path, Instant::now());
         forward::ok_response(Some(&collected.headers), collected.body)
     }
 

@@ -251,10 +251,10 @@ pub fn status_while_queued(
     response
 }
 
-/// The router's answer to a queued build's `LLBBridge/Ping`: the last Pong a daemon gave, or an
-/// empty one (the gateway client then assumes default capabilities).
-pub fn pong(last: Option<Bytes>) -> Response<ResponseBody> {
-    forward::ok_response(None, last.unwrap_or_else(|| wire::encode_frame(&[])))
+/// The router's answer to a queued build's `LLBBridge/Ping`: a daemon's framed Pong (see
+/// [`crate::workers::PING`] for why never an empty one).
+pub fn pong(framed: Bytes) -> Response<ResponseBody> {
+    forward::ok_response(None, framed)
 }
 
 #[cfg(test)]

@@ -855,6 +855,108 @@ async fn a_multi_platform_build_without_emulators_works_as_on_one_daemon() {
     }
 }
 
+/// Scale from zero: builds arrive at a router whose only daemon is not up yet. They wait in the
+/// queue longer than the clients' own timers (10 s for the Session's inner preface, 15 s for
+/// LLBBridge/Ping), showing why, and run when the daemon comes up. The hold is 20 s here;
+/// `BUILDKIT_ROUTER_REAL_HOLD_SECS=120` runs the two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_held_while_the_pool_is_empty_complete_when_a_daemon_starts() {
+    let _serial = SERIAL.lock().await;
+    let Some(peers) = Peers::require() else {
+        return;
+    };
+    let hold = Duration::from_secs(
+        std::env::var("BUILDKIT_ROUTER_REAL_HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", support::real::free_port())
+        .parse()
+        .unwrap();
+    let router = RouterProcess::start_urls(
+        &[format!("tcp://{addr}")],
+        &["--default-platforms=linux/amd64".to_owned()],
+        0,
+    );
+    let clients = Clients::new(&peers);
+    // buildx works against the empty pool: ListWorkers answers from --default-platforms.
+    clients.buildx_builder("zero", &router.url(), None).await;
+    let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let ctl_dest = out.path().join("ctl");
+    let bx_dest = out.path().join("bx");
+    let (ctx_arg, df_arg, ctl_out) = (
+        format!("context={}", ctx.path()),
+        format!("dockerfile={}", ctx.path()),
+        format!("type=local,dest={}", ctl_dest.display()),
+    );
+    let router_url = router.url();
+    let ctl_args = [
+        "build",
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        &ctx_arg,
+        "--local",
+        &df_arg,
+        "--opt",
+        "build-arg:N=ctl",
+        "--output",
+        &ctl_out,
+    ];
+    let ctl = clients.buildctl(&router_url, &ctl_args);
+    let bx_out = format!("type=local,dest={}", bx_dest.display());
+    let bx_args = [
+        "build",
+        "--builder",
+        "zero",
+        "--build-arg",
+        "N=bx",
+        "-o",
+        &bx_out,
+        ctx.path(),
+    ];
+    let bx = clients.buildx(&bx_args);
+    let late = async {
+        // Both clients are waiting (buildctl's build, buildx's probe build) ...
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let queued = router
+                    .status()
+                    .ok()
+                    .and_then(|s| s["builds_queued"].as_i64());
+                if queued.unwrap_or(0) >= 2 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("both builds wait in the queue");
+        let metrics = router.admin_get("/metrics").unwrap();
+        assert!(
+            metrics.contains("buildkit_router_desired_backends 1"),
+            "an autoscaler is asked for a daemon"
+        );
+        // ... longer than their own timers, then the daemon comes up.
+        tokio::time::sleep(hold).await;
+        tokio::task::block_in_place(|| Daemon::start_at(&peers, "late", addr, &[]))
+    };
+    let (ctl, bx, _daemon) = tokio::join!(ctl, bx, late);
+    ctl.assert_ok();
+    bx.assert_ok();
+    assert_eq!(read(ctl_dest.join("out/n")), "n=ctl\n");
+    assert_eq!(read(bx_dest.join("out/n")), "n=bx\n");
+    for o in [&ctl, &bx] {
+        assert!(
+            o.stderr.contains("[buildkit-router] waiting for a builder"),
+            "the client showed why it waited:\n{}",
+            o.stderr
+        );
+    }
+}
+
 /// History of builds this router does not know (placed by another replica, or forgotten after
 /// `--build-linger`) is found in the daemons' own histories: logs, inspect and Status work as
 /// against the daemon that ran the build.

@@ -217,12 +217,16 @@ impl Daemon {
     }
 
     pub fn start_with(peers: &Peers, name: &str, extra: &[String]) -> Daemon {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Daemon::start_at(peers, name, addr, extra)
+    }
+
+    /// A daemon listening at `addr` (e.g. one a router was told about before it came up).
+    pub fn start_at(peers: &Peers, name: &str, addr: SocketAddr, extra: &[String]) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix(&format!("buildkitd-{name}-"))
             .tempdir()
             .expect("daemon root");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let root_path = root.path().display().to_string();
         let mut args = vec![
             format!("--addr=tcp://{addr}"),
@@ -286,13 +290,20 @@ impl RouterProcess {
     /// Starts `buildkit-router` over `backends` (plus `extra` flags) and returns once it listens
     /// and reports ready.
     pub fn start(backends: &[&Daemon], extra: &[String]) -> RouterProcess {
+        let urls: Vec<String> = backends.iter().map(|d| d.url()).collect();
+        RouterProcess::start_urls(&urls, extra, backends.len())
+    }
+
+    /// Starts `buildkit-router` over backend `urls` and returns once it listens and sees
+    /// `ready` of them ready (0: daemons that are not up yet).
+    pub fn start_urls(urls: &[String], extra: &[String], ready: usize) -> RouterProcess {
         let mut args = vec![
             "--listen=127.0.0.1:0".to_owned(),
             "--admin-listen=127.0.0.1:0".to_owned(),
             "--log-format=json".to_owned(),
         ];
-        for d in backends {
-            args.push(format!("--backend={}", d.url()));
+        for url in urls {
+            args.push(format!("--backend={url}"));
         }
         args.extend_from_slice(extra);
         let (process, line) = Supervised::start(
@@ -315,7 +326,7 @@ impl RouterProcess {
             admin: field("admin_addr"),
             process,
         };
-        router.wait_ready(backends.len());
+        router.wait_ready(ready);
         router
     }
 
