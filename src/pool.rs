@@ -529,6 +529,25 @@ impl Backend {
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"))
     }
 
+    /// Sends a router-made gRPC call (`message` framed) and returns the response head.
+    async fn router_call(
+        &self,
+        path: &'static str,
+        message: &[u8],
+    ) -> Result<Response<hyper::body::Incoming>, String> {
+        let mut sender = self.sender().await.map_err(|e| e.to_string())?;
+        let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(RequestBody::full(crate::wire::encode_frame(message)))
+            .map_err(|e| e.to_string())?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// One unary gRPC call with a router-made request, for health checks and worker refresh.
     pub async fn unary_call(
         &self,
@@ -537,17 +556,7 @@ impl Backend {
         timeout: Duration,
     ) -> Result<Bytes, String> {
         let call = async {
-            let mut sender = self.sender().await.map_err(|e| e.to_string())?;
-            let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(RequestBody::full(crate::wire::encode_frame(message)))
-                .map_err(|e| e.to_string())?;
-            sender.ready().await.map_err(|e| e.to_string())?;
-            let response: Response<hyper::body::Incoming> = sender
-                .send_request(request)
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = self.router_call(path, message).await?;
             if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
                 if code != 0 {
                     return Err(format!("{path} answered grpc-status {code}"));
@@ -603,17 +612,7 @@ impl Backend {
     }
 
     async fn stream_active_builds(&self, path: &'static str, message: &[u8]) -> Result<(), String> {
-        let mut sender = self.sender().await.map_err(|e| e.to_string())?;
-        let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(RequestBody::full(crate::wire::encode_frame(message)))
-            .map_err(|e| e.to_string())?;
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = self.router_call(path, message).await?;
         if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
             return Err(format!("{path} answered grpc-status {code}"));
         }

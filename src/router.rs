@@ -528,7 +528,11 @@ impl Router {
             let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
                 Precheck::Pinned(backend) => pinned(backend),
                 Precheck::Free => match &self.admission {
-                    Some(admission) => {
+                    // buildx's probe build takes milliseconds: it never waits behind full
+                    // daemons, only for a ready one.
+                    Some(admission)
+                        if !(traits.internal && self.pool.snapshot().any_ready().is_some()) =>
+                    {
                         match self
                             .admit(admission, conn, &build_ref, &sessions, &traits)
                             .await
@@ -542,7 +546,7 @@ impl Router {
                             Err(answer) => return answer,
                         }
                     }
-                    None => match self.place(&traits, &excluded) {
+                    _ => match self.place(&traits, &excluded) {
                         Ok(found) => found,
                         Err(error) => {
                             // Every candidate failed to connect: say which and why.

@@ -231,3 +231,31 @@ async fn an_empty_pool_is_ready_and_answers_list_workers_from_default_platforms(
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
     client.info().await.expect("Info with no daemon");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildx_probe_builds_never_wait_behind_full_daemons() {
+    let daemon = FakeDaemon::start(
+        "d0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router(&[&daemon], |cfg| {
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    daemon.wait_held(1).await;
+    // The probe (Internal, no work) is not queued behind the full daemon.
+    let probe = client.build(BuildOpts::probe()).await;
+    assert!(probe.solve.is_ok(), "{probe:#?}");
+    assert_eq!(router.metrics.queued_total.get(), 0);
+    daemon.release_builds();
+    assert!(running.await.expect("build task").ok());
+}

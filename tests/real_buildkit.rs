@@ -948,13 +948,14 @@ async fn builds_held_while_the_pool_is_empty_complete_when_a_daemon_starts() {
     bx.assert_ok();
     assert_eq!(read(ctl_dest.join("out/n")), "n=ctl\n");
     assert_eq!(read(bx_dest.join("out/n")), "n=bx\n");
-    for o in [&ctl, &bx] {
-        assert!(
-            o.stderr.contains("[buildkit-router] waiting for a builder"),
-            "the client showed why it waited:\n{}",
-            o.stderr
-        );
-    }
+    // buildctl shows the wait as a step. buildx waits in its probe build, whose progress it
+    // does not print; its real build then runs at once.
+    assert!(
+        ctl.stderr
+            .contains("[buildkit-router] waiting for a builder"),
+        "the client showed why it waited:\n{}",
+        ctl.stderr
+    );
 }
 
 /// History of builds this router does not know (placed by another replica, or forgotten after
