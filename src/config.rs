@@ -158,7 +158,7 @@ pub struct RunConfig {
     #[arg(long, value_name = "DIR", env = "BUILDKIT_ROUTER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Platforms ListWorkers reports while no daemon was ever seen (e.g. `linux/amd64,linux/arm64`),
-    /// so buildx works against a pool that starts at zero.
+    /// so buildx works against a pool that starts at zero. Default: the router's own platform.
     #[arg(long, value_delimiter = ',', env = "BUILDKIT_ROUTER_DEFAULT_PLATFORMS")]
     pub default_platforms: Vec<String>,
 

@@ -590,7 +590,7 @@ impl Backend {
 
     /// Keeps `ListenBuildHistory{ActiveOnly: true}` open and counts the builds the daemon
     /// reports running (STARTED adds a ref, COMPLETE and DELETED remove it), so that every router
-    /// replica sees the builds of all of them. Reopened with backoff (1 s to 30 s) while the
+    /// replica sees the builds of all of them. Reopened with backoff (1 s to 5 s) while the
     /// backend exists; the count is unknown while the stream is down.
     async fn watch_active_builds(self: Arc<Self>) {
         const LISTEN: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
@@ -606,7 +606,7 @@ impl Backend {
             }
             debug!(backend = %self.identity, reason = %result.err().unwrap_or_default(), retry_in = ?delay, "active-build report stream ended");
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
         self.watching.store(false, Ordering::Release);
     }

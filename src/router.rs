@@ -1496,8 +1496,7 @@ impl Router {
             }
             None => error(
                 code::UNAVAILABLE,
-                "buildkit-router: no buildkitd backend is ready (and no answer is known yet: \
-                 set --default-platforms or --state-dir to answer with an empty pool)",
+                "buildkit-router: no buildkitd backend is ready",
             ),
         }
     }

@@ -49,8 +49,15 @@ fn file_name(path: &str) -> &'static str {
 }
 
 impl OfflineAnswers {
-    /// Loads what `state_dir` holds from an earlier run.
+    /// Loads what `state_dir` holds from an earlier run. Without `default_platforms`, the
+    /// router's own platform stands in until a daemon answers (`linux/amd64` on x86-64), so an
+    /// empty pool takes builds with no flag set.
     pub fn new(state_dir: Option<PathBuf>, default_platforms: Vec<String>) -> Self {
+        let default_platforms = if default_platforms.is_empty() {
+            vec![host_platform()]
+        } else {
+            default_platforms
+        };
         let answers = Self {
             state_dir,
             default_platforms,
@@ -131,6 +138,11 @@ impl OfflineAnswers {
 /// A framed `PongResponse` recorded from buildkitd v0.32.2 (the pinned release).
 const PINNED_PONG: &[u8] = include_bytes!("../proto/pong-buildkitd-v0.32.2.bin");
 
+/// The platform the router runs on, as BuildKit names it.
+fn host_platform() -> String {
+    crate::placement::normalize_platform(&format!("linux/{}", std::env::consts::ARCH))
+}
+
 /// `linux/arm64/v8` -> Platform{OS, Architecture, Variant}.
 fn platform(text: &str) -> pb::Platform {
     let mut parts = text.splitn(3, '/');
@@ -160,7 +172,12 @@ mod tests {
     #[test]
     fn default_platforms_make_a_worker_and_state_survives_a_restart() {
         let answers = OfflineAnswers::new(None, vec![]);
-        assert!(answers.answer(LIST_WORKERS).is_none(), "nothing to say");
+        let framed = answers
+            .answer(LIST_WORKERS)
+            .expect("the router's own platform");
+        let platforms = wire::decode_worker_platforms(&framed[wire::GRPC_PREFIX_LEN..]).unwrap();
+        assert_eq!(platforms, [host_platform()]);
+        assert!(host_platform().starts_with("linux/") && !host_platform().contains("x86_64"));
 
         let answers =
             OfflineAnswers::new(None, vec!["linux/amd64".into(), "linux/arm64/v8".into()]);

@@ -874,13 +874,10 @@ async fn builds_held_while_the_pool_is_empty_complete_when_a_daemon_starts() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", support::real::free_port())
         .parse()
         .unwrap();
-    let router = RouterProcess::start_urls(
-        &[format!("tcp://{addr}")],
-        &["--default-platforms=linux/amd64".to_owned()],
-        0,
-    );
+    // No flag: the queue is on by default, and ListWorkers answers with the router's own
+    // platform until a daemon is seen.
+    let router = RouterProcess::start_urls(&[format!("tcp://{addr}")], &[], 0);
     let clients = Clients::new(&peers);
-    // buildx works against the empty pool: ListWorkers answers from --default-platforms.
     clients.buildx_builder("zero", &router.url(), None).await;
     let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
     let out = tempfile::tempdir().unwrap();
