@@ -52,27 +52,14 @@ impl Pool {
     /// the build's ref.
     async fn buildctl_build(&self, ctx: &Context, dest: &Path, extra: &[&str]) -> (Output, String) {
         let ref_file = dest.with_extension("ref");
-        let (ctx_arg, df_arg) = (
-            format!("context={}", ctx.path()),
-            format!("dockerfile={}", ctx.path()),
-        );
         let out_arg = format!("type=local,dest={}", dest.display());
         let ref_arg = ref_file.display().to_string();
-        let mut args = vec![
-            "build",
-            "--frontend",
-            "dockerfile.v0",
-            "--local",
-            &ctx_arg,
-            "--local",
-            &df_arg,
-            "--output",
-            &out_arg,
-            "--ref-file",
-            &ref_arg,
-        ];
+        let mut args = vec!["--output", &out_arg, "--ref-file", &ref_arg];
         args.extend_from_slice(extra);
-        let out = self.buildctl(&args).await;
+        let out = self
+            .clients
+            .buildctl_build(&self.router.url(), &[], ctx, &args)
+            .await;
         let build_ref = std::fs::read_to_string(&ref_file)
             .unwrap_or_default()
             .trim()
@@ -324,20 +311,11 @@ async fn start_sleeping_build(
     extra: &[&str],
 ) -> SleepingBuild {
     let known = router_builds(pool);
-    let mut args = vec![
-        "--addr".to_owned(),
-        pool.router.url(),
-        "build".into(),
-        "--frontend".into(),
-        "dockerfile.v0".into(),
-        "--local".into(),
-        format!("context={}", ctx.path()),
-        "--local".into(),
-        format!("dockerfile={}", ctx.path()),
-        "--output".into(),
-        format!("type=local,dest={}", dest.display()),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let url = pool.router.url();
+    let out_arg = format!("type=local,dest={}", dest.display());
+    let mut rest = vec!["--output", &out_arg];
+    rest.extend_from_slice(extra);
+    let args = ctx.build_args(&["--addr", &url], &rest);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = pool
         .clients
@@ -684,8 +662,6 @@ async fn tls_and_mtls_from_buildctl_and_buildx() {
     let clients = Clients::new(&peers);
     let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
     let out = tempfile::tempdir().unwrap();
-    let ctx_arg = format!("context={}", ctx.path());
-    let df_arg = format!("dockerfile={}", ctx.path());
 
     for (name, router, with_cert) in [("tls", &tls, false), ("mtls", &mtls, true)] {
         // buildctl offers ALPN h2.
@@ -694,20 +670,15 @@ async fn tls_and_mtls_from_buildctl_and_buildx() {
         if with_cert {
             args.extend_from_slice(&["--tlscert", &client_cert, "--tlskey", &client_key]);
         }
-        args.extend_from_slice(&[
-            "build",
-            "--frontend",
-            "dockerfile.v0",
-            "--local",
-            &ctx_arg,
-            "--local",
-            &df_arg,
-            "--opt",
-            "build-arg:N=tls",
-            "--output",
-            &dest,
-        ]);
-        clients.buildctl(&router.url(), &args).await.assert_ok();
+        clients
+            .buildctl_build(
+                &router.url(),
+                &args,
+                &ctx,
+                &["--opt", "build-arg:N=tls", "--output", &dest],
+            )
+            .await
+            .assert_ok();
         assert_eq!(
             read(out.path().join(format!("{name}-buildctl/out/n"))),
             "n=tls\n"
@@ -742,7 +713,7 @@ async fn tls_and_mtls_from_buildctl_and_buildx() {
     // mTLS refuses a client without a certificate.
     let dest = format!("type=local,dest={}/nocert", out.path().display());
     let refused = clients
-        .buildctl(
+        .buildctl_build(
             &mtls.url(),
             &[
                 "--tlscacert",
@@ -751,16 +722,9 @@ async fn tls_and_mtls_from_buildctl_and_buildx() {
                 "localhost",
                 "--timeout",
                 "5",
-                "build",
-                "--frontend",
-                "dockerfile.v0",
-                "--local",
-                &ctx_arg,
-                "--local",
-                &df_arg,
-                "--output",
-                &dest,
             ],
+            &ctx,
+            &["--output", &dest],
         )
         .await;
     assert!(!refused.ok(), "mTLS refuses a client without a certificate");
@@ -803,21 +767,21 @@ async fn a_multi_platform_build_without_emulators_works_as_on_one_daemon() {
 
     // buildctl, the same request.
     let tar2 = out.path().join("out2.tar");
-    pool.buildctl(&[
-        "build",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        &format!("context={}", ctx.path()),
-        "--local",
-        &format!("dockerfile={}", ctx.path()),
-        "--opt",
-        "platform=linux/amd64,linux/arm64",
-        "--output",
-        &format!("type=oci,dest={}", tar2.display()),
-    ])
-    .await
-    .assert_ok();
+    let oci_out = format!("type=oci,dest={}", tar2.display());
+    pool.clients
+        .buildctl_build(
+            &pool.router.url(),
+            &[],
+            &ctx,
+            &[
+                "--opt",
+                "platform=linux/amd64,linux/arm64",
+                "--output",
+                &oci_out,
+            ],
+        )
+        .await
+        .assert_ok();
     assert_eq!(oci_platforms(&tar2), ["linux/amd64", "linux/arm64"]);
 
     // An operator who asks for strict platform matching gets FAILED_PRECONDITION instead.
@@ -827,19 +791,11 @@ async fn a_multi_platform_build_without_emulators_works_as_on_one_daemon() {
     );
     let refused = pool
         .clients
-        .buildctl(
+        .buildctl_build(
             &strict.url(),
-            &[
-                "build",
-                "--frontend",
-                "dockerfile.v0",
-                "--local",
-                &format!("context={}", ctx.path()),
-                "--local",
-                &format!("dockerfile={}", ctx.path()),
-                "--opt",
-                "platform=linux/amd64,linux/arm64",
-            ],
+            &[],
+            &ctx,
+            &["--opt", "platform=linux/amd64,linux/arm64"],
         )
         .await;
     assert!(!refused.ok());
@@ -883,26 +839,10 @@ async fn builds_held_while_the_pool_is_empty_complete_when_a_daemon_starts() {
     let out = tempfile::tempdir().unwrap();
     let ctl_dest = out.path().join("ctl");
     let bx_dest = out.path().join("bx");
-    let (ctx_arg, df_arg, ctl_out) = (
-        format!("context={}", ctx.path()),
-        format!("dockerfile={}", ctx.path()),
-        format!("type=local,dest={}", ctl_dest.display()),
-    );
+    let ctl_out = format!("type=local,dest={}", ctl_dest.display());
     let router_url = router.url();
-    let ctl_args = [
-        "build",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        &ctx_arg,
-        "--local",
-        &df_arg,
-        "--opt",
-        "build-arg:N=ctl",
-        "--output",
-        &ctl_out,
-    ];
-    let ctl = clients.buildctl(&router_url, &ctl_args);
+    let ctl_args = ["--opt", "build-arg:N=ctl", "--output", &ctl_out];
+    let ctl = clients.buildctl_build(&router_url, &[], &ctx, &ctl_args);
     let bx_out = format!("type=local,dest={}", bx_dest.display());
     let bx_args = [
         "build",
@@ -1013,21 +953,9 @@ async fn history_of_builds_placed_by_another_replica() {
 
 /// A build for `platform` through the strict router succeeds.
 async fn strict_ok(pool: &Pool, strict: &RouterProcess, ctx: &Context, platform: &str) {
+    let platform = format!("platform={platform}");
     pool.clients
-        .buildctl(
-            &strict.url(),
-            &[
-                "build",
-                "--frontend",
-                "dockerfile.v0",
-                "--local",
-                &format!("context={}", ctx.path()),
-                "--local",
-                &format!("dockerfile={}", ctx.path()),
-                "--opt",
-                &format!("platform={platform}"),
-            ],
-        )
+        .buildctl_build(&strict.url(), &[], ctx, &["--opt", &platform])
         .await
         .assert_ok();
 }
@@ -1142,22 +1070,13 @@ async fn the_demo_script_runs_a_build_and_stops_cleanly() {
     let clients = Clients::new(&peers);
     let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
     let out = tempfile::tempdir().unwrap();
+    let demo_out = format!("type=local,dest={}", out.path().display());
     clients
-        .buildctl(
+        .buildctl_build(
             &addr,
-            &[
-                "build",
-                "--frontend",
-                "dockerfile.v0",
-                "--local",
-                &format!("context={}", ctx.path()),
-                "--local",
-                &format!("dockerfile={}", ctx.path()),
-                "--opt",
-                "build-arg:N=demo",
-                "--output",
-                &format!("type=local,dest={}", out.path().display()),
-            ],
+            &[],
+            &ctx,
+            &["--opt", "build-arg:N=demo", "--output", &demo_out],
         )
         .await
         .assert_ok();

@@ -486,6 +486,20 @@ impl Clients {
         Clients::run_cmd(what, self.command(&self.peers.buildx, args)).await
     }
 
+    /// `buildctl [global] build --frontend dockerfile.v0 --local context=CTX --local
+    /// dockerfile=CTX [args]` against `addr`.
+    pub async fn buildctl_build(
+        &self,
+        addr: &str,
+        global: &[&str],
+        ctx: &Context,
+        args: &[&str],
+    ) -> Output {
+        let all = ctx.build_args(global, args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.buildctl(addr, &all).await
+    }
+
     /// `buildx create` of a remote-driver builder named `name` for `addr`.
     pub async fn buildx_builder(&self, name: &str, addr: &str, driver_opts: Option<&str>) {
         let mut args = vec!["create", "--name", name, "--driver", "remote"];
@@ -564,6 +578,26 @@ impl Context {
 
     pub fn path(&self) -> &str {
         self.dir.path().to_str().expect("utf-8 path")
+    }
+
+    /// `[global] build --frontend dockerfile.v0 --local context=. --local dockerfile=. [args]`
+    /// for this context: buildctl's arguments for a Dockerfile build.
+    pub fn build_args(&self, global: &[&str], args: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = global.iter().map(|s| s.to_string()).collect();
+        all.extend(
+            [
+                "build".to_owned(),
+                "--frontend".into(),
+                "dockerfile.v0".into(),
+                "--local".into(),
+                format!("context={}", self.path()),
+                "--local".into(),
+                format!("dockerfile={}", self.path()),
+            ]
+            .into_iter()
+            .chain(args.iter().map(|s| s.to_string())),
+        );
+        all
     }
 }
 
