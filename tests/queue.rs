@@ -259,3 +259,71 @@ async fn buildx_probe_builds_never_wait_behind_full_daemons() {
     daemon.release_builds();
     assert!(running.await.expect("build task").ok());
 }
+
+/// Two router replicas over the same daemons, each with `--max-builds-per-backend 1`: each
+/// learns the other's builds from the daemons' own reports (`ListenBuildHistory{ActiveOnly}`),
+/// so together they never run more than one build per daemon; the rest wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_respect_one_cap_through_the_daemons_reports() {
+    let opts = DaemonOpts {
+        hold_builds: true,
+        ..DaemonOpts::default()
+    };
+    let d0 = FakeDaemon::start("d0", opts.clone()).await;
+    let d1 = FakeDaemon::start("d1", opts).await;
+    let cap = |cfg: &mut RunConfig| cfg.placement.max_builds_per_backend = Some(1);
+    let a = router(&[&d0, &d1], cap).await;
+    let b = router(&[&d0, &d1], cap).await;
+    let (ca, cb) = (
+        Client::connect(a.addr).await.expect("connect a"),
+        Client::connect(b.addr).await.expect("connect b"),
+    );
+    let reported = |r: &Running| -> usize {
+        r.pool
+            .snapshot()
+            .backends
+            .iter()
+            .filter_map(|bk| bk.reported_builds())
+            .sum()
+    };
+    let start = |c: &Client| {
+        let c = c.clone();
+        tokio::spawn(async move { c.build(BuildOpts::buildctl()).await })
+    };
+    // One build through each replica, each after the other replica saw the previous one.
+    let first = start(&ca);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while reported(&b) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("replica b hears of a's build from the daemon");
+    let second = start(&cb);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while reported(&a) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("replica a hears of b's build from the daemon");
+    // Every daemon is full for both replicas: the next builds wait, one in each.
+    let third = start(&ca);
+    let fourth = start(&cb);
+    wait_queued(&a, 1).await;
+    wait_queued(&b, 1).await;
+    d0.wait_held(1).await;
+    d1.wait_held(1).await;
+    assert_eq!(
+        (d0.held(), d1.held()),
+        (1, 1),
+        "one build per daemon in all"
+    );
+    d0.release_builds();
+    d1.release_builds();
+    for build in [first, second, third, fourth] {
+        let build = build.await.expect("build task");
+        assert!(build.ok(), "{build:#?}");
+    }
+    assert_eq!(d0.counters().refs().len() + d1.counters().refs().len(), 4);
+}
