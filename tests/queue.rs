@@ -327,3 +327,59 @@ async fn two_replicas_respect_one_cap_through_the_daemons_reports() {
     }
     assert_eq!(d0.counters().refs().len() + d1.counters().refs().len(), 4);
 }
+
+/// Tenants are served round robin: a tenant with one build waits behind one build of a tenant
+/// that queued three, not behind all three (`--tenant-from key-owner`: the key's group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_serves_two_tenants_in_turn() {
+    let daemon = FakeDaemon::start(
+        "d0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router(&[&daemon], |cfg| {
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let build = |key: &str| {
+        let mut opts = BuildOpts::buildctl();
+        opts.frontend_attrs
+            .insert("build-arg:BUILDKIT_ROUTER_KEY".into(), key.into());
+        let build_ref = opts.build_ref.clone();
+        let client = client.clone();
+        (
+            build_ref,
+            tokio::spawn(async move { client.build(opts).await }),
+        )
+    };
+    let (_, running) = build("team-a/first");
+    daemon.wait_held(1).await;
+    let mut queued = Vec::new();
+    for (i, key) in ["team-a/p1", "team-a/p2", "team-a/p3", "team-b/p1"]
+        .into_iter()
+        .enumerate()
+    {
+        queued.push(build(key));
+        // Queue them in this order.
+        wait_queued(&router, i as i64 + 1).await;
+    }
+    daemon.release_builds();
+    assert!(running.await.expect("build task").ok());
+    let mut refs = Vec::new();
+    for (build_ref, task) in queued {
+        assert!(task.await.expect("build task").ok());
+        refs.push(build_ref);
+    }
+    let order: Vec<usize> = daemon
+        .counters()
+        .completed_refs()
+        .iter()
+        .filter_map(|r| refs.iter().position(|q| q == r))
+        .collect();
+    // team-a's first, then team-b's only build, then the rest of team-a's.
+    assert_eq!(order, [0, 3, 1, 2], "served in turn: {order:?}");
+}
