@@ -100,7 +100,7 @@ const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
 /// The ref of buildx's history API probe (buildkit-protocol.md, "What one build looks like").
 const BUILDX_HISTORY_PROBE: &str = "buildx-test-history-api-feature";
 /// How long a call for an unknown ref waits for its Solve before daemons' histories are asked.
-const LOCATE_AFTER: Duration = Duration::from_millis(300);
+const LOCATE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where a build's calls go.
 enum RefState {

@@ -31,7 +31,7 @@ async fn router_over(daemons: &[FakeDaemon], max_per_backend: Option<usize>) -> 
 fn owner(daemons: &[FakeDaemon], build_ref: &str) -> String {
     let owners: Vec<&str> = daemons
         .iter()
-        .filter(|d| d.counters().refs().contains(build_ref))
+        .filter(|d| d.counters().served_build(build_ref))
         .map(|d| d.name())
         .collect();
     assert_eq!(owners.len(), 1, "{build_ref} reached {owners:?}");

@@ -42,7 +42,7 @@ async fn router_over(daemons: &[FakeDaemon], tweak: impl FnOnce(&mut RunConfig))
 fn owner(daemons: &[FakeDaemon], build_ref: &str) -> Vec<String> {
     daemons
         .iter()
-        .filter(|d| d.counters().refs().contains(build_ref))
+        .filter(|d| d.counters().served_build(build_ref))
         .map(|d| d.name().to_owned())
         .collect()
 }

@@ -257,6 +257,15 @@ impl Counters {
         self.cancels.load(Ordering::SeqCst)
     }
 
+    /// Whether any call of build `build_ref` reached this daemon. A history lookup by ref
+    /// (`ListenBuildHistory{Ref}`, which the router sends every daemon to find an old build) is
+    /// not part of the build.
+    pub fn served_build(&self, build_ref: &str) -> bool {
+        self.methods_for(build_ref)
+            .iter()
+            .any(|m| m != "ListenBuildHistory")
+    }
+
     /// Refs of the cancelled Solves.
     pub fn cancelled_refs(&self) -> Vec<String> {
         self.cancelled_refs.lock().unwrap().clone()
