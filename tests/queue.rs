@@ -47,6 +47,35 @@ async fn wait_queued(router: &Running, n: i64) {
     });
 }
 
+/// One daemon that holds its builds, a router capping it at one build, and one build holding
+/// that slot: a full pool, where the next build waits.
+async fn full_pool() -> (
+    FakeDaemon,
+    Running,
+    Client,
+    tokio::task::JoinHandle<support::client::BuildResult>,
+) {
+    let daemon = FakeDaemon::start(
+        "d0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router(&[&daemon], |cfg| {
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    daemon.wait_held(1).await;
+    (daemon, router, client, running)
+}
+
 fn add(daemon: &FakeDaemon) -> PoolUpdate {
     PoolUpdate::Add(EndpointSpec {
         identity: daemon.name().to_owned(),
@@ -170,24 +199,7 @@ async fn a_build_that_waits_too_long_gets_resource_exhausted_naming_its_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_cancelled_while_queued_leaves_at_once_and_reaches_no_daemon() {
-    let daemon = FakeDaemon::start(
-        "d0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router(&[&daemon], |cfg| {
-        cfg.placement.max_builds_per_backend = Some(1);
-    })
-    .await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let running = {
-        let client = client.clone();
-        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
-    };
-    daemon.wait_held(1).await;
+    let (daemon, router, client, running) = full_pool().await;
     let cancel = Arc::new(tokio::sync::Notify::new());
     let queued = {
         let client = client.clone();
@@ -240,24 +252,7 @@ async fn an_empty_pool_is_ready_and_answers_list_workers_from_default_platforms(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildx_probe_builds_never_wait_behind_full_daemons() {
-    let daemon = FakeDaemon::start(
-        "d0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router(&[&daemon], |cfg| {
-        cfg.placement.max_builds_per_backend = Some(1);
-    })
-    .await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let running = {
-        let client = client.clone();
-        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
-    };
-    daemon.wait_held(1).await;
+    let (daemon, router, client, running) = full_pool().await;
     // The probe (Internal, no work) is not queued behind the full daemon.
     let probe = client.build(BuildOpts::probe()).await;
     assert!(probe.solve.is_ok(), "{probe:#?}");
@@ -338,19 +333,7 @@ async fn two_replicas_respect_one_cap_through_the_daemons_reports() {
 /// that queued three, not behind all three (`--tenant-from key-owner`: the key's group).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_serves_two_tenants_in_turn() {
-    let daemon = FakeDaemon::start(
-        "d0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router(&[&daemon], |cfg| {
-        cfg.placement.max_builds_per_backend = Some(1);
-    })
-    .await;
-    let client = Client::connect(router.addr).await.expect("connect");
+    let (daemon, router, client, running) = full_pool().await;
     let build = |key: &str| {
         let mut opts = BuildOpts::buildctl();
         opts.frontend_attrs
@@ -362,8 +345,6 @@ async fn a_full_pool_serves_two_tenants_in_turn() {
             tokio::spawn(async move { client.build(opts).await }),
         )
     };
-    let (_, running) = build("team-a/first");
-    daemon.wait_held(1).await;
     let mut queued = Vec::new();
     for (i, key) in ["team-a/p1", "team-a/p2", "team-a/p3", "team-b/p1"]
         .into_iter()

@@ -554,7 +554,7 @@ async fn a_killed_daemon_fails_only_its_own_builds() {
     };
     let ctx = Context::new(&pool.peers, &sleeping_dockerfile(8), &[]);
     let out = tempfile::tempdir().unwrap();
-    // Three running builds; at most... each on the daemon placement picked.
+    // Three running builds, each on the daemon placement picked for its key.
     let mut running = Vec::new();
     for i in 0..3 {
         let key = format!("build-arg:BUILDKIT_ROUTER_KEY=kill-{i}");
