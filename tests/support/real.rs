@@ -531,6 +531,15 @@ pub struct History {
     pub error_code: Option<i64>,
     pub error_message: Option<String>,
     pub completed: bool,
+    /// When the daemon started and finished the build, in seconds since the Unix epoch.
+    pub created_at: Option<f64>,
+    pub completed_at: Option<f64>,
+}
+
+/// A `google.protobuf.Timestamp` as Go's encoding/json writes it: `{"seconds":S,"nanos":N}`.
+fn timestamp_secs(v: &serde_json::Value) -> Option<f64> {
+    let seconds = v.get("seconds")?.as_f64()?;
+    Some(seconds + v.get("nanos").and_then(|n| n.as_f64()).unwrap_or(0.0) / 1e9)
 }
 
 /// `buildctl debug histories --format '{{json .}}'` prints one BuildHistoryEvent a line, each
@@ -548,6 +557,8 @@ fn parse_histories(text: &str) -> Vec<History> {
                 error_code: r["error"]["code"].as_i64(),
                 error_message: r["error"]["message"].as_str().map(str::to_owned),
                 completed: !r["CompletedAt"].is_null(),
+                created_at: timestamp_secs(&r["CreatedAt"]),
+                completed_at: timestamp_secs(&r["CompletedAt"]),
             }
         })
         .collect()
