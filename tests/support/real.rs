@@ -279,6 +279,82 @@ impl Daemon {
     }
 }
 
+/// Debian's `docker-registry` (the CNCF distribution registry) on 127.0.0.1, storing in a
+/// temporary folder, with no auth: the registry CI jobs push images and cache to.
+pub struct DockerRegistry {
+    pub addr: SocketAddr,
+    _process: Supervised,
+    _dir: TempDir,
+}
+
+impl DockerRegistry {
+    /// Starts it, or `None` (after printing why) when Debian's `docker-registry` is missing
+    /// outside CI (`scripts/install-buildkit.sh` installs it); panics under `CI=true`.
+    pub fn start() -> Option<DockerRegistry> {
+        let Some(program) = which("docker-registry") else {
+            let why = "no docker-registry on PATH (Debian docker-registry)";
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED: {why}; run scripts/install-buildkit.sh to run this test");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("registry dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let (process, _) = Supervised::start(
+            "docker-registry",
+            &program,
+            &["serve".to_owned(), config.display().to_string()],
+            &[],
+            "",
+            |line| line.contains("listening on"),
+        );
+        Some(DockerRegistry {
+            addr,
+            _process: process,
+            _dir: dir,
+        })
+    }
+
+    /// The tags of `repository` (`GET /v2/<repository>/tags/list`), empty if it has none.
+    pub fn tags(&self, repository: &str) -> Vec<String> {
+        let body = http_get(self.addr, &format!("/v2/{repository}/tags/list")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// GET `path` from `addr` over plain HTTP/1.1; the body as text.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
 /// The real router binary in front of some daemons.
 pub struct RouterProcess {
     pub addr: SocketAddr,
@@ -363,19 +439,7 @@ impl RouterProcess {
 
     /// GET an admin path (plain HTTP/1.1); the body as text.
     pub fn admin_get(&self, path: &str) -> std::io::Result<String> {
-        let mut s = TcpStream::connect(self.admin)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.admin
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default())
+        http_get(self.admin, path)
     }
 
     pub fn status(&self) -> std::io::Result<serde_json::Value> {
