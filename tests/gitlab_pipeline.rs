@@ -140,7 +140,7 @@ fn the_gitlab_example_builds_pushes_and_reuses_its_cache_through_the_router() {
     .unwrap();
     let config_arg = format!("--config={}", config.display());
     let daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::start_with(&peers, &format!("ci{i}"), &[config_arg.clone()]))
+        .map(|i| Daemon::start_with(&peers, &format!("ci{i}"), std::slice::from_ref(&config_arg)))
         .collect();
     let router = RouterProcess::start(&daemons.iter().collect::<Vec<_>>(), &[]);
 
