@@ -673,12 +673,9 @@ impl Backend {
         };
         match result {
             Ok(()) => {
-                self.health_failures.store(0, Ordering::Relaxed);
-                if !self.healthy.swap(true, Ordering::AcqRel) {
-                    info!(backend = %self.identity, "backend passes health checks again; re-admitted");
-                    self.events.notify_one();
-                }
-                // Refresh the platforms the workers support (cheap; buildx calls it per build).
+                // Refresh the platforms the workers support (cheap; buildx calls it per build)
+                // before (re-)admitting the backend, so that its first placement knows them
+                // (`--strict-platforms` refused nothing when a build came right after start).
                 match self.unary_call(LIST_WORKERS, &[], timeout).await {
                     Ok(message) => match crate::wire::decode_worker_platforms(&message) {
                         Ok(platforms) => self.set_platforms(platforms),
@@ -689,6 +686,11 @@ impl Backend {
                     Err(e) => {
                         debug!(backend = %self.identity, error = %e, "ListWorkers refresh failed")
                     }
+                }
+                self.health_failures.store(0, Ordering::Relaxed);
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    info!(backend = %self.identity, "backend passes health checks again; re-admitted");
+                    self.events.notify_one();
                 }
             }
             Err(reason) => {

@@ -406,7 +406,7 @@ impl RouterProcess {
         router
     }
 
-    /// Waits until `/status` shows `n` ready backends (the router checks their health first).
+    /// Waits until `/status` shows `n` ready backends whose platforms the router has learned.
     pub fn wait_ready(&self, n: usize) {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
@@ -416,7 +416,12 @@ impl RouterProcess {
                 .and_then(|s| {
                     s["backends"].as_array().map(|bs| {
                         bs.iter()
-                            .filter(|b| b["state"].as_str() == Some("ready"))
+                            // Ready, and its workers' platforms learned (the first health
+                            // check's ListWorkers): placement knows what it can build.
+                            .filter(|b| {
+                                b["state"].as_str() == Some("ready")
+                                    && b["platforms"].as_array().is_some_and(|p| !p.is_empty())
+                            })
                             .count()
                     })
                 })
