@@ -16,6 +16,7 @@ use tracing::{field, info, warn, Instrument};
 use crate::admission::{Admission, Admitted, LeaseGuard, Progress, Refusal};
 use crate::body::{CallEnd, EndHook, RequestBody, ResponseBody, StreamContext};
 use crate::classify::{classify, Route};
+use crate::content::{ContentKeys, ContentSettings};
 use crate::forward::{self, code, ForwardError, Head, PeekError};
 use crate::grpc::status_trailers;
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub struct RouterSettings {
     pub state_dir: Option<std::path::PathBuf>,
     /// Platforms ListWorkers reports before any daemon was seen (`--default-platforms`).
     pub default_platforms: Vec<String>,
+    /// Bounds of the Dockerfile read for the content key.
+    pub content: ContentSettings,
 }
 
 impl Default for RouterSettings {
@@ -57,6 +60,7 @@ impl Default for RouterSettings {
             tenant_from: TenantFrom::KeyOwner,
             state_dir: None,
             default_platforms: Vec::new(),
+            content: ContentSettings::default(),
         }
     }
 }
@@ -129,6 +133,9 @@ pub struct Router {
     admission: Option<Arc<Admission>>,
     /// ListWorkers/Info answers for when no backend is ready.
     offline: OfflineAnswers,
+    /// Live sessions' inner clients (the router reads Dockerfiles through them).
+    sessions: Arc<session::Directory>,
+    content: ContentKeys,
 }
 
 fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
@@ -287,6 +294,12 @@ impl Router {
             settings.state_dir.clone(),
             settings.default_platforms.clone(),
         );
+        let sessions = session::Directory::new();
+        let content = ContentKeys::new(
+            settings.content.clone(),
+            sessions.clone(),
+            metrics.content.clone(),
+        );
         Arc::new(Self {
             pool,
             registry,
@@ -296,6 +309,8 @@ impl Router {
             refreshed: Mutex::new(HashMap::new()),
             admission,
             offline,
+            sessions,
+            content,
         })
     }
 
@@ -505,7 +520,15 @@ impl Router {
         };
         tracing::Span::current().record("build_ref", &*build_ref);
         let sessions = solve.session_ids();
-        let traits = self.placement.traits_for_solve(&solve);
+        // Keyless builds may be keyed by their Dockerfile, read through their held Session.
+        let pinned = matches!(
+            self.registry.precheck(&build_ref, &sessions),
+            Precheck::Pinned(_)
+        );
+        let traits = self
+            .content
+            .traits_for_solve(&self.placement, &solve, pinned)
+            .await;
 
         // Choose a backend we can reach before binding anything to it, so a dead pod costs a
         // retry on the next candidate instead of a failed build.
@@ -744,6 +767,7 @@ impl Router {
                     .max_message_size
                     .max(session::tunnel::MAX_MESSAGE),
                 gauges,
+                directory: Some(self.sessions.clone()),
             },
             wait,
             open,

@@ -120,7 +120,7 @@ pub struct PlacementArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "explicit,vcs,image,cache,session",
+        default_value = "explicit,vcs,image,cache,content,session",
         env = "BUILDKIT_ROUTER_AFFINITY_KEY_SOURCES"
     )]
     pub affinity_key_sources: Vec<KeySource>,
@@ -328,14 +328,14 @@ impl Placement {
             .find(|(k, _)| *k == "platform")
             .map(|(_, p)| parse_platforms(p))
             .unwrap_or_default();
+        // Sources before `content` first, then those after it: the content key itself needs
+        // I/O (`crate::content` fills it in when `content_wanted`).
+        let (before, after) = key::around_content(&self.config.key_sources);
         let key = if solve.internal {
             None
         } else {
-            key::solve_key(
-                solve,
-                &self.config.key_sources,
-                &self.config.explicit_key_attrs,
-            )
+            key::solve_key(solve, before, &self.config.explicit_key_attrs)
+                .or_else(|| key::solve_key(solve, after, &self.config.explicit_key_attrs))
         };
         BuildTraits {
             platforms,
@@ -343,6 +343,15 @@ impl Placement {
             key,
             nonce: rand::random(),
         }
+    }
+
+    /// Whether a Solve's key should come from its content: `content` is a key source and no
+    /// source before it yields a key (a key from a source after it is replaced).
+    pub fn content_wanted(&self, solve: &SolveInfo<'_>) -> bool {
+        let (before, after) = key::around_content(&self.config.key_sources);
+        !solve.internal
+            && before.len() + after.len() < self.config.key_sources.len()
+            && key::solve_key(solve, before, &self.config.explicit_key_attrs).is_none()
     }
 
     /// What a Session that no Solve named within the bind window asks of placement.
