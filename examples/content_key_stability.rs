@@ -159,7 +159,10 @@ fn main() {
             .collect();
         projects.push((name, texts));
     }
-    let pairs: usize = projects.iter().map(|(_, v)| v.len().saturating_sub(1)).sum();
+    let pairs: usize = projects
+        .iter()
+        .map(|(_, v)| v.len().saturating_sub(1))
+        .sum();
     println!(
         "{} Dockerfiles, {} versions, {pairs} pairs of consecutive versions",
         projects.len(),
@@ -198,7 +201,10 @@ fn main() {
         for (name, texts) in &projects {
             let keys: Vec<String> = texts.iter().map(|t| stable(t)).collect();
             let changes = keys.windows(2).filter(|w| w[0] != w[1]).count();
-            println!("{name}: {} versions, stable key changed {changes} times", texts.len());
+            println!(
+                "{name}: {} versions, stable key changed {changes} times",
+                texts.len()
+            );
         }
     }
 }

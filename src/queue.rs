@@ -92,7 +92,9 @@ pub fn tenant_of<'a>(
         TenantFrom::Mtls => mtls_identity.map(str::trim),
         // A content key names no owner (it is a hash): such builds share `default`, as
         // keyless ones do.
-        TenantFrom::KeyOwner => key.filter(|k| k.source != KeySource::Content).map(key_owner),
+        TenantFrom::KeyOwner => key
+            .filter(|k| k.source != KeySource::Content)
+            .map(key_owner),
         TenantFrom::None => None,
     };
     t.filter(|t| !t.is_empty()).unwrap_or(DEFAULT_TENANT)

@@ -177,7 +177,10 @@ async fn different_dockerfiles_get_different_homes_and_a_changed_context_keeps_i
         // The client served the router's read and the daemon's.
         assert_eq!(r.tunnel.dockerfile_reads, 2, "{:?}", r.tunnel);
     }
-    assert_eq!(a2.tunnel.bytes_uploaded, (3 << 20) + GO_SERVICE_NEXT.len() as u64 * 2);
+    assert_eq!(
+        a2.tunnel.bytes_uploaded,
+        (3 << 20) + GO_SERVICE_NEXT.len() as u64 * 2
+    );
 
     let metrics = support::admin_get(router.admin_addr, "/metrics").await;
     assert_eq!(
@@ -204,7 +207,10 @@ async fn a_client_that_refuses_or_ignores_the_read_still_builds() {
     let ds = daemons(2).await;
     let router = router_over(&ds, Duration::from_millis(300)).await;
     let client = Client::connect(router.addr).await.expect("connect");
-    for (how, outcome) in [(FirstRead::Refuse, "refused"), (FirstRead::Stall, "timeout")] {
+    for (how, outcome) in [
+        (FirstRead::Refuse, "refused"),
+        (FirstRead::Stall, "timeout"),
+    ] {
         let mut o = keyless(GO_SERVICE);
         o.first_dockerfile_read = how;
         let r = client.build(o).await;

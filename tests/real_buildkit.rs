@@ -1236,14 +1236,19 @@ async fn keyless_rebuilds_find_their_cache_through_the_content_key() {
     const ROUNDS: usize = 4;
     for client in ["buildctl", "buildx"] {
         let projects: Vec<String> = (0..4).map(|i| format!("{client}-project-{i}")).collect();
-        let dirs: Vec<tempfile::TempDir> =
-            projects.iter().map(|_| tempfile::tempdir().unwrap()).collect();
+        let dirs: Vec<tempfile::TempDir> = projects
+            .iter()
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
         let mut uncached = Vec::new();
         for round in 0..ROUNDS {
             for (name, dir) in projects.iter().zip(&dirs) {
                 // The next commit: the Dockerfile and the sources change.
-                std::fs::write(dir.path().join("Dockerfile"), project_dockerfile(name, round))
-                    .unwrap();
+                std::fs::write(
+                    dir.path().join("Dockerfile"),
+                    project_dockerfile(name, round),
+                )
+                .unwrap();
                 std::fs::write(
                     dir.path().join("src.txt"),
                     format!("{name} at commit {round}\n"),
@@ -1273,7 +1278,10 @@ async fn keyless_rebuilds_find_their_cache_through_the_content_key() {
                 };
                 out.assert_ok();
                 let cached = step_cached(&out.stderr, "build-step").unwrap_or_else(|| {
-                    panic!("no build-step vertex in the progress of {name}:\n{}", out.stderr)
+                    panic!(
+                        "no build-step vertex in the progress of {name}:\n{}",
+                        out.stderr
+                    )
                 });
                 if round > 0 && !cached {
                     uncached.push(format!("{name} commit {round}"));

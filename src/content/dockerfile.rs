@@ -397,20 +397,14 @@ mod tests {
                  RUN apk add curl=8.1.0-r0\n\
                  ADD --checksum=sha256:ffff4f830cdb571e2c4ad15481119c43b3cafd48dd869a9b2945d1036d1dc68d https://x/v1.3.0.tgz /opt/\n\
                  COPY . /src\nEXPOSE 8080\nENTRYPOINT [\"/app\"]\n";
-        assert_eq!(
-            fingerprint(&instructions(a)),
-            fingerprint(&instructions(b))
-        );
+        assert_eq!(fingerprint(&instructions(a)), fingerprint(&instructions(b)));
     }
 
     #[test]
     fn run_bodies_are_not_part_of_the_fingerprint() {
         let a = "FROM alpine\nRUN apk add git\nCOPY a.txt /app/\nCMD [\"/app/run\"]\n";
         let b = "FROM alpine\nRUN apk add git gcc\nRUN echo more\nCOPY a.txt /app/\nCMD [\"/app/run\"]\n";
-        assert_eq!(
-            fingerprint(&instructions(a)),
-            fingerprint(&instructions(b))
-        );
+        assert_eq!(fingerprint(&instructions(a)), fingerprint(&instructions(b)));
         // ... but what the image is does.
         let c = "FROM debian\nRUN apk add git\nCOPY a.txt /app/\nCMD [\"/app/run\"]\n";
         let d = "FROM alpine\nRUN apk add git\nCOPY a.txt /srv/\nCMD [\"/app/run\"]\n";
@@ -427,17 +421,31 @@ mod tests {
     fn volatile_parts() {
         assert_eq!(volatile("curl=7.68.0-1ubuntu2"), "curl=0ubuntu0");
         assert_eq!(volatile("v2.8.0 and v0.33.0"), "v0 and v0");
-        assert_eq!(volatile("git.example/x#4be2a8c41df64ab7e1653f1f"), "git.example/x##");
+        assert_eq!(
+            volatile("git.example/x#4be2a8c41df64ab7e1653f1f"),
+            "git.example/x##"
+        );
         assert_eq!(volatile("/go/src/app"), "/go/src/app");
         assert_eq!(volatile("deadbeefcafe0"), "#");
         assert_eq!(volatile("décor 3"), "décor 0");
-        assert_eq!(image_name("Registry:5000/Team/App:1@sha256:abc"), "registry:5000/team/app");
+        assert_eq!(
+            image_name("Registry:5000/Team/App:1@sha256:abc"),
+            "registry:5000/team/app"
+        );
         assert_eq!(image_name("golang:${GO_VERSION}-alpine"), "golang");
     }
 
     #[test]
     fn garbage_is_deterministic_and_never_panics() {
-        for text in ["", "\\", "RUN <<", "FROM", "\u{feff}FROM x\\", "# escape=`\n`", "ÿ\u{0}"] {
+        for text in [
+            "",
+            "\\",
+            "RUN <<",
+            "FROM",
+            "\u{feff}FROM x\\",
+            "# escape=`\n`",
+            "ÿ\u{0}",
+        ] {
             assert_eq!(instructions(text), instructions(text));
             let _ = fingerprint(&instructions(text));
         }

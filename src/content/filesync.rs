@@ -31,7 +31,8 @@ const PACKET_ERR: i32 = 4;
 
 /// Go's `os.ModeType`: directory, symlink, device, pipe, socket, char device, irregular. Only
 /// entries without these bits carry data (fsutil `fileCanRequestData`).
-const GO_MODE_TYPE: u32 = (1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19);
+const GO_MODE_TYPE: u32 =
+    (1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19);
 const GO_MODE_SYMLINK: u32 = 1 << 27;
 
 /// How long the client gets to end the call after the router has its file (FIN answered,
@@ -79,7 +80,11 @@ pub enum ReadError {
     #[error("{wanted:?} is not a regular file in the client's {local:?} directory")]
     NotFound { local: String, wanted: Vec<String> },
     #[error("{path} is {size} bytes, over the {limit} byte limit")]
-    TooLarge { path: String, size: u64, limit: usize },
+    TooLarge {
+        path: String,
+        size: u64,
+        limit: usize,
+    },
     #[error("malformed FileSync stream: {0}")]
     Malformed(String),
     #[error("the FileSync stream failed: {0}")]
@@ -141,8 +146,7 @@ fn request_head(req: &FileRequest) -> Result<Request<()>, ReadError> {
         } else {
             path.clone()
         };
-        let value =
-            HeaderValue::from_str(&value).map_err(|_| ReadError::BadPath(path.clone()))?;
+        let value = HeaderValue::from_str(&value).map_err(|_| ReadError::BadPath(path.clone()))?;
         builder = builder.header("followpaths", value);
     }
     if encode {
@@ -301,7 +305,11 @@ pub async fn read_file(
                     message: String::from_utf8_lossy(&p.data).into_owned(),
                 })
             }
-            t => return Err(ReadError::Malformed(format!("packet type {t} in the listing"))),
+            t => {
+                return Err(ReadError::Malformed(format!(
+                    "packet type {t} in the listing"
+                )))
+            }
         }
     }
     let find = |path: &str| entries.iter().position(|s| clean_path(&s.path) == path);
@@ -359,7 +367,11 @@ pub async fn read_file(
                 })
             }
             PACKET_DATA => {}
-            t => return Err(ReadError::Malformed(format!("packet type {t} in file data"))),
+            t => {
+                return Err(ReadError::Malformed(format!(
+                    "packet type {t} in file data"
+                )))
+            }
         }
     }
     let read = FileRead {
@@ -449,7 +461,10 @@ mod tests {
     #[test]
     fn paths_and_links() {
         assert_eq!(clean_path("./a//b/"), "a/b");
-        assert_eq!(link_target("Dockerfile", "docker/Dockerfile"), "docker/Dockerfile");
+        assert_eq!(
+            link_target("Dockerfile", "docker/Dockerfile"),
+            "docker/Dockerfile"
+        );
         assert_eq!(link_target("a/Dockerfile", "../b/D"), "b/D");
         assert_eq!(link_target("a/Dockerfile", "/x/D"), "x/D");
     }

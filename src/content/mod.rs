@@ -142,7 +142,9 @@ impl ContentMetrics {
                 "Time a build's placement waited for its content key (successful or not)",
             )
             .namespace("buildkit_router")
-            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
         )
         .expect("valid metric definition");
         Self {
@@ -198,7 +200,11 @@ pub struct ContentKeys {
 }
 
 impl ContentKeys {
-    pub fn new(settings: ContentSettings, directory: Arc<Directory>, metrics: ContentMetrics) -> Self {
+    pub fn new(
+        settings: ContentSettings,
+        directory: Arc<Directory>,
+        metrics: ContentMetrics,
+    ) -> Self {
         Self {
             settings,
             directory,
@@ -250,7 +256,12 @@ impl ContentKeys {
         solve: &SolveInfo<'_>,
         platforms: &[String],
     ) -> Result<crate::placement::AffinityKey, ContentError> {
-        let attr = |k: &str| solve.frontend_attr(k).map(str::trim).filter(|v| !v.is_empty());
+        let attr = |k: &str| {
+            solve
+                .frontend_attr(k)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
         let renamed = attr("dockerfilekey");
         if let Some(context) = attr("context").filter(|c| is_remote(c)) {
             if renamed.is_none() {

@@ -1057,8 +1057,8 @@ impl FileSync for ClientSessionSvc {
             other => vec![pattern(&format!("{other}.bin"), 1024)],
         };
         let is_context = dir == "context" && follow.is_empty();
-        let first_dockerfile_read = dir == "dockerfile"
-            && self.stats.dockerfile_reads.fetch_add(1, Ordering::SeqCst) == 0;
+        let first_dockerfile_read =
+            dir == "dockerfile" && self.stats.dockerfile_reads.fetch_add(1, Ordering::SeqCst) == 0;
         let stats = self.stats.clone();
         let cut = self.filesync_cut.clone();
         let mut inbound = request.into_inner();
