@@ -197,6 +197,16 @@ fn main() {
             projects.len()
         );
     }
+    // Projects whose latest versions share the chosen key.
+    let mut groups: HashMap<String, Vec<&str>> = HashMap::new();
+    for (name, texts) in &projects {
+        if let Some(t) = texts.last() {
+            groups.entry(stable(t)).or_default().push(name);
+        }
+    }
+    for names in groups.values().filter(|n| n.len() > 1) {
+        println!("share the chosen key: {}", names.join(", "));
+    }
     if std::env::var_os("VERBOSE").is_some() {
         for (name, texts) in &projects {
             let keys: Vec<String> = texts.iter().map(|t| stable(t)).collect();
