@@ -18,11 +18,7 @@ use support::client::{BuildOpts, BuildResult, Client, FirstRead};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
 
 async fn daemons(n: usize) -> Vec<FakeDaemon> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(FakeDaemon::start(&format!("bk{i}"), DaemonOpts::default()).await);
-    }
-    out
+    FakeDaemon::start_pool(n, DaemonOpts::default()).await
 }
 
 async fn router_over(daemons: &[FakeDaemon], timeout: Duration) -> Running {
@@ -105,11 +101,7 @@ async fn predicted_home(router: &Running, daemons: &[FakeDaemon], dockerfile: &s
         .expect("identity names a daemon")
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
+use support::metric_value as metric;
 
 /// Small projects as they are found in the wild, each in a few commits.
 const GO_SERVICE: &str = "# syntax=docker/dockerfile:1\n\
@@ -284,4 +276,36 @@ async fn keyed_builds_and_probes_are_not_read() {
             0
         );
     }
+}
+
+/// A running build keyed by its content shows it in /status: source `content` and the key's
+/// hash, as for the other sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_the_content_key_of_a_running_build() {
+    let ds = FakeDaemon::start_pool(
+        1,
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&ds, Duration::from_millis(500)).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let build = tokio::spawn(async move { client.build(keyless(GO_SERVICE)).await });
+    ds[0].wait_held(1).await;
+    let status: serde_json::Value =
+        serde_json::from_str(&support::admin_get(router.admin_addr, "/status").await)
+            .expect("status json");
+    let running = &status["builds"][0];
+    assert_eq!(running["key_source"], "content", "{status}");
+    let key = content_key(
+        &fingerprint(&instructions(GO_SERVICE)),
+        "",
+        &["linux/amd64".to_owned()],
+    );
+    assert_eq!(running["key_hash"], format!("{:016x}", key.hash));
+    ds[0].release_builds();
+    let r = build.await.unwrap();
+    assert!(r.ok(), "{:#?}", r.errors());
 }

@@ -1296,12 +1296,7 @@ async fn keyless_rebuilds_find_their_cache_through_the_content_key() {
     }
     // Every build was keyed by its content (buildx's probes carry no key and are not counted).
     let metrics = pool.router.admin_get("/metrics").expect("metrics");
-    let series = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let series = |name: &str| support::metric_value(&metrics, name);
     assert_eq!(
         series("buildkit_router_affinity_key_source_total{source=\"content\"}"),
         2 * 4 * ROUNDS as u64

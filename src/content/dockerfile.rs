@@ -18,6 +18,8 @@
 //!
 //! Pure functions, no I/O.
 
+use crate::placement::key::strip_tag;
+
 /// A Dockerfile instruction after normalisation: the upper-cased keyword and its arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instruction {
@@ -221,24 +223,13 @@ fn from_args(args: &str) -> String {
         if !image_seen && word.starts_with("--") {
             out.push(volatile(word));
         } else if !image_seen {
-            out.push(image_name(word));
+            out.push(strip_tag(word));
             image_seen = true;
         } else {
             out.push(word.to_ascii_lowercase());
         }
     }
     out.join(" ")
-}
-
-/// An image reference without tag and digest, lower-cased.
-pub fn image_name(reference: &str) -> String {
-    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
-    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-    let name = match name[last_slash..].find(':') {
-        Some(colon) => &name[..last_slash + colon],
-        None => name,
-    };
-    name.to_ascii_lowercase()
 }
 
 /// Words split on blanks, a quoted part (`"a b"`, `'a b'`) staying in one word.
@@ -311,16 +302,13 @@ fn volatile(s: &str) -> String {
         }
         if c.is_ascii_digit() {
             let mut end = i;
-            while end < bytes.len() {
-                if bytes[end].is_ascii_digit() {
-                    end += 1;
-                } else if matches!(bytes[end], b'.' | b'-' | b'_' | b'+')
-                    && bytes.get(end + 1).is_some_and(u8::is_ascii_digit)
-                {
-                    end += 1;
-                } else {
-                    break;
-                }
+            // Digits, and separators between digits.
+            while end < bytes.len()
+                && (bytes[end].is_ascii_digit()
+                    || (matches!(bytes[end], b'.' | b'-' | b'_' | b'+')
+                        && bytes.get(end + 1).is_some_and(u8::is_ascii_digit)))
+            {
+                end += 1;
             }
             out.push('0');
             i = end;
@@ -428,11 +416,8 @@ mod tests {
         assert_eq!(volatile("/go/src/app"), "/go/src/app");
         assert_eq!(volatile("deadbeefcafe0"), "#");
         assert_eq!(volatile("décor 3"), "décor 0");
-        assert_eq!(
-            image_name("Registry:5000/Team/App:1@sha256:abc"),
-            "registry:5000/team/app"
-        );
-        assert_eq!(image_name("golang:${GO_VERSION}-alpine"), "golang");
+        // A tag made of build args goes with the tag.
+        assert_eq!(strip_tag("golang:${GO_VERSION}-alpine"), "golang");
     }
 
     #[test]

@@ -203,8 +203,9 @@ fn clean_rel(p: &str) -> &str {
     }
 }
 
-/// `registry.example/team/app:1` -> `registry.example/team/app` (also drops `@digest`).
-fn strip_tag(name: &str) -> String {
+/// `registry.example/team/app:1` -> `registry.example/team/app` (also drops `@digest`),
+/// lower-cased.
+pub fn strip_tag(name: &str) -> String {
     let name = name.trim();
     let name = name.split_once('@').map_or(name, |(n, _)| n);
     let last_slash = name.rfind('/').map_or(0, |i| i + 1);

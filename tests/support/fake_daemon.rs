@@ -542,6 +542,15 @@ impl FakeDaemon {
         }
     }
 
+    /// `n` daemons named `bk0`, `bk1`... with the same options.
+    pub async fn start_pool(n: usize, opts: DaemonOpts) -> Vec<FakeDaemon> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(FakeDaemon::start(&format!("bk{i}"), opts.clone()).await);
+        }
+        out
+    }
+
     /// The listening address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
