@@ -1305,4 +1305,20 @@ async fn keyless_rebuilds_find_their_cache_through_the_content_key() {
         series("buildkit_router_affinity_key_source_total{source=\"none\"}"),
         0
     );
+    // What the reads cost placement (shown with --nocapture).
+    let (sum, count) = metrics
+        .lines()
+        .fold((0.0, 0.0), |(s, c), l| match l.split_once(' ') {
+            Some(("buildkit_router_content_key_read_seconds_sum", v)) => {
+                (v.parse().unwrap_or(0.0), c)
+            }
+            Some(("buildkit_router_content_key_read_seconds_count", v)) => {
+                (s, v.parse().unwrap_or(0.0))
+            }
+            _ => (s, c),
+        });
+    eprintln!(
+        "content key reads: {count} taking {:.1} ms on average",
+        1000.0 * sum / f64::max(count, 1.0)
+    );
 }
