@@ -800,3 +800,72 @@ fn the_content_key_recovers_the_hit_rate_of_keyless_builds() {
     );
     assert!(with_content >= without + 0.1, "{with_content} vs {without}");
 }
+
+#[test]
+fn the_content_key_is_wanted_only_where_no_earlier_source_keys_the_build() {
+    use crate::wire::{SolveInfo, TypedAttrs};
+    let keyless = SolveInfo {
+        frontend_attrs: vec![("platform", "linux/amd64")],
+        ..Default::default()
+    };
+    let mut named = keyless.clone();
+    named.exporters = vec![TypedAttrs {
+        kind: "image",
+        attrs: vec![("name", "registry.example/team/app:1")],
+    }];
+    let probe = SolveInfo {
+        internal: true,
+        ..Default::default()
+    };
+    let default = Placement::default();
+    assert!(default.content_wanted(&keyless));
+    assert!(!default.content_wanted(&named));
+    assert!(!default.content_wanted(&probe));
+    let sources = |s: Vec<KeySource>| {
+        Placement::new(PlacementConfig {
+            key_sources: s,
+            ..PlacementConfig::default()
+        })
+    };
+    // Without the source, never; placed first, it wins over the sources after it.
+    assert!(!sources(vec![KeySource::Vcs, KeySource::Image]).content_wanted(&keyless));
+    let first = sources(vec![KeySource::Content, KeySource::Image]);
+    assert!(first.content_wanted(&named));
+    // Until a content key is read, the sources after it still key the build.
+    assert_eq!(
+        first.traits_for_solve(&named).key_source(),
+        KeySource::Image
+    );
+}
+
+#[test]
+fn content_keys_follow_target_and_platform_not_their_spelling() {
+    use super::key::content_key;
+    let amd_arm = content_key(
+        "FROM x\n",
+        "",
+        &["linux/amd64".into(), "linux/arm64".into()],
+    );
+    let arm_amd = content_key(
+        "FROM x\n",
+        " ",
+        &["linux/arm64".into(), "linux/amd64".into()],
+    );
+    assert_eq!(amd_arm.hash, arm_amd.hash);
+    assert_eq!(amd_arm.source, KeySource::Content);
+    assert_ne!(
+        amd_arm.hash,
+        content_key(
+            "FROM x\n",
+            "test",
+            &["linux/amd64".into(), "linux/arm64".into()]
+        )
+        .hash
+    );
+    assert_ne!(
+        amd_arm.hash,
+        content_key("FROM y\n", "", &["linux/amd64".into()]).hash
+    );
+    // The text stays short whatever the Dockerfile: it is logged and shown in /status.
+    assert!(content_key(&"COPY a b\n".repeat(1000), "", &[]).text.len() < 64);
+}
