@@ -1,4 +1,4 @@
-//! Measures the content key (src/content/dockerfile.rs) on real Dockerfile histories: how often
+//! Measures the content key (src/placement/dockerfile.rs) on real Dockerfile histories: how often
 //! a project keeps its key from one version to the next, and how many different projects share
 //! a key. The figures in docs/placement.md ("Content key") come from this.
 //!
@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use buildkit_router::content::dockerfile::{fingerprint, instructions, Instruction};
+use buildkit_router::placement::dockerfile::{fingerprint, instructions, Instruction};
 
 /// One way of turning a Dockerfile into key text.
 struct Variant {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use buildkit_router::app::{self, Running};
 use buildkit_router::config::RunConfig;
-use buildkit_router::content::dockerfile::{fingerprint, instructions};
+use buildkit_router::placement::dockerfile::{fingerprint, instructions};
 use buildkit_router::placement::key::content_key;
 use buildkit_router::placement::{BuildTraits, Node, Placement};
 use support::client::{BuildOpts, BuildResult, Client, FirstRead};

@@ -7,7 +7,7 @@
 //! build's Dockerfile itself, before placing it, through the client's own FileSync service in
 //! the Session it holds ([`crate::session::directory`]): a `FileSync/DiffCopy` of the
 //! `dockerfile` local with the metadata the daemon sends ([`filesync`]). The key is a hash of
-//! what identifies the project across commits ([`dockerfile::fingerprint`]) with the `target`
+//! what identifies the project across commits (`placement::dockerfile::fingerprint`) with the `target`
 //! and `platform` attributes.
 //!
 //! Bounded: the read gets `--content-key-timeout` (default 500 ms) in all, waiting for the
@@ -17,7 +17,6 @@
 //! the daemon sees changes: the read is a stream of its own, the daemon's own reads are relayed
 //! untouched, and no vertex or error is added.
 
-pub mod dockerfile;
 pub mod filesync;
 
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::placement::dockerfile;
 use crate::placement::key::content_key;
 use crate::placement::{BuildTraits, Placement};
 use crate::session::Directory;

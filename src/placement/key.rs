@@ -74,7 +74,7 @@ pub fn around_content(sources: &[KeySource]) -> (&[KeySource], &[KeySource]) {
 }
 
 /// The `content` key of a build: the fingerprint of its Dockerfile (a stable hash of
-/// `content::dockerfile::fingerprint`) with the frontend attributes that select what is built
+/// [`super::dockerfile::fingerprint`]) with the frontend attributes that select what is built
 /// from it (`target`, `platform`). The text stays short: it is logged and shown in /status.
 pub fn content_key(fingerprint: &str, target: &str, platforms: &[String]) -> AffinityKey {
     let mut platforms = platforms.to_vec();

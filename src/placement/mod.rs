@@ -2,7 +2,9 @@
 //!
 //! The router asks [`Placement::traits_for_solve`] (or `traits_for_session`) what a build needs,
 //! then [`Placement::choose`] which backend of a snapshot gets it. The same code drives
-//! `buildkit-router simulate`.
+//! `buildkit-router simulate`. Keys come from [`key`]; the `content` key from a Dockerfile's
+//! [`dockerfile::fingerprint`], once `crate::content` has read the file through the client's
+//! session ([`Placement::content_wanted`] says when).
 //!
 //! Keyed builds: rendezvous (highest random weight) ranking of key x backend identity, bounded
 //! load (a backend is eligible below ceil(c * (active + 1) / ready) and its hard capacity), first
@@ -15,6 +17,7 @@
 //! `pool::Backend`) and `simulate` (over simulated daemons). Keep decisions a function of the
 //! snapshot, the traits and the hot-key estimate only, so that both see the same behaviour.
 
+pub mod dockerfile;
 pub mod hash;
 pub mod hot;
 pub mod key;

@@ -24,9 +24,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Zipf};
 
+use super::dockerfile::{fingerprint, instructions};
 use super::key::content_key;
 use super::{AffinityKey, BuildTraits, Node, Placement, PlacementConfig, Reason};
-use crate::content::dockerfile::{fingerprint, instructions};
 use crate::queue::{self, Outcome, Queue, QueueConfig, TenantFrom};
 use crate::wire::SolveInfo;
 

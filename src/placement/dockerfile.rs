@@ -18,7 +18,7 @@
 //!
 //! Pure functions, no I/O.
 
-use crate::placement::key::strip_tag;
+use super::key::strip_tag;
 
 /// A Dockerfile instruction after normalisation: the upper-cased keyword and its arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
