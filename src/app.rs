@@ -138,6 +138,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
             tenant_from: cfg.queue.tenant_from,
             state_dir: cfg.state_dir.clone(),
             default_platforms: cfg.default_platforms.clone(),
+            content: cfg.content.to_settings(),
             ..RouterSettings::default()
         },
         admission.clone(),

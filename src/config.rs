@@ -141,6 +141,8 @@ pub struct RunConfig {
     #[command(flatten)]
     pub placement: crate::placement::PlacementArgs,
     #[command(flatten)]
+    pub content: crate::content::ContentArgs,
+    #[command(flatten)]
     pub queue: crate::queue::QueueArgs,
     #[command(flatten)]
     pub discovery: crate::discovery::DiscoveryArgs,

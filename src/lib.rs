@@ -11,6 +11,7 @@ pub mod app;
 pub mod body;
 pub mod classify;
 pub mod config;
+pub mod content;
 pub mod discovery;
 pub mod duration;
 pub mod forward;

@@ -13,6 +13,7 @@ use prometheus::{
     Registry as PromRegistry, TextEncoder,
 };
 
+use crate::content::ContentMetrics;
 use crate::discovery::DiscoveryMetrics;
 use crate::placement::PlacementMetrics;
 use crate::pool::{BackendState, Pool};
@@ -40,6 +41,7 @@ pub struct Metrics {
     pub connections_total: IntCounterVec,
     pub placement: PlacementMetrics,
     pub discovery: DiscoveryMetrics,
+    pub content: ContentMetrics,
 }
 
 impl Metrics {
@@ -156,6 +158,8 @@ impl Metrics {
             discovery.errors.with_label_values(&[source]);
         }
         discovery.register(&registry)?;
+        let content = ContentMetrics::new();
+        content.register(&registry)?;
         Ok(Arc::new(Self {
             registry,
             requests_total,
@@ -171,6 +175,7 @@ impl Metrics {
             connections_total,
             placement,
             discovery,
+            content,
         }))
     }
 

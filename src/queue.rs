@@ -90,7 +90,11 @@ pub fn tenant_of<'a>(
 ) -> &'a str {
     let t = match from {
         TenantFrom::Mtls => mtls_identity.map(str::trim),
-        TenantFrom::KeyOwner => key.map(key_owner),
+        // A content key names no owner (it is a hash): such builds share `default`, as
+        // keyless ones do.
+        TenantFrom::KeyOwner => key
+            .filter(|k| k.source != KeySource::Content)
+            .map(key_owner),
         TenantFrom::None => None,
     };
     t.filter(|t| !t.is_empty()).unwrap_or(DEFAULT_TENANT)

@@ -12,11 +12,7 @@ use support::client::{BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
 
 async fn daemons(n: usize, opts: DaemonOpts) -> Vec<FakeDaemon> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(FakeDaemon::start(&format!("bk{i}"), opts.clone()).await);
-    }
-    out
+    FakeDaemon::start_pool(n, opts).await
 }
 
 async fn router_over(daemons: &[FakeDaemon], max_per_backend: Option<usize>) -> Running {

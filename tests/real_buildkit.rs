@@ -1326,3 +1326,128 @@ async fn the_fake_daemon_answers_errors_as_the_real_one_does() {
         );
     }
 }
+
+/// A project of the content-key tests in its `round`th commit: the step to be cached (`RUN
+/// ... build-step`) comes before the files that change each commit, and each commit also edits
+/// its Dockerfile after that step. No image name, no cache ref, no git: nothing but the content
+/// to key the build on.
+fn project_dockerfile(name: &str, round: usize) -> String {
+    format!(
+        "# {name}, commit {round}\nFROM scratch\nCOPY busybox /bin/busybox\nWORKDIR /srv/{name}\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo build-step {name} > /srv/{name}/built\"]\n\
+         COPY src.txt ./\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo commit {round}\"]\n\
+         CMD [\"/srv/{name}/run\"]\n"
+    )
+}
+
+/// Whether the progress (`--progress plain`) shows the vertex whose name contains `step` as
+/// `CACHED`; `None` if no such vertex was printed.
+fn step_cached(progress: &str, step: &str) -> Option<bool> {
+    let id = progress.lines().find_map(|l| {
+        let (id, rest) = l.split_once(' ')?;
+        (id.starts_with('#') && rest.contains(step)).then_some(id)
+    })?;
+    Some(progress.lines().any(|l| l.trim() == format!("{id} CACHED")))
+}
+
+/// Rebuilds of several projects that name nothing (plain `buildctl build`, `buildx build`
+/// outside git) land where their cache is: each project is keyed by its Dockerfile, which the
+/// router reads through the client's FileSync. Four projects, four commits each, in turn: every
+/// warm rebuild's RUN step is CACHED, with either client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_rebuilds_find_their_cache_through_the_content_key() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(3, &[]) else {
+        return;
+    };
+    pool.buildx_builder().await;
+    const ROUNDS: usize = 4;
+    for client in ["buildctl", "buildx"] {
+        let projects: Vec<String> = (0..4).map(|i| format!("{client}-project-{i}")).collect();
+        let dirs: Vec<tempfile::TempDir> = projects
+            .iter()
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
+        let mut uncached = Vec::new();
+        for round in 0..ROUNDS {
+            for (name, dir) in projects.iter().zip(&dirs) {
+                // The next commit: the Dockerfile and the sources change.
+                std::fs::write(
+                    dir.path().join("Dockerfile"),
+                    project_dockerfile(name, round),
+                )
+                .unwrap();
+                std::fs::write(
+                    dir.path().join("src.txt"),
+                    format!("{name} at commit {round}\n"),
+                )
+                .unwrap();
+                std::fs::copy(&pool.peers.busybox, dir.path().join("busybox")).unwrap();
+                let ctx = dir.path().to_str().unwrap();
+                let out = if client == "buildctl" {
+                    let local_ctx = format!("context={ctx}");
+                    let local_df = format!("dockerfile={ctx}");
+                    pool.buildctl(&[
+                        "build",
+                        "--frontend",
+                        "dockerfile.v0",
+                        "--local",
+                        &local_ctx,
+                        "--local",
+                        &local_df,
+                        "--progress",
+                        "plain",
+                    ])
+                    .await
+                } else {
+                    pool.clients
+                        .buildx(&["build", "--builder", "pool", "--progress", "plain", ctx])
+                        .await
+                };
+                out.assert_ok();
+                let cached = step_cached(&out.stderr, "build-step").unwrap_or_else(|| {
+                    panic!(
+                        "no build-step vertex in the progress of {name}:\n{}",
+                        out.stderr
+                    )
+                });
+                if round > 0 && !cached {
+                    uncached.push(format!("{name} commit {round}"));
+                }
+            }
+        }
+        assert!(
+            uncached.is_empty(),
+            "{client}: warm rebuilds that missed their cache: {uncached:?}\nrouter log:\n{}",
+            pool.router.log()
+        );
+    }
+    // Every build was keyed by its content (buildx's probes carry no key and are not counted).
+    let metrics = pool.router.admin_get("/metrics").expect("metrics");
+    let series = |name: &str| support::metric_value(&metrics, name);
+    assert_eq!(
+        series("buildkit_router_affinity_key_source_total{source=\"content\"}"),
+        2 * 4 * ROUNDS as u64
+    );
+    assert_eq!(
+        series("buildkit_router_affinity_key_source_total{source=\"none\"}"),
+        0
+    );
+    // What the reads cost placement (shown with --nocapture).
+    let (sum, count) = metrics
+        .lines()
+        .fold((0.0, 0.0), |(s, c), l| match l.split_once(' ') {
+            Some(("buildkit_router_content_key_read_seconds_sum", v)) => {
+                (v.parse().unwrap_or(0.0), c)
+            }
+            Some(("buildkit_router_content_key_read_seconds_count", v)) => {
+                (s, v.parse().unwrap_or(0.0))
+            }
+            _ => (s, c),
+        });
+    eprintln!(
+        "content key reads: {count} taking {:.1} ms on average",
+        1000.0 * sum / f64::max(count, 1.0)
+    );
+}

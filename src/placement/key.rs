@@ -19,6 +19,10 @@ pub enum KeySource {
     /// The registry cache export/import ref, without tag or digest.
     #[value(name = "cache")]
     Cache,
+    /// The build's own Dockerfile, read by the router through the client's FileSync before
+    /// placement (`crate::content`): what identifies the project across commits.
+    #[value(name = "content")]
+    Content,
     /// The directory part of a Session's shared key (sessions no Solve named in time).
     #[value(name = "session")]
     Session,
@@ -28,11 +32,12 @@ pub enum KeySource {
 }
 
 impl KeySource {
-    pub const ALL: [KeySource; 6] = [
+    pub const ALL: [KeySource; 7] = [
         KeySource::Explicit,
         KeySource::Vcs,
         KeySource::Image,
         KeySource::Cache,
+        KeySource::Content,
         KeySource::Session,
         KeySource::None,
     ];
@@ -43,6 +48,7 @@ impl KeySource {
             KeySource::Vcs => "vcs",
             KeySource::Image => "image",
             KeySource::Cache => "cache",
+            KeySource::Content => "content",
             KeySource::Session => "session",
             KeySource::None => "none",
         }
@@ -50,13 +56,39 @@ impl KeySource {
 }
 
 /// The default order in which key sources are tried.
-pub const DEFAULT_SOURCES: [KeySource; 5] = [
+pub const DEFAULT_SOURCES: [KeySource; 6] = [
     KeySource::Explicit,
     KeySource::Vcs,
     KeySource::Image,
     KeySource::Cache,
+    KeySource::Content,
     KeySource::Session,
 ];
+
+/// The sources tried before `content` (from the Solve alone) and after it.
+pub fn around_content(sources: &[KeySource]) -> (&[KeySource], &[KeySource]) {
+    match sources.iter().position(|s| *s == KeySource::Content) {
+        Some(i) => (&sources[..i], &sources[i + 1..]),
+        None => (sources, &[]),
+    }
+}
+
+/// The `content` key of a build: the fingerprint of its Dockerfile (a stable hash of
+/// [`super::dockerfile::fingerprint`]) with the frontend attributes that select what is built
+/// from it (`target`, `platform`). The text stays short: it is logged and shown in /status.
+pub fn content_key(fingerprint: &str, target: &str, platforms: &[String]) -> AffinityKey {
+    let mut platforms = platforms.to_vec();
+    platforms.sort();
+    AffinityKey::new(
+        KeySource::Content,
+        format!(
+            "content|{:016x}|{}|{}",
+            hash_str(fingerprint),
+            target.trim(),
+            platforms.join(",")
+        ),
+    )
+}
 
 /// A build's affinity key: the normalised text (for logs only) and its stable hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,8 +146,9 @@ pub fn solve_key(
                 .map(str::trim)
                 .filter(|r| !r.is_empty())
                 .map(|r| format!("cache|{}", strip_tag(r))),
-            // A Solve carries no shared key; see `session_key`.
-            KeySource::Session | KeySource::None => None,
+            // A Solve carries no shared key (see `session_key`); the content key needs a read
+            // through the client's session (`crate::content`).
+            KeySource::Content | KeySource::Session | KeySource::None => None,
         };
         text.map(|t| AffinityKey::new(source, t))
     })
@@ -170,8 +203,9 @@ fn clean_rel(p: &str) -> &str {
     }
 }
 
-/// `registry.example/team/app:1` -> `registry.example/team/app` (also drops `@digest`).
-fn strip_tag(name: &str) -> String {
+/// `registry.example/team/app:1` -> `registry.example/team/app` (also drops `@digest`),
+/// lower-cased.
+pub fn strip_tag(name: &str) -> String {
     let name = name.trim();
     let name = name.split_once('@').map_or(name, |(n, _)| n);
     let last_slash = name.rfind('/').map_or(0, |i| i + 1);

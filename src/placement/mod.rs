@@ -2,7 +2,9 @@
 //!
 //! The router asks [`Placement::traits_for_solve`] (or `traits_for_session`) what a build needs,
 //! then [`Placement::choose`] which backend of a snapshot gets it. The same code drives
-//! `buildkit-router simulate`.
+//! `buildkit-router simulate`. Keys come from [`key`]; the `content` key from a Dockerfile's
+//! [`dockerfile::fingerprint`], once `crate::content` has read the file through the client's
+//! session ([`Placement::content_wanted`] says when).
 //!
 //! Keyed builds: rendezvous (highest random weight) ranking of key x backend identity, bounded
 //! load (a backend is eligible below ceil(c * (active + 1) / ready) and its hard capacity), first
@@ -15,6 +17,7 @@
 //! `pool::Backend`) and `simulate` (over simulated daemons). Keep decisions a function of the
 //! snapshot, the traits and the hot-key estimate only, so that both see the same behaviour.
 
+pub mod dockerfile;
 pub mod hash;
 pub mod hot;
 pub mod key;
@@ -120,7 +123,7 @@ pub struct PlacementArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "explicit,vcs,image,cache,session",
+        default_value = "explicit,vcs,image,cache,content,session",
         env = "BUILDKIT_ROUTER_AFFINITY_KEY_SOURCES"
     )]
     pub affinity_key_sources: Vec<KeySource>,
@@ -328,14 +331,14 @@ impl Placement {
             .find(|(k, _)| *k == "platform")
             .map(|(_, p)| parse_platforms(p))
             .unwrap_or_default();
+        // Sources before `content` first, then those after it: the content key itself needs
+        // I/O (`crate::content` fills it in when `content_wanted`).
+        let (before, after) = key::around_content(&self.config.key_sources);
         let key = if solve.internal {
             None
         } else {
-            key::solve_key(
-                solve,
-                &self.config.key_sources,
-                &self.config.explicit_key_attrs,
-            )
+            key::solve_key(solve, before, &self.config.explicit_key_attrs)
+                .or_else(|| key::solve_key(solve, after, &self.config.explicit_key_attrs))
         };
         BuildTraits {
             platforms,
@@ -343,6 +346,15 @@ impl Placement {
             key,
             nonce: rand::random(),
         }
+    }
+
+    /// Whether a Solve's key should come from its content: `content` is a key source and no
+    /// source before it yields a key (a key from a source after it is replaced).
+    pub fn content_wanted(&self, solve: &SolveInfo<'_>) -> bool {
+        let (before, after) = key::around_content(&self.config.key_sources);
+        !solve.internal
+            && before.len() + after.len() < self.config.key_sources.len()
+            && key::solve_key(solve, before, &self.config.explicit_key_attrs).is_none()
     }
 
     /// What a Session that no Solve named within the bind window asks of placement.

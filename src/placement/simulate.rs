@@ -7,6 +7,11 @@
 //!
 //! Simulated daemons implement [`Node`], so every decision of the `ours` policy is made by the
 //! router's own code; only time, arrivals and caches are modelled here.
+//!
+//! With `--keyless-share`, some projects' builds name nothing (plain `buildctl build`, buildx
+//! outside git): our policy runs twice, keying them by their Dockerfile (the `content` key,
+//! derived by the router's own code from a synthetic Dockerfile per project) and without
+//! (`no-content`: such builds placed on load alone).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -19,7 +24,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Zipf};
 
-use super::{BuildTraits, Node, Placement, PlacementConfig, Reason};
+use super::dockerfile::{fingerprint, instructions};
+use super::key::content_key;
+use super::{AffinityKey, BuildTraits, Node, Placement, PlacementConfig, Reason};
 use crate::queue::{self, Outcome, Queue, QueueConfig, TenantFrom};
 use crate::wire::SolveInfo;
 
@@ -54,6 +61,18 @@ pub struct SimulateArgs {
     /// Synthetic: number of such monorepos.
     #[arg(long, default_value_t = 3)]
     pub monorepos: usize,
+    /// Synthetic: share of projects whose builds name nothing to key on (no `vcs:source`, image
+    /// name or cache ref: plain `buildctl build`, CI jobs exporting a tarball, buildx outside
+    /// git). Our policy then runs with the content key (the default key sources) and without
+    /// (`no-content`).
+    #[arg(long, default_value_t = 0.0)]
+    pub keyless_share: f64,
+    /// Synthetic: chance, per build of a keyless project, that its Dockerfile changed in a way
+    /// that changes its content key (a new stage, another entrypoint; version bumps and RUN
+    /// edits do not). 0.002: about one key change in the 300 or so commits between two
+    /// releases of the measured projects (docs/placement.md).
+    #[arg(long, default_value_t = 0.002)]
+    pub content_churn: f64,
     /// Synthetic: share of projects built for linux/arm64 only (needs `--arm64-daemons`).
     #[arg(long, default_value_t = 0.0)]
     pub arm64_share: f64,
@@ -106,6 +125,8 @@ struct Project {
     traits: BuildTraits,
     context_path: String,
     bytes: u64,
+    /// Its builds name nothing: keyed by content, or not at all.
+    keyless: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,13 +134,55 @@ struct Arrival {
     t: f64,
     project: usize,
     duration: f64,
+    /// Which version of the project's Dockerfile (as far as its content key sees it).
+    version: u32,
 }
 
 #[derive(Debug)]
 struct Workload {
     projects: Vec<Project>,
     arrivals: Vec<Arrival>,
+    /// Content keys of keyless projects by (project, Dockerfile version).
+    content_keys: HashMap<(usize, u32), AffinityKey>,
     description: String,
+}
+
+impl Workload {
+    /// What placement sees of one build: a keyless project's build carries its content key
+    /// when `content` is on.
+    fn traits(&self, project: usize, version: u32, content: bool) -> BuildTraits {
+        let p = &self.projects[project];
+        let mut traits = p.traits.clone();
+        if content && p.keyless {
+            traits.key = self.content_keys.get(&(project, version)).cloned();
+        }
+        traits
+    }
+}
+
+/// A keyless project's Dockerfile at one version: what its content key is derived from. A new
+/// version changes a stable instruction (the entrypoint), as the key changes measured on real
+/// histories did; the rest of each commit's changes (base image tags, RUN steps) do not count.
+fn synthetic_dockerfile(project: usize, version: u32) -> String {
+    // Names in letters: the key derivation reads numbers as versions and ignores them.
+    let letters = |mut n: usize| {
+        let mut s = String::new();
+        loop {
+            s.push((b'a' + (n % 26) as u8) as char);
+            n /= 26;
+            if n == 0 {
+                return s;
+            }
+        }
+    };
+    let (name, flag) = (letters(project), letters(version as usize));
+    format!(
+        "FROM golang:1.{} AS build\nWORKDIR /src/{name}\nCOPY . .\n\
+         RUN go build -o /out/{name} ./...\nFROM alpine:3.{}\nCOPY --from=build /out/{name} /usr/bin/\n\
+         ENTRYPOINT [\"/usr/bin/{name}\", \"--{flag}\"]\n",
+        20 + project % 5,
+        18 + project % 3
+    )
 }
 
 /// A simulated daemon as placement sees it.
@@ -178,6 +241,8 @@ enum Policy {
     LeastLoaded,
     RingHash,
     Ours(f64),
+    /// Ours with the `content` key source off: keyless builds are placed on load.
+    OursNoContent(f64),
 }
 
 impl Policy {
@@ -189,7 +254,21 @@ impl Policy {
             Policy::RingHash => "buildx-k8s-ring".into(),
             Policy::Ours(c) if c.is_infinite() => "ours c=inf".into(),
             Policy::Ours(c) => format!("ours c={c}"),
+            Policy::OursNoContent(c) if c.is_infinite() => "ours c=inf no-content".into(),
+            Policy::OursNoContent(c) => format!("ours c={c} no-content"),
         }
+    }
+
+    fn ours(self) -> Option<f64> {
+        match self {
+            Policy::Ours(c) | Policy::OursNoContent(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether keyless builds carry their content key under this policy.
+    fn content(self) -> bool {
+        !matches!(self, Policy::OursNoContent(_))
     }
 }
 
@@ -209,11 +288,7 @@ fn md5_u64(s: &str) -> u64 {
 
 impl Chooser {
     fn new(policy: Policy, nodes: &[SimNode], seed: u64, args: &SimulateArgs) -> Self {
-        let c = if let Policy::Ours(c) = policy {
-            c
-        } else {
-            1.25
-        };
+        let c = policy.ours().unwrap_or(1.25);
         // buildx's sticky pod chooser: one MD5 point per pod name on a ring.
         let mut ring: Vec<(u64, usize)> = nodes
             .iter()
@@ -235,13 +310,18 @@ impl Chooser {
         }
     }
 
-    fn choose(&mut self, nodes: &[SimNode], p: &Project) -> (usize, Option<Reason>) {
-        let capable = |n: &SimNode| p.traits.platforms.iter().all(|pl| n.supports_platform(pl));
+    fn choose(
+        &mut self,
+        nodes: &[SimNode],
+        traits: &BuildTraits,
+        context_path: &str,
+    ) -> (usize, Option<Reason>) {
+        let capable = |n: &SimNode| traits.platforms.iter().all(|pl| n.supports_platform(pl));
         match self.policy {
-            Policy::Ours(_) => {
+            Policy::Ours(_) | Policy::OursNoContent(_) => {
                 let traits = BuildTraits {
                     nonce: self.rng.random(),
-                    ..p.traits.clone()
+                    ..traits.clone()
                 };
                 let c = self
                     .placement
@@ -283,7 +363,7 @@ impl Chooser {
                 (ties[self.rng.random_range(0..ties.len())], None)
             }
             Policy::RingHash => {
-                let h = md5_u64(&p.context_path);
+                let h = md5_u64(context_path);
                 let start = self.ring.partition_point(|&(point, _)| point <= h);
                 let i = (0..self.ring.len())
                     .map(|k| self.ring[(start + k) % self.ring.len()].1)
@@ -495,8 +575,7 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
     let n = nodes.len();
     let mut chooser = Chooser::new(policy, &nodes, args.seed, args);
     let cache_bytes = (args.cache_gib * GIB) as u64;
-    let queueing =
-        matches!(policy, Policy::Ours(_)) && args.max_builds_per_backend.is_some() && args.queue;
+    let queueing = policy.ours().is_some() && args.max_builds_per_backend.is_some() && args.queue;
     let mut sim = Sim {
         nodes,
         slots: args.slots,
@@ -528,10 +607,11 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
         sim.run_until(ns(a.t), w, &chooser.placement);
         sim.now = a.t;
         let project = &w.projects[a.project];
+        let traits = w.traits(a.project, a.version, policy.content());
         if let Some(r) = &mut sim.router {
             let traits = BuildTraits {
                 nonce: chooser.rng.random(),
-                ..project.traits.clone()
+                ..traits
             };
             let tenant =
                 queue::tenant_of(TenantFrom::KeyOwner, None, traits.key.as_ref()).to_owned();
@@ -540,7 +620,7 @@ fn replay(args: &SimulateArgs, w: &Workload, policy: Policy) -> Report {
             sim.dispatch(now, w, &chooser.placement);
             continue;
         }
-        let (d, reason) = chooser.choose(&sim.nodes, project);
+        let (d, reason) = chooser.choose(&sim.nodes, &traits, &project.context_path);
         sim.place(w, a, d, reason);
         sim.start(d, a.t, a);
     }
@@ -607,14 +687,18 @@ fn keys_moved(args: &SimulateArgs, w: &Workload, policy: Policy) -> (f64, f64) {
         let mut chooser = Chooser::new(policy, &nodes, args.seed ^ n as u64, args);
         w.projects
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 if !nodes
                     .iter()
                     .any(|nd| p.traits.platforms.iter().all(|pl| nd.supports_platform(pl)))
                 {
                     return String::new();
                 }
-                nodes[chooser.choose(&nodes, p).0].id.clone()
+                let traits = w.traits(i, 0, policy.content());
+                nodes[chooser.choose(&nodes, &traits, &p.context_path).0]
+                    .id
+                    .clone()
             })
             .collect()
     };
@@ -651,6 +735,9 @@ fn synthetic(args: &SimulateArgs) -> Result<Workload, BoxError> {
     let mut project_means = Vec::new();
     let mut projects = Vec::new();
     for i in 0..args.projects {
+        // Drawn only when asked for, so that other runs repeat their seeds' workloads exactly.
+        let keyless =
+            args.keyless_share > 0.0 && rng.random_bool(args.keyless_share.clamp(0.0, 1.0));
         let mono = args.monorepos > 0 && rng.random_bool(args.monorepo_share.clamp(0.0, 1.0));
         let arm = args.arm64_daemons > 0 && rng.random_bool(args.arm64_share.clamp(0.0, 1.0));
         let (repo, filename, ctx_path) = if mono {
@@ -668,18 +755,16 @@ fn synthetic(args: &SimulateArgs) -> Result<Workload, BoxError> {
             )
         };
         let platform = if arm { "linux/arm64" } else { "linux/amd64" };
-        let traits = traits_of(
-            &placement,
-            vec![
-                ("vcs:source", &repo),
-                ("filename", &filename),
-                ("platform", platform),
-            ],
-        );
+        let mut attrs = vec![("filename", filename.as_str()), ("platform", platform)];
+        if !keyless {
+            attrs.push(("vcs:source", &repo));
+        }
+        let traits = traits_of(&placement, attrs);
         projects.push(Project {
             traits,
             context_path: ctx_path,
             bytes: size.sample(&mut rng) as u64,
+            keyless,
         });
         project_means.push(project_dur.sample(&mut rng));
     }
@@ -688,32 +773,70 @@ fn synthetic(args: &SimulateArgs) -> Result<Workload, BoxError> {
     // Mean duration of a build, popularity-weighted, so the offered load comes out right.
     let mut draws = Vec::with_capacity(args.builds);
     let mut busy = 0.0;
+    let mut versions = vec![0u32; args.projects];
+    let mut content_keys = HashMap::new();
     for _ in 0..args.builds {
         let p = zipf.sample(&mut rng) as usize - 1;
         let d = project_means[p] * jitter.sample(&mut rng);
         busy += d;
-        draws.push((p, d));
+        let mut version = versions[p];
+        if projects[p].keyless {
+            if args.content_churn > 0.0 && rng.random_bool(args.content_churn.clamp(0.0, 1.0)) {
+                versions[p] += 1;
+                version = versions[p];
+            }
+            content_keys.entry((p, version)).or_insert_with(|| {
+                let text = synthetic_dockerfile(p, version);
+                content_key(
+                    &fingerprint(&instructions(&text)),
+                    "",
+                    &projects[p].traits.platforms,
+                )
+            });
+        }
+        draws.push((p, d, version));
     }
+    // Version 0 of every keyless project (where `keys_moved` places them).
+    for (p, project) in projects.iter().enumerate().filter(|(_, p)| p.keyless) {
+        content_keys.entry((p, 0)).or_insert_with(|| {
+            content_key(
+                &fingerprint(&instructions(&synthetic_dockerfile(p, 0))),
+                "",
+                &project.traits.platforms,
+            )
+        });
+    }
+    let keyless = projects.iter().filter(|p| p.keyless).count();
     let mean_d = busy / args.builds.max(1) as f64;
     let rate = args.load * (args.daemons * args.slots) as f64 / mean_d;
     let gaps = Exp::new(rate)?;
     let mut t = 0.0;
     let arrivals = draws
         .into_iter()
-        .map(|(project, duration)| {
+        .map(|(project, duration, version)| {
             t += gaps.sample(&mut rng);
             Arrival {
                 t,
                 project,
                 duration,
+                version,
             }
         })
         .collect();
+    let keyless_note = if keyless > 0 {
+        format!(
+            ", {keyless} keyless (content key churn {} per build)",
+            args.content_churn
+        )
+    } else {
+        String::new()
+    };
     Ok(Workload {
         projects,
         arrivals,
+        content_keys,
         description: format!(
-            "synthetic: {} projects (Zipf s={}, {:.0}% in {} monorepos), {} builds, mean {:.0} s, \
+            "synthetic: {} projects (Zipf s={}, {:.0}% in {} monorepos{keyless_note}), {} builds, mean {:.0} s, \
              load {:.0}% of {} daemons x {} slots, cache {} GiB/daemon, project {} GiB mean, seed {}",
             args.projects,
             args.zipf,
@@ -768,6 +891,7 @@ fn load_trace(args: &SimulateArgs, path: &std::path::Path) -> Result<Workload, B
                 traits: traits_of(&placement, attrs),
                 context_path: context.to_owned(),
                 bytes: size.sample(&mut rng) as u64,
+                keyless: false,
             });
             projects.len() - 1
         });
@@ -775,10 +899,12 @@ fn load_trace(args: &SimulateArgs, path: &std::path::Path) -> Result<Workload, B
             t,
             project,
             duration,
+            version: 0,
         });
     }
     arrivals.sort_by(|a, b| a.t.total_cmp(&b.t));
     Ok(Workload {
+        content_keys: HashMap::new(),
         description: format!(
             "trace {}: {} builds of {} keys on {} daemons x {} slots, cache {} GiB/daemon",
             path.display(),
@@ -817,7 +943,13 @@ pub fn render(args: &SimulateArgs) -> Result<String, BoxError> {
         Policy::LeastLoaded,
         Policy::RingHash,
     ];
-    policies.extend(args.balance_factors.iter().map(|&c| Policy::Ours(c)));
+    let keyless = w.projects.iter().any(|p| p.keyless);
+    for &c in &args.balance_factors {
+        policies.push(Policy::Ours(c));
+        if keyless {
+            policies.push(Policy::OursNoContent(c));
+        }
+    }
     let reports: Vec<Report> = policies.iter().map(|&p| replay(args, &w, p)).collect();
     // Best hit rate without load limits: the unbounded policies (ring hash, ours c=inf).
     let best = policies
@@ -868,9 +1000,15 @@ pub fn render(args: &SimulateArgs) -> Result<String, BoxError> {
             }
         );
     }
+    let width = reports
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let _ = writeln!(
         out,
-        "{:<16} {:>6} {:>8} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>5}",
+        "{:<width$} {:>6} {:>8} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>5}",
         "policy",
         "hit",
         "hit/best",
@@ -889,7 +1027,7 @@ pub fn render(args: &SimulateArgs) -> Result<String, BoxError> {
     for r in &reports {
         let _ = writeln!(
             out,
-            "{:<16} {:>6.3} {:>8.3} {:>8.3} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>6.3} {:>5}",
+            "{:<width$} {:>6.3} {:>8.3} {:>8.3} {:>5} {:>8} {:>8} {:>8} {:>8} {:>7.3} {:>7.3} {:>6.3} {:>5}",
             r.policy,
             r.hit_rate,
             rel(r),

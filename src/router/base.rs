@@ -13,6 +13,7 @@ use tracing::warn;
 
 use crate::admission::Admission;
 use crate::body::{RequestBody, ResponseBody, StreamContext};
+use crate::content::{ContentKeys, ContentSettings};
 use crate::forward::{self, code, ForwardError, PeekError};
 use crate::metrics::Metrics;
 use crate::placement::{Placement, PlacementError};
@@ -39,6 +40,8 @@ pub struct RouterSettings {
     pub state_dir: Option<std::path::PathBuf>,
     /// Platforms ListWorkers reports before any daemon was seen (`--default-platforms`).
     pub default_platforms: Vec<String>,
+    /// Bounds of the Dockerfile read for the content key.
+    pub content: ContentSettings,
 }
 
 impl Default for RouterSettings {
@@ -51,6 +54,7 @@ impl Default for RouterSettings {
             tenant_from: TenantFrom::KeyOwner,
             state_dir: None,
             default_platforms: Vec::new(),
+            content: ContentSettings::default(),
         }
     }
 }
@@ -97,6 +101,9 @@ pub struct Router {
     pub(super) admission: Option<Arc<Admission>>,
     /// ListWorkers/Info answers for when no backend is ready.
     pub(super) offline: OfflineAnswers,
+    /// Live sessions' inner clients (the router reads Dockerfiles through them).
+    pub(super) sessions: Arc<crate::session::Directory>,
+    pub(super) content: ContentKeys,
 }
 
 pub(super) fn error(code: u32, message: impl AsRef<str>) -> Response<ResponseBody> {
@@ -186,6 +193,12 @@ impl Router {
             settings.state_dir.clone(),
             settings.default_platforms.clone(),
         );
+        let sessions = crate::session::Directory::new();
+        let content = ContentKeys::new(
+            settings.content.clone(),
+            sessions.clone(),
+            metrics.content.clone(),
+        );
         Arc::new(Self {
             pool,
             registry,
@@ -195,6 +208,8 @@ impl Router {
             refreshed: Mutex::new(HashMap::new()),
             admission,
             offline,
+            sessions,
+            content,
         })
     }
 

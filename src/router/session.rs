@@ -117,6 +117,7 @@ impl Router {
                     .max_message_size
                     .max(session::tunnel::MAX_MESSAGE),
                 gauges,
+                directory: Some(self.sessions.clone()),
             },
             wait,
             open,

@@ -169,7 +169,15 @@ impl Router {
         };
         tracing::Span::current().record("build_ref", &*build_ref);
         let sessions = solve.session_ids();
-        let traits = self.placement.traits_for_solve(&solve);
+        // Keyless builds may be keyed by their Dockerfile, read through their held Session.
+        let pinned = matches!(
+            self.registry.precheck(&build_ref, &sessions),
+            Precheck::Pinned(_)
+        );
+        let traits = self
+            .content
+            .traits_for_solve(&self.placement, &solve, pinned)
+            .await;
 
         // Choose a backend we can reach before binding anything to it, so a dead pod costs a
         // retry on the next candidate instead of a failed build.

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, field, info, Instrument};
 
+use super::directory::{Directory, Registration, METHOD_HEADER};
 use super::relay;
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
 use crate::body::{RequestBody, ResponseBody};
@@ -92,6 +93,9 @@ pub struct SessionCall {
     /// Largest outer message accepted.
     pub max_message: usize,
     pub gauges: Gauges,
+    /// Where the session's inner client is listed while it lasts, so the router can call the
+    /// client's services itself (the content key reads the Dockerfile through it).
+    pub directory: Option<Arc<Directory>>,
 }
 
 /// Answers `call` at once and serves it in a task of its own: holds it until `wait` says where
@@ -112,6 +116,7 @@ where
             out_tx,
             call.max_message,
             call.gauges,
+            call.directory,
             wait,
             open,
         )
@@ -133,6 +138,7 @@ async fn run<W>(
     out: mpsc::Sender<Frame<Bytes>>,
     max_message: usize,
     gauges: Gauges,
+    directory: Option<Arc<Directory>>,
     wait: W,
     open: Open,
 ) where
@@ -152,6 +158,15 @@ async fn run<W>(
             return;
         }
     };
+    if let (Some(directory), Some(send)) = (&directory, &held.send) {
+        let methods = parts
+            .headers
+            .get_all(METHOD_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        held.listing = Some(directory.register(&uuid, send.clone(), methods));
+    }
     debug!("holding the session; inner connection to the client is up");
     let placed = match held.until(wait).await {
         None => {
@@ -178,6 +193,8 @@ pub(crate) struct Held {
     /// Opens inner streams toward the client. Dropping every clone lets the connection close
     /// with a GOAWAY once its streams are done.
     pub(crate) send: Option<h2::client::SendRequest<Bytes>>,
+    /// The session's entry in the directory of inner clients (dropped with `send`).
+    listing: Option<Registration>,
     conn: JoinHandle<Result<(), h2::Error>>,
     conn_end: Option<Result<(), String>>,
     handle: TunnelHandle<Incoming>,
@@ -203,6 +220,7 @@ impl Held {
         let conn = tokio::spawn(conn.in_current_span());
         Ok(Held {
             send: Some(send),
+            listing: None,
             conn,
             conn_end: None,
             handle,
@@ -268,6 +286,7 @@ impl Held {
     /// are done), then ends the outer stream with `trailers` (OK when `None`).
     pub(crate) async fn finish(mut self, trailers: Option<HeaderMap>) {
         self.send = None;
+        self.listing = None;
         if !self.is_ended()
             && tokio::time::timeout(CLIENT_CLOSE_GRACE, self.ended())
                 .await

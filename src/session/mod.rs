@@ -7,14 +7,18 @@
 //! - [`hold`] answers the client's Session at once and runs the inner HTTP/2 *client* toward the
 //!   build client, so the client's 10 s preface timer is met however long the build waits;
 //! - [`bind`] decides which backend the session belongs to (a Solve naming it, else placement);
+//! - [`directory`] lists each live session's inner client, so the router can call the build
+//!   client's services itself (reading the Dockerfile for the content key);
 //! - [`relay`] opens the Session on that backend, serves the daemon's inner HTTP/2 connection
 //!   and relays every inner stream to the client, with end-to-end flow control.
 
 pub mod bind;
+pub mod directory;
 pub mod hold;
 pub mod relay;
 pub mod tunnel;
 
 pub use bind::{bind, BindHow, Bound, SHARED_KEY_HEADER, UUID_HEADER};
+pub use directory::{Directory, InnerClient};
 pub use hold::{serve, Gauges, Open, OpenFuture, Placed, Refusal, SessionCall};
 pub use tunnel::{TunnelError, TunnelIo};

@@ -33,7 +33,7 @@ use buildkit_router::proto::control::control_client::ControlClient;
 use buildkit_router::proto::control::{self as pb, BytesMessage};
 use buildkit_router::proto::filesync::file_send_server::{FileSend, FileSendServer};
 use buildkit_router::proto::filesync::file_sync_server::{FileSync, FileSyncServer};
-use buildkit_router::proto::filesync::Packet;
+use buildkit_router::proto::filesync::{Packet, Stat};
 use buildkit_router::proto::gateway as gw;
 use buildkit_router::proto::gateway::llb_bridge_client::LlbBridgeClient;
 
@@ -136,6 +136,23 @@ pub struct BuildOpts {
     /// Refuse an export once this many bytes arrived: the FileSend handler answers
     /// RESOURCE_EXHAUSTED ("no space left on device") while the daemon is still sending.
     pub reject_export_after: Option<u64>,
+    /// The text of the `Dockerfile` the `dockerfile` local serves. `None`: 64 bytes of the
+    /// transfer pattern, as any other generated file.
+    pub dockerfile: Option<String>,
+    /// How the client answers the first FileSync read of its `dockerfile` local (the router's
+    /// content key read comes before the daemon's); later reads are served.
+    pub first_dockerfile_read: FirstRead,
+}
+
+/// How a client answers the first read of its `dockerfile` local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FirstRead {
+    #[default]
+    Serve,
+    /// Refused with PERMISSION_DENIED.
+    Refuse,
+    /// Never answered (the reader must give up on its own).
+    Stall,
 }
 
 impl BuildOpts {
@@ -178,6 +195,8 @@ impl BuildOpts {
             calls_after: None,
             filesync_cut: None,
             reject_export_after: None,
+            dockerfile: None,
+            first_dockerfile_read: FirstRead::Serve,
         }
     }
 
@@ -292,6 +311,8 @@ impl BuildResult {
 #[derive(Clone, Debug, Default)]
 pub struct TunnelStats {
     pub filesync_calls: u64,
+    /// FileSync calls for the `dockerfile` local (the daemon's, and the router's own).
+    pub dockerfile_reads: u64,
     pub filesend_calls: u64,
     /// Bytes of file data the client sent through FileSync.
     pub bytes_uploaded: u64,
@@ -309,6 +330,7 @@ pub struct TunnelStats {
 #[derive(Default)]
 struct SessionStats {
     filesync_calls: AtomicU64,
+    dockerfile_reads: AtomicU64,
     filesend_calls: AtomicU64,
     bytes_uploaded: AtomicU64,
     bytes_exported: AtomicU64,
@@ -323,6 +345,7 @@ impl SessionStats {
     fn snapshot(&self) -> TunnelStats {
         TunnelStats {
             filesync_calls: self.filesync_calls.load(Ordering::SeqCst),
+            dockerfile_reads: self.dockerfile_reads.load(Ordering::SeqCst),
             filesend_calls: self.filesend_calls.load(Ordering::SeqCst),
             bytes_uploaded: self.bytes_uploaded.load(Ordering::SeqCst),
             bytes_exported: self.bytes_exported.load(Ordering::SeqCst),
@@ -480,6 +503,8 @@ impl Client {
                     rst: opts.session_rst,
                     filesync_cut: opts.filesync_cut.clone(),
                     reject_export_after: opts.reject_export_after,
+                    dockerfile: opts.dockerfile.clone(),
+                    first_dockerfile_read: opts.first_dockerfile_read,
                 },
                 stats.clone(),
                 close_rx,
@@ -692,6 +717,8 @@ impl Client {
                 rst: false,
                 filesync_cut: None,
                 reject_export_after: None,
+                dockerfile: None,
+                first_dockerfile_read: FirstRead::Serve,
             },
             stats.clone(),
             close_rx,
@@ -844,6 +871,8 @@ struct SessionCfg {
     rst: bool,
     filesync_cut: Option<Arc<Notify>>,
     reject_export_after: Option<u64>,
+    dockerfile: Option<String>,
+    first_dockerfile_read: FirstRead,
 }
 
 /// The client's side of one Session: serves Health/FileSync/FileSend as the HTTP/2 server of the
@@ -893,6 +922,8 @@ async fn run_session(
         context_size: cfg.context_size,
         filesync_cut: cfg.filesync_cut.clone(),
         reject_export_after: cfg.reject_export_after,
+        dockerfile: cfg.dockerfile.clone().map(Bytes::from),
+        first_dockerfile_read: cfg.first_dockerfile_read,
         stats: stats.clone(),
     };
     if cfg.methods.iter().any(|m| m == FILESYNC_DIFFCOPY) {
@@ -984,6 +1015,8 @@ struct ClientSessionSvc {
     context_size: usize,
     filesync_cut: Option<Arc<Notify>>,
     reject_export_after: Option<u64>,
+    dockerfile: Option<Bytes>,
+    first_dockerfile_read: FirstRead,
     stats: Arc<SessionStats>,
 }
 
@@ -1011,23 +1044,53 @@ impl FileSync for ClientSessionSvc {
             .pop()
             .unwrap_or_default();
         let follow = header_values(request.metadata(), "followpaths");
-        // The files this directory holds for this request.
-        let files: Vec<(String, usize)> = match dir.as_str() {
-            "dockerfile" => vec![("Dockerfile".into(), 64)],
+        // The files this directory holds for this request: generated data (the transfer
+        // pattern, `size` bytes) or a given text.
+        let pattern = |name: &str, size: usize| (name.to_string(), size, None);
+        let files: Vec<(String, usize, Option<Bytes>)> = match dir.as_str() {
+            "dockerfile" => match &self.dockerfile {
+                Some(text) => vec![("Dockerfile".into(), text.len(), Some(text.clone()))],
+                None => vec![pattern("Dockerfile", 64)],
+            },
             _ if follow == [".dockerignore"] => vec![],
-            "context" => vec![("context.bin".into(), self.context_size)],
-            other => vec![(format!("{other}.bin"), 1024)],
+            "context" => vec![pattern("context.bin", self.context_size)],
+            other => vec![pattern(&format!("{other}.bin"), 1024)],
         };
         let is_context = dir == "context" && follow.is_empty();
+        let first_dockerfile_read =
+            dir == "dockerfile" && self.stats.dockerfile_reads.fetch_add(1, Ordering::SeqCst) == 0;
         let stats = self.stats.clone();
         let cut = self.filesync_cut.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<Packet, Status>>(16);
+        match self.first_dockerfile_read {
+            FirstRead::Refuse if first_dockerfile_read => {
+                return Err(Status::permission_denied(
+                    "test client: this read of the dockerfile local is refused",
+                ));
+            }
+            FirstRead::Stall if first_dockerfile_read => {
+                // Nothing is ever sent; the answer ends when the reader resets the call.
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                    drop(tx);
+                });
+                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            }
+            _ => {}
+        }
         tokio::spawn(async move {
-            for (name, _) in &files {
+            for (name, size, _) in &files {
+                // fsutil's Stat of a regular file (Go FileMode 0644, no type bits).
+                let stat = Stat {
+                    path: name.clone(),
+                    mode: 0o644,
+                    size: *size as i64,
+                    ..Default::default()
+                };
                 let p = Packet {
                     r#type: PACKET_STAT,
-                    stat: name.as_bytes().to_vec(),
+                    stat: prost::Message::encode_to_vec(&stat),
                     ..Default::default()
                 };
                 if tx.send(Ok(p)).await.is_err() {
@@ -1050,11 +1113,15 @@ impl FileSync for ClientSessionSvc {
                 match p.r#type {
                     PACKET_REQ => {
                         let size = files.get(p.id as usize).map(|f| f.1).unwrap_or(0);
+                        let text = files.get(p.id as usize).and_then(|f| f.2.clone());
                         let mut off = 0;
                         let mut index = 0u64;
                         while off < size {
                             let n = CHUNK.min(size - off);
-                            let data = vec![super::pattern_byte(index); n];
+                            let data = match &text {
+                                Some(text) => text[off..off + n].to_vec(),
+                                None => vec![super::pattern_byte(index); n],
+                            };
                             index += 1;
                             let d = Packet {
                                 r#type: PACKET_DATA,

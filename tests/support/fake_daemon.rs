@@ -138,6 +138,9 @@ pub struct SessionInfo {
     pub tunnel_calls: Vec<String>,
     /// Bytes received through FileSync/DiffCopy on this session.
     pub bytes_uploaded: u64,
+    /// The Dockerfile the daemon's frontend read through FileSync (the `dockerfile` local),
+    /// as received.
+    pub dockerfile: Vec<u8>,
     /// DATA packets received through FileSync whose bytes were not what the client sent
     /// (see `support::pattern_ok`): corruption or reordering on the way.
     pub corrupt_packets: u64,
@@ -537,6 +540,15 @@ impl FakeDaemon {
             shutdown,
             server: Some(server),
         }
+    }
+
+    /// `n` daemons named `bk0`, `bk1`... with the same options.
+    pub async fn start_pool(n: usize, opts: DaemonOpts) -> Vec<FakeDaemon> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(FakeDaemon::start(&format!("bk{i}"), opts.clone()).await);
+        }
+        out
     }
 
     /// The listening address.
@@ -1244,7 +1256,12 @@ async fn file_sync(
                 packet = 0;
             }
             PACKET_DATA => {
-                if !super::pattern_ok(packet, &p.data) {
+                if dir_name == "dockerfile" {
+                    // A real Dockerfile's text, not the pattern of generated data.
+                    state
+                        .counters
+                        .session_mut(id, |s| s.dockerfile.extend_from_slice(&p.data));
+                } else if !super::pattern_ok(packet, &p.data) {
                     state.counters.session_mut(id, |s| s.corrupt_packets += 1);
                 }
                 packet += 1;

@@ -53,6 +53,14 @@ pub fn new_node_id() -> String {
     format!("{:016x}", rng.random::<u64>())
 }
 
+/// The value of one series (`name{labels}` as exposed) in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{exposition}"))
+}
+
 /// GET an admin path of a router (`/status`, `/readyz`, `/metrics`); the body as text.
 pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     use http_body_util::BodyExt;
