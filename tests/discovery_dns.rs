@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use buildkit_router::discovery::{self, DiscoveryMetrics, DnsSource, DnsTarget, Resolver, Source};
+use buildkit_router::discovery::{
+    self, DiscoveryMetrics, DnsSource, DnsTarget, Resolver, Source, SystemResolver,
+};
 use buildkit_router::pool::{Pool, PoolSettings, PoolUpdate};
 use tokio::sync::{mpsc, watch};
 
@@ -97,16 +99,7 @@ impl Harness {
             .await
             .expect("no discovery update")
             .expect("discovery ended");
-        let described = match &update {
-            PoolUpdate::Reset(specs) => {
-                let mut ids: Vec<_> = specs.iter().map(|s| s.identity.clone()).collect();
-                ids.sort();
-                format!("reset {}", ids.join(" "))
-            }
-            PoolUpdate::Add(s) => format!("add {}", s.identity),
-            PoolUpdate::Update(s) => format!("update {}", s.identity),
-            PoolUpdate::Remove(id) => format!("remove {id}"),
-        };
+        let described = describe(&update);
         self.pool.apply(update);
         described
     }
@@ -213,7 +206,8 @@ async fn the_system_resolver_finds_localhost() {
         "localhost:1234".parse().unwrap(),
         Duration::from_secs(60),
         None,
-    );
+    )
+    .unwrap();
     discovery::spawn(vec![Source::Dns(source)], tx, DiscoveryMetrics::new()).unwrap();
     let update = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
@@ -231,4 +225,167 @@ async fn the_system_resolver_finds_localhost() {
         );
         assert_eq!(spec.address.port, 1234);
     }
+}
+
+/// What the test DNS server answers.
+#[derive(Clone, Debug)]
+enum Behaviour {
+    Addresses(Vec<std::net::Ipv4Addr>),
+    NxDomain,
+    /// NOERROR with no records: the name exists but has no addresses.
+    NoRecords,
+    ServFail,
+    /// Never answers: the lookup times out.
+    Silent,
+}
+
+/// A DNS server on 127.0.0.1 (UDP) speaking real DNS messages (hickory-proto), answering as
+/// told; counts the A queries it received.
+struct DnsServer {
+    addr: SocketAddr,
+    behaviour: Arc<Mutex<Behaviour>>,
+    queries: watch::Receiver<u64>,
+}
+
+impl DnsServer {
+    async fn start(behaviour: Behaviour) -> Self {
+        use hickory_proto::op::{Message, MessageType, ResponseCode};
+        use hickory_proto::rr::{rdata, RData, Record, RecordType};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let (count_tx, queries) = watch::channel(0u64);
+        let shared = behaviour.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(request) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(query) = request.queries().first().cloned() else {
+                    continue;
+                };
+                if query.query_type() == RecordType::A {
+                    count_tx.send_modify(|n| *n += 1);
+                }
+                let behaviour = shared.lock().unwrap().clone();
+                let mut response = Message::new();
+                response
+                    .set_id(request.id())
+                    .set_message_type(MessageType::Response)
+                    .set_op_code(request.op_code())
+                    .set_recursion_desired(request.recursion_desired())
+                    .set_recursion_available(true)
+                    .add_query(query.clone());
+                match behaviour {
+                    Behaviour::Silent => continue,
+                    Behaviour::NxDomain => {
+                        response.set_response_code(ResponseCode::NXDomain);
+                    }
+                    Behaviour::ServFail => {
+                        response.set_response_code(ResponseCode::ServFail);
+                    }
+                    Behaviour::NoRecords => {}
+                    Behaviour::Addresses(ips) => {
+                        if query.query_type() == RecordType::A {
+                            for ip in ips {
+                                response.add_answer(Record::from_rdata(
+                                    query.name().clone(),
+                                    5,
+                                    RData::A(rdata::A(ip)),
+                                ));
+                            }
+                        }
+                    }
+                }
+                let _ = socket.send_to(&response.to_vec().unwrap(), from).await;
+            }
+        });
+        Self {
+            addr,
+            behaviour,
+            queries,
+        }
+    }
+
+    /// Switches the answer, then waits until two more lookups have been asked: the source has
+    /// then acted on at least one full lookup under the new answer (it looks up one at a time).
+    async fn answer(&mut self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+        let seen = *self.queries.borrow_and_update();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            self.queries.wait_for(|n| *n >= seen + 2),
+        )
+        .await
+        .expect("the DNS source stopped asking")
+        .unwrap();
+    }
+}
+
+/// Real DNS over UDP: NXDOMAIN and an empty answer mean zero backends (a headless Service
+/// scaled to zero); SERVFAIL and a timeout keep the last set (a DNS outage must not empty the
+/// pool).
+#[tokio::test]
+async fn nxdomain_and_no_records_mean_zero_backends_but_servfail_and_timeouts_keep_the_set() {
+    let mut server = DnsServer::start(Behaviour::Addresses(vec![
+        "10.0.0.1".parse().unwrap(),
+        "10.0.0.2".parse().unwrap(),
+    ]))
+    .await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let metrics = DiscoveryMetrics::new();
+    let source = DnsSource {
+        target: "buildkitd.ci.svc.cluster.local:1234".parse().unwrap(),
+        interval: Duration::from_millis(50),
+        resolver: Arc::new(SystemResolver::with_name_servers(
+            &[server.addr],
+            Duration::from_millis(300),
+        )),
+        tls: None,
+    };
+    discovery::spawn(vec![Source::Dns(source)], tx, metrics.clone()).unwrap();
+    assert_eq!(recv(&mut rx).await, "reset 10.0.0.1:1234 10.0.0.2:1234");
+
+    server.answer(Behaviour::ServFail).await;
+    assert!(rx.try_recv().is_err(), "SERVFAIL keeps the last set");
+    server.answer(Behaviour::Silent).await;
+    assert!(rx.try_recv().is_err(), "a timeout keeps the last set");
+    assert!(metrics.errors_count("dns") >= 2, "failures are counted");
+
+    server.answer(Behaviour::NxDomain).await;
+    let mut gone = vec![recv(&mut rx).await, recv(&mut rx).await];
+    gone.sort();
+    assert_eq!(gone, ["remove 10.0.0.1:1234", "remove 10.0.0.2:1234"]);
+
+    server
+        .answer(Behaviour::Addresses(vec!["10.0.0.3".parse().unwrap()]))
+        .await;
+    assert_eq!(recv(&mut rx).await, "add 10.0.0.3:1234");
+    server.answer(Behaviour::NoRecords).await;
+    assert_eq!(recv(&mut rx).await, "remove 10.0.0.3:1234");
+}
+
+fn describe(update: &PoolUpdate) -> String {
+    match update {
+        PoolUpdate::Reset(specs) => {
+            let mut ids: Vec<_> = specs.iter().map(|s| s.identity.clone()).collect();
+            ids.sort();
+            format!("reset {}", ids.join(" "))
+        }
+        PoolUpdate::Add(s) => format!("add {}", s.identity),
+        PoolUpdate::Update(s) => format!("update {}", s.identity),
+        PoolUpdate::Remove(id) => format!("remove {id}"),
+    }
+}
+
+async fn recv(rx: &mut mpsc::Receiver<PoolUpdate>) -> String {
+    let update = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("no discovery update")
+        .expect("discovery ended");
+    describe(&update)
 }

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::pool::{BackendAddress, BackendTls, EndpointSpec, EndpointState, PoolUpdate};
 
-pub use dns::{DnsSource, DnsTarget, Resolver, SystemResolver};
+pub use dns::{DnsSource, DnsTarget, Resolver, ResolverConfigError, SystemResolver};
 pub use kubernetes::{KubernetesSource, PortSelector};
 pub use metrics::DiscoveryMetrics;
 
@@ -94,6 +94,8 @@ pub enum DiscoveryError {
     InvalidDnsTarget { value: String, reason: String },
     #[error("--dns-interval must be more than zero")]
     InvalidDnsInterval,
+    #[error("--dns: {0}")]
+    DnsConfig(#[from] ResolverConfigError),
     #[error("--kubernetes-service {value:?} is not [namespace/]name: {reason}")]
     InvalidKubernetesService { value: String, reason: String },
     #[error("--kubernetes-port {value:?} is neither a port name nor a port number 1-65535")]
@@ -213,7 +215,7 @@ pub async fn run(
             target,
             args.dns_interval,
             tls.clone(),
-        )));
+        )?));
     }
     match &args.kubernetes_service {
         Some(value) => {
