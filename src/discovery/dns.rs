@@ -159,6 +159,10 @@ impl Resolver for SystemResolver {
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
         use hickory_resolver::proto::rr::RecordType;
         Box::pin(async move {
+            // An address is its own answer (e.g. --scaler-peers 10.0.0.7:6000).
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                return Ok(vec![SocketAddr::new(ip, port)]);
+            }
             let (v4, v6) = tokio::join!(
                 self.lookup_type(host, RecordType::A),
                 self.lookup_type(host, RecordType::AAAA)

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod dns;
 pub mod fake_daemon;
 pub mod real;
 pub mod tls;
