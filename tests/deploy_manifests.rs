@@ -1114,7 +1114,10 @@ fn router_service_port(r: &Rendered, p: &Pool, address: &str, what: &str) -> (Va
         .unwrap_or_else(|| panic!("{v}: {what}: {address:?} is not host:port"));
     let port: u64 = port.parse().expect("port number");
     let mut parts = host.trim_end_matches('.').split('.');
-    let (svc, ns) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (svc, ns) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let rest: Vec<&str> = parts.collect();
     assert!(
         rest == ["svc"] || rest == ["svc", "cluster", "local"],
@@ -1157,14 +1160,23 @@ fn check_external_scaler_trigger(r: &Rendered, p: &Pool, trigger: &Value, what: 
     if p.router["spec"]["replicas"].as_u64().unwrap_or(1) > 1 {
         let peers = one_flag(&p.router_flags, "--scaler-peers", v);
         let (service, container) = router_service_port(r, p, peers, "--scaler-peers");
-        assert_eq!(service["spec"]["clusterIP"], "None", "{v}: --scaler-peers must name a headless Service (one address per replica)");
+        assert_eq!(
+            service["spec"]["clusterIP"], "None",
+            "{v}: --scaler-peers must name a headless Service (one address per replica)"
+        );
         assert_eq!(container, listen, "{v}: --scaler-peers port");
     }
     // KEDA's operator (namespace keda) may reach the scaler port.
     let scaler_port = Value::from(listen);
     let open_to_keda = of_kind(&r.objects, "NetworkPolicy").any(|np| {
-        selects(&match_labels(&np["spec"]["podSelector"], v), &p.router_labels)
-            && np["spec"]["ingress"].as_array().into_iter().flatten().any(|rule| {
+        selects(
+            &match_labels(&np["spec"]["podSelector"], v),
+            &p.router_labels,
+        ) && np["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
                 let port_ok = rule["ports"].as_array().into_iter().flatten().any(|rp| {
                     container_port(p.router_container, &rp["port"], v) == listen
                         || rp["port"] == scaler_port
@@ -1177,7 +1189,10 @@ fn check_external_scaler_trigger(r: &Rendered, p: &Pool, trigger: &Value, what: 
                 port_ok && keda
             })
     });
-    assert!(open_to_keda, "{v}: {what}: no NetworkPolicy lets KEDA (namespace keda) reach the scaler port");
+    assert!(
+        open_to_keda,
+        "{v}: {what}: no NetworkPolicy lets KEDA (namespace keda) reach the scaler port"
+    );
 }
 
 /// A pool that may scale to zero: the router queues builds and answers buildx with no builder,
@@ -1186,7 +1201,9 @@ fn check_scale_to_zero(r: &Rendered, p: &Pool, so: &Value, what: &str) {
     let v = &r.name;
     let flags = &p.router_flags;
     assert!(
-        flags.get("--queue").is_none_or(|vals| vals.iter().all(|q| q != "off")),
+        flags
+            .get("--queue")
+            .is_none_or(|vals| vals.iter().all(|q| q != "off")),
         "{v}: {what}: scale to zero needs the router's queue on"
     );
     assert!(
@@ -1202,7 +1219,10 @@ fn check_scale_to_zero(r: &Rendered, p: &Pool, so: &Value, what: &str) {
         "{v}: {what}: scale from zero should be pushed by the router (external-push)"
     );
     let timeout = seconds(one_flag(flags, "--queue-timeout", v));
-    assert!(timeout >= 600, "{v}: {what}: --queue-timeout must outlast a cold start");
+    assert!(
+        timeout >= 600,
+        "{v}: {what}: --queue-timeout must outlast a cold start"
+    );
     let down = &so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"];
     assert!(
         down["stabilizationWindowSeconds"].as_u64().unwrap_or(0) >= 300,

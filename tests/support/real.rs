@@ -279,6 +279,92 @@ impl Daemon {
     }
 }
 
+/// Debian's `docker-registry` (the CNCF distribution registry) on 127.0.0.1, plain HTTP, storing
+/// in a temporary folder. Daemons reach it with [`Registry::buildkitd_config`].
+pub struct Registry {
+    pub addr: SocketAddr,
+    process: Supervised,
+    _dir: TempDir,
+}
+
+/// Where Debian's `docker-registry` package installs the registry.
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+impl Registry {
+    /// Starts the registry; `None` (after printing why) when it is not installed, outside CI.
+    pub fn start() -> Option<Registry> {
+        let bin = Path::new(REGISTRY_BIN);
+        if !bin.is_file() {
+            let why = format!("{REGISTRY_BIN} is missing (Debian docker-registry)");
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("a real registry is required in CI: {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("registry dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n  secret: buildkit-router-tests\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let (process, _) = Supervised::start(
+            "docker-registry",
+            bin,
+            &["serve".to_owned(), config.display().to_string()],
+            &[],
+            "",
+            |line| line.contains("listening on"),
+        );
+        Some(Registry {
+            addr,
+            process,
+            _dir: dir,
+        })
+    }
+
+    /// A buildkitd.toml telling the daemon to speak plain HTTP to this registry.
+    pub fn buildkitd_config(&self) -> String {
+        format!(
+            "[registry.\"{}\"]\n  http = true\n  insecure = true\n",
+            self.addr
+        )
+    }
+
+    /// The tags of `repository` (`GET /v2/<repository>/tags/list`); empty when it has none.
+    pub fn tags(&self, repository: &str) -> Vec<String> {
+        let mut s = TcpStream::connect(self.addr).expect("connect to the registry");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /v2/{repository}/tags/list HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        )
+        .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["tags"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
 /// The real router binary in front of some daemons.
 pub struct RouterProcess {
     pub addr: SocketAddr,
