@@ -6,20 +6,16 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildkit_router::app::{self, Running};
 use buildkit_router::config::RunConfig;
-use buildkit_router::proto::externalscaler::external_scaler_client::ExternalScalerClient;
-use buildkit_router::proto::externalscaler::{
-    GetMetricsRequest, IsActiveResponse, ScaledObjectRef,
-};
+use buildkit_router::proto::externalscaler::{GetMetricsRequest, IsActiveResponse};
 use buildkit_router::scaler::METRIC_NAME;
 use support::client::{BuildOpts, Client};
 use support::dns::{Behaviour, DnsServer};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
-use tonic::transport::Channel;
+use support::keda::{next_push, Keda};
 use tonic::Streaming;
 
 /// A router whose only backends come from `buildkitd.test:<daemon_port>` asked of `dns`, with
@@ -41,81 +37,8 @@ async fn router(
     running
 }
 
-/// What KEDA's external scaler client does.
-struct Keda {
-    client: ExternalScalerClient<Channel>,
-}
-
-impl Keda {
-    async fn connect(router: &Running) -> Keda {
-        let addr = router.scaler.as_ref().expect("scaler on").addr;
-        let client = Client::connect(addr).await.expect("connect to the scaler");
-        Keda {
-            client: ExternalScalerClient::new(client.channel()),
-        }
-    }
-
-    /// Over TLS, as KEDA with a TriggerAuthentication's `caCert` (and `tlsClientCert`).
-    async fn connect_tls(router: &Running, config: Arc<rustls::ClientConfig>) -> Keda {
-        let addr = router.scaler.as_ref().expect("scaler on").addr;
-        let client = Client::connect_tls(addr, config, "localhost")
-            .await
-            .expect("connect to the scaler over TLS");
-        Keda {
-            client: ExternalScalerClient::new(client.channel()),
-        }
-    }
-
-    fn object() -> ScaledObjectRef {
-        ScaledObjectRef {
-            name: "buildkitd".into(),
-            namespace: "buildkit".into(),
-            scaler_metadata: [("scalerAddress".to_owned(), "router:6000".to_owned())].into(),
-        }
-    }
-
-    async fn is_active(&mut self) -> bool {
-        self.client
-            .is_active(Self::object())
-            .await
-            .expect("IsActive")
-            .into_inner()
-            .result
-    }
-
-    async fn stream(&mut self) -> Streaming<IsActiveResponse> {
-        self.client
-            .stream_is_active(Self::object())
-            .await
-            .expect("StreamIsActive")
-            .into_inner()
-    }
-
-    async fn metric(&mut self) -> i64 {
-        let values = self
-            .client
-            .get_metrics(GetMetricsRequest {
-                scaled_object_ref: Some(Self::object()),
-                metric_name: METRIC_NAME.into(),
-            })
-            .await
-            .expect("GetMetrics")
-            .into_inner()
-            .metric_values;
-        assert_eq!(values.len(), 1);
-        assert_eq!(values[0].metric_name, METRIC_NAME);
-        values[0].metric_value
-    }
-}
-
-/// The next pushed state, bounded.
-async fn next_push(stream: &mut Streaming<IsActiveResponse>) -> bool {
-    tokio::time::timeout(Duration::from_secs(20), stream.message())
-        .await
-        .expect("no push within 20 s")
-        .expect("stream alive")
-        .expect("stream open")
-        .result
+fn scaler_addr(router: &Running) -> SocketAddr {
+    router.scaler.as_ref().expect("scaler on").addr
 }
 
 /// Expects the next push to be `true`, within 100 ms of `since` (KEDA then scales from zero
@@ -168,7 +91,7 @@ async fn keda_scales_from_zero_by_push_and_back_to_zero_after_idle() {
         "NXDOMAIN: zero backends"
     );
 
-    let mut keda = Keda::connect(&router).await;
+    let mut keda = Keda::connect(scaler_addr(&router)).await;
     let spec = keda
         .client
         .get_metric_spec(Keda::object())
@@ -263,8 +186,8 @@ async fn either_replica_counts_every_replicas_queued_builds() {
     let daemon = FakeDaemon::start("buildkitd-0", DaemonOpts::default()).await;
     let replicas = two_replicas(&dns, daemon.addr().port(), |_| {}).await;
     let (a, b) = (&replicas[0], &replicas[1]);
-    let mut keda_a = Keda::connect(a).await;
-    let mut keda_b = Keda::connect(b).await;
+    let mut keda_a = Keda::connect(scaler_addr(a)).await;
+    let mut keda_b = Keda::connect(scaler_addr(b)).await;
     let mut stream_a = keda_a.stream().await;
     assert!(!next_push(&mut stream_a).await);
 
@@ -353,12 +276,12 @@ async fn the_scaler_speaks_tls_to_keda_and_between_replicas() {
     })
     .await;
     let (a, b) = (&replicas[0], &replicas[1]);
-    let mut plain = Keda::connect(a).await;
+    let mut plain = Keda::connect(scaler_addr(a)).await;
     assert!(
         plain.client.get_metric_spec(Keda::object()).await.is_err(),
         "a TLS scaler refuses plain HTTP/2"
     );
-    let mut keda = Keda::connect_tls(a, pki.client_config(true, false)).await;
+    let mut keda = Keda::connect_tls(scaler_addr(a), pki.client_config(true, false)).await;
     assert_eq!(keda.metric().await, 0);
 
     let client_b = Client::connect(b.addr).await.expect("connect");

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod dns;
 pub mod fake_daemon;
+pub mod keda;
 pub mod real;
 pub mod tls;
 pub mod tunnel;
