@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real BuildKit peers the test suite and the demo run against:
 #   buildkitd, buildctl (github.com/moby/buildkit) and buildx (github.com/docker/buildx),
-#   built with `go install` at the pinned versions below, plus Debian's runc and busybox-static.
+#   built with `go install` at the pinned versions below, plus Debian's runc and busybox-static;
+# and what tests/gitlab_pipeline.rs runs the GitLab example with: gitlab-ci-local (npm, pinned
+# below) and Debian's rsync (which it needs) and docker-registry (the registry the jobs push to).
 #
 # Usage: scripts/install-buildkit.sh            (prints the bin folder on its last line)
 # The binaries land in .peers/bin (ignored by git; override with PEERS_DIR). A second run
@@ -15,6 +17,8 @@ set -euo pipefail
 # The pinned versions: the one place they are set.
 BUILDKIT_VERSION=v0.32.2
 BUILDX_VERSION=v0.36.1
+# 4.60 runs on Node 18-20 (later releases want a newer Node than Debian's or this machine's).
+GITLAB_CI_LOCAL_VERSION=4.60.1
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 peers="${PEERS_DIR:-$root/.peers}"
@@ -23,9 +27,15 @@ mkdir -p "$bin"
 
 log() { echo "install-buildkit: $*" >&2; }
 
-# Debian packages: runc runs RUN steps; busybox-static gives test images a shell in FROM scratch.
+# Debian packages: runc runs RUN steps; busybox-static gives test images a shell in FROM scratch;
+# rsync, docker-registry, npm (and g++, make, python3 for its native module) for the GitLab
+# pipeline test.
 need_apt=()
 command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
+for tool in g++ make python3; do command -v $tool >/dev/null 2>&1 || need_apt+=($tool); done
 # A static busybox: `ldd` calls a static binary "not a dynamic executable".
 if ! { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }; then
   need_apt+=(busybox-static)
@@ -64,12 +74,33 @@ install_module() {
   echo "$version" > "$stamp"
 }
 
+# gitlab-ci-local, in its own folder, built beside the Go modules. Its re2 dependency compiles a
+# native module with node-gyp (g++, make, python3: a few minutes on 2 cores, once).
+glci="$peers/gitlab-ci-local"
+install_gitlab_ci_local() {
+  if [ "$(cat "$glci.version" 2>/dev/null)" = "$GITLAB_CI_LOCAL_VERSION" ] && [ -x "$bin/gitlab-ci-local" ]; then
+    log "gitlab-ci-local $GITLAB_CI_LOCAL_VERSION already installed"; return
+  fi
+  log "npm install gitlab-ci-local@$GITLAB_CI_LOCAL_VERSION (builds re2 with node-gyp)"
+  rm -rf "$glci" && mkdir -p "$glci"
+  npm install --no-audit --no-fund --loglevel=error --prefix "$glci" \
+    "gitlab-ci-local@$GITLAB_CI_LOCAL_VERSION" >&2
+  ln -sf "$glci/node_modules/.bin/gitlab-ci-local" "$bin/gitlab-ci-local"
+  "$bin/gitlab-ci-local" --version >/dev/null
+  echo "$GITLAB_CI_LOCAL_VERSION" > "$glci.version"
+}
+install_gitlab_ci_local &
+glci_pid=$!
+
 install_module github.com/moby/buildkit "$BUILDKIT_VERSION" github.com/moby/buildkit/version \
   ./cmd/buildkitd ./cmd/buildctl
 install_module github.com/docker/buildx "$BUILDX_VERSION" github.com/docker/buildx/version \
   ./cmd/buildx
+wait "$glci_pid" || { log "cannot install gitlab-ci-local"; exit 1; }
+
 
 "$bin/buildkitd" --version >&2
 "$bin/buildctl" --version >&2
 "$bin/buildx" version >&2
+echo "gitlab-ci-local $("$bin/gitlab-ci-local" --version)" >&2
 echo "$bin"

@@ -108,7 +108,20 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         ttl: cfg.registry_ttl,
         unbound_expiry: (cfg.ref_wait + cfg.session_bind_window) * 4,
     });
-    let metrics = Metrics::new(pool.clone(), cfg.target_builds_per_backend)?;
+    // A backend never runs more than its cap, so a larger target would ask the autoscaler for
+    // too few daemons while builds wait.
+    let target_builds_per_backend = match placement_config.max_builds_per_backend {
+        Some(cap) if cap < cfg.target_builds_per_backend => {
+            tracing::warn!(
+                target = cfg.target_builds_per_backend,
+                cap,
+                "--target-builds-per-backend is above --max-builds-per-backend; desired_backends uses the cap"
+            );
+            cap
+        }
+        _ => cfg.target_builds_per_backend,
+    };
+    let metrics = Metrics::new(pool.clone(), target_builds_per_backend)?;
     let admission = cfg.queue.enabled.then(|| {
         Admission::new(
             cfg.queue.to_config(),
@@ -168,7 +181,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         crate::scaler::ScalerParts {
             pool: pool.clone(),
             admission: admission.clone(),
-            target_builds_per_backend: cfg.target_builds_per_backend,
+            target_builds_per_backend,
         },
         shutdown.clone(),
         &mut background,

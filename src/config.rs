@@ -148,6 +148,7 @@ pub struct RunConfig {
     pub scaler: crate::scaler::ScalerArgs,
 
     /// Builds one backend should run: `desired_backends` = ceil((active + queued) / this).
+    /// Never above --max-builds-per-backend: a larger value is lowered to the cap (with a warning).
     #[arg(
         long,
         default_value_t = 4,

@@ -955,6 +955,135 @@ async fn keda_is_pushed_when_a_real_build_waits_on_an_empty_pool() {
     assert_eq!(keda.metric().await, 0);
 }
 
+/// A full pool, as the queue issue checks it: two real daemons capped at one build each, four
+/// builds at once from buildctl and buildx. Two wait in the queue (scraped from /metrics while
+/// they wait), show why in their progress, and run as slots free; no daemon ever runs two of
+/// them at once (the daemons' own recorded start and end times); every build completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_queues_builds_and_runs_them_as_slots_free() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(2, &["--max-builds-per-backend", "1"]) else {
+        return;
+    };
+    pool.buildx_builder().await;
+    let ctx = Context::new(&pool.peers, &sleeping_dockerfile_with_arg(3), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let url = pool.router.url();
+
+    let ctl = |name: &'static str| {
+        let dest = out.path().join(name);
+        let ref_file = out.path().join(format!("{name}.ref"));
+        let clients = &pool.clients;
+        let (ctx, url) = (&ctx, &url);
+        async move {
+            let out_arg = format!("type=local,dest={}", dest.display());
+            let ref_arg = ref_file.display().to_string();
+            let arg = format!("build-arg:N={name}");
+            let args = ["--opt", &arg, "--output", &out_arg, "--ref-file", &ref_arg];
+            let output = clients.buildctl_build(url, &[], ctx, &args).await;
+            (output, read(&ref_file).trim().to_owned(), dest)
+        }
+    };
+    let bx = |name: &'static str| {
+        let dest = out.path().join(name);
+        let meta = out.path().join(format!("{name}.json"));
+        let clients = &pool.clients;
+        let ctx = &ctx;
+        async move {
+            let out_arg = format!("type=local,dest={}", dest.display());
+            let arg = format!("N={name}");
+            let args = [
+                "build",
+                "--builder",
+                "pool",
+                "--progress",
+                "plain",
+                "--build-arg",
+                &arg,
+                "--metadata-file",
+                meta.to_str().unwrap(),
+                "-o",
+                &out_arg,
+                ctx.path(),
+            ];
+            let output = clients.buildx(&args).await;
+            let build_ref = std::fs::read_to_string(&meta)
+                .ok()
+                .and_then(|m| serde_json::from_str(&m).ok())
+                .map(|m: serde_json::Value| buildx_ref(&m))
+                .unwrap_or_default();
+            (output, build_ref, dest)
+        }
+    };
+    let scrape = async {
+        // Four builds, two slots: two wait, and the metric an autoscaler reads says so.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let metrics = pool.router.admin_get("/metrics").unwrap_or_default();
+                if metrics.contains("buildkit_router_builds_queued{tenant=\"default\"} 2") {
+                    return metrics;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("two builds wait in the queue")
+    };
+    let (a, b, c, d, metrics) =
+        tokio::join!(ctl("ctl-a"), ctl("ctl-b"), bx("bx-c"), bx("bx-d"), scrape);
+    assert!(
+        metrics.contains("buildkit_router_desired_backends 4"),
+        "an autoscaler is asked for one daemon per build (target 1):\n{metrics}"
+    );
+    let builds = [a, b, c, d];
+    let mut shown_wait = 0;
+    for (output, build_ref, dest) in &builds {
+        output.assert_ok();
+        assert!(!build_ref.is_empty(), "the build names its ref");
+        assert_eq!(read(dest.join("out/done")), "done\n");
+        if output
+            .stderr
+            .contains("[buildkit-router] waiting for a builder")
+        {
+            shown_wait += 1;
+        }
+    }
+    assert!(
+        shown_wait >= 2,
+        "the two builds that waited showed why ({shown_wait} did)"
+    );
+    // The cap held on the daemons themselves: on each, the builds' recorded runs never overlap.
+    let refs: Vec<&str> = builds.iter().map(|(_, r, _)| r.as_str()).collect();
+    let mut placed = 0;
+    for (i, history) in pool.histories().await.iter().enumerate() {
+        let mut runs: Vec<(f64, f64)> = history
+            .iter()
+            .filter(|h| refs.contains(&h.build_ref.as_str()))
+            .map(|h| {
+                assert_eq!(h.error_code, None, "build {} failed", h.build_ref);
+                (h.created_at.unwrap(), h.completed_at.unwrap())
+            })
+            .collect();
+        placed += runs.len();
+        runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+        for pair in runs.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1,
+                "daemon bk{i} ran two builds at once despite the cap of 1: {runs:?}"
+            );
+        }
+    }
+    assert_eq!(placed, 4, "every build ran on exactly one daemon");
+}
+
+/// Like [`sleeping_dockerfile`], but the build arg `N` makes each build's RUN step its own (no
+/// cache shared between them).
+fn sleeping_dockerfile_with_arg(seconds: u32) -> String {
+    sleeping_dockerfile(seconds)
+        .replacen("COPY busybox", "ARG N\nCOPY busybox", 1)
+        .replacen("echo running;", "echo running $N;", 1)
+}
+
 /// History of builds this router does not know (placed by another replica, or forgotten after
 /// `--build-linger`) is found in the daemons' own histories: logs, inspect and Status work as
 /// against the daemon that ran the build.

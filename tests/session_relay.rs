@@ -133,11 +133,12 @@ async fn the_daemons_health_checks_cross_the_relay() {
     assert_no_sessions_left(&router).await;
 }
 
-/// A 64 MiB context upload (client to daemon, FileSync) and a 64 MiB export (daemon to client,
-/// FileSend) through the relay, every packet's bytes and order checked on arrival.
+/// A 256 MiB context upload (client to daemon, FileSync) and a 256 MiB export (daemon to client,
+/// FileSend) through the relay, every packet's bytes and order checked on arrival: the sizes of
+/// a large build context and of a large image exported with `--output type=local`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transfers_cross_the_relay_byte_exact_both_ways() {
-    const SIZE: usize = 64 << 20;
+    const SIZE: usize = 256 << 20;
     let daemon = FakeDaemon::start(
         "bk0",
         DaemonOpts {

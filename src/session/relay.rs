@@ -577,3 +577,6 @@ async fn pump(from: &mut RecvStream, to: &mut SendStream<Bytes>) -> Result<(), C
         Err(error) => Err(Cut::from_sender(&error)),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,163 @@
+//! Where a build's calls go: bound to a backend, waiting in the queue, or found in a daemon's
+//! history.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::Response;
+use tokio::time::Instant;
+use tracing::info;
+
+use super::base::{error, Router};
+use crate::admission::Progress;
+use crate::body::ResponseBody;
+use crate::forward::{self, code, Head};
+use crate::pool::Backend;
+use crate::registry::KeyKind;
+use crate::wire;
+
+pub(super) const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
+/// How long a call for an unknown ref waits for its Solve before daemons' histories are asked.
+pub(super) const LOCATE_AFTER: Duration = Duration::from_secs(1);
+
+/// Where a build's calls go.
+pub(super) enum RefState {
+    Bound(Arc<Backend>),
+    Queued(tokio::sync::watch::Receiver<Progress>),
+    Unknown,
+}
+
+/// A queued build's progress once it left the queue (placed or ended), or as last seen if its
+/// waiter is gone.
+pub(super) async fn settled(progress: &mut tokio::sync::watch::Receiver<Progress>) -> Progress {
+    let _ = progress
+        .wait_for(|p| !matches!(p, Progress::Waiting { .. }))
+        .await;
+    progress.borrow().clone()
+}
+
+impl Router {
+    /// The backend of `build_ref`, waiting up to the ref wait for its Solve.
+    pub(super) async fn backend_of(&self, build_ref: &str) -> Option<Arc<Backend>> {
+        match self.registry.lookup(KeyKind::Ref, build_ref) {
+            Some(backend) => Some(backend),
+            None => {
+                self.registry
+                    .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
+                    .await
+            }
+        }
+    }
+
+    /// Where the build `build_ref` is: bound to a backend, waiting in the queue, or unknown
+    /// after the ref wait (its Solve never came to this router).
+    pub(super) async fn resolve_ref(&self, build_ref: &str) -> RefState {
+        let Some(admission) = &self.admission else {
+            return match self.backend_of(build_ref).await {
+                Some(backend) => RefState::Bound(backend),
+                None => RefState::Unknown,
+            };
+        };
+        let deadline = Instant::now() + self.settings.ref_wait;
+        loop {
+            let arrived = admission.arrivals().notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(backend) = self.registry.lookup(KeyKind::Ref, build_ref) {
+                return RefState::Bound(backend);
+            }
+            if let Some(progress) = admission.progress_of(build_ref) {
+                return RefState::Queued(progress);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return RefState::Unknown;
+            }
+            tokio::select! {
+                bound = self.registry.wait_bound(KeyKind::Ref, build_ref, remaining) => {
+                    return bound.map_or(RefState::Unknown, RefState::Bound);
+                }
+                _ = arrived => {}
+            }
+        }
+    }
+
+    /// The backend whose build history holds `build_ref` (a build another replica placed, or
+    /// one this router has forgotten): every live backend is asked with
+    /// `ListenBuildHistory{Ref, EarlyExit}`, which answers at once; the first with a record wins.
+    pub(super) async fn locate_ref(&self, build_ref: &str) -> Option<Arc<Backend>> {
+        use prost::Message;
+        let request = wire::encode_frame(
+            &crate::proto::control::BuildHistoryRequest {
+                r#ref: build_ref.to_owned(),
+                early_exit: true,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let head = Head::grpc(HISTORY_PATH);
+        let max = self.settings.max_message_size;
+        let mut asks: FuturesUnordered<_> = self
+            .live_backends()
+            .into_iter()
+            .map(|backend| {
+                let (head, request) = (&head, request.clone());
+                async move {
+                    let response = forward::send_copy(&backend, head, request).await.ok()?;
+                    let collected = forward::collect(response, max).await.ok()?;
+                    (collected.status == code::OK && !collected.body.is_empty()).then_some(backend)
+                }
+            })
+            .collect();
+        while let Some(found) = asks.next().await {
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// [`Router::resolve_ref`], but a ref that some daemon's history already holds is routed
+    /// there without waiting out the ref wait (`buildctl debug logs`, `buildx history` on old
+    /// builds). Asked only after a short delay: a new build's Solve binds its ref sooner.
+    pub(super) async fn resolve_or_locate(&self, build_ref: &str) -> RefState {
+        let resolve = self.resolve_ref(build_ref);
+        let locate = async {
+            tokio::time::sleep(LOCATE_AFTER).await;
+            self.locate_ref(build_ref).await
+        };
+        tokio::pin!(resolve, locate);
+        tokio::select! {
+            state = &mut resolve => state,
+            Some(backend) = &mut locate => {
+                info!(build_ref, backend = %backend.identity(), "found the build in a backend's history");
+                RefState::Bound(backend)
+            }
+        }
+    }
+
+    /// Waits while the queued build `progress` belongs to is waiting; its backend once placed,
+    /// else the answer its calls get (why it left the queue).
+    pub(super) async fn placed(
+        &self,
+        build_ref: &str,
+        mut progress: tokio::sync::watch::Receiver<Progress>,
+    ) -> Result<Arc<Backend>, Response<ResponseBody>> {
+        match settled(&mut progress).await {
+            Progress::Placed(backend) => {
+                // Its Solve binds the ref right after admission.
+                let bound = self
+                    .registry
+                    .wait_bound(KeyKind::Ref, build_ref, self.settings.ref_wait)
+                    .await;
+                Ok(bound.unwrap_or(backend))
+            }
+            Progress::Ended { code, message } => Err(error(code, &*message)),
+            Progress::Waiting { .. } => Err(error(
+                code::UNAVAILABLE,
+                format!("buildkit-router: build {build_ref} left the queue without a builder"),
+            )),
+        }
+    }
+}

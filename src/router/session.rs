@@ -1,0 +1,162 @@
+//! Control/Session: the router side of the tunnel (held while its build waits, then bound);
+//! the tunnel itself is in `crate::session`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::field;
+
+use super::base::{placement_refusal, ConnState, Router};
+use super::refs::settled;
+use crate::admission::{Admission, Progress};
+use crate::body::ResponseBody;
+use crate::forward::{self, ForwardError};
+use crate::registry::KeyKind;
+use crate::session;
+
+impl Router {
+    /// Control/Session: answered at once and held by the router (its inner HTTP/2 connection
+    /// to the client keeps the client's timers satisfied) until a Solve names it or the bind
+    /// window places it, then relayed to that backend. The tunnel work is in `session`.
+    pub(super) async fn session(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let Some(uuid) = header(session::UUID_HEADER).filter(|u| !u.is_empty()) else {
+            // buildkitd rejects it with its own error; pass it on untouched.
+            return self.sticky(conn, request).await;
+        };
+        let shared_key = header(session::SHARED_KEY_HEADER).unwrap_or_default();
+        tracing::Span::current()
+            .record("build_ref", field::display(format_args!("session:{uuid}")));
+        let wait = {
+            let router = self.clone();
+            let uuid = uuid.clone();
+            async move {
+                // A Session whose build waits in the queue is held (the relay keeps the
+                // client's inner connection alive) until that build is placed.
+                let held_since = Instant::now();
+                let bind_window = match &router.admission {
+                    Some(admission) => router
+                        .wait_for_queued_owner(admission, &uuid)
+                        .await
+                        .map_err(|(code, message)| session::Refusal { code, message })?,
+                    None => router.settings.session_bind_window,
+                };
+                let held = held_since.elapsed();
+                let mut bound = session::bind(
+                    &router.registry,
+                    &router.pool,
+                    &router.placement,
+                    &uuid,
+                    &shared_key,
+                    bind_window,
+                )
+                .await
+                .map_err(|error| {
+                    let (code, message) =
+                        placement_refusal(&error, &format!("session {uuid}"), &router.pool);
+                    session::Refusal { code, message }
+                })?;
+                if !held.is_zero() && bound.how == session::BindHow::Immediate {
+                    // A Solve bound it while it was held for its queued build.
+                    bound.how = session::BindHow::Solve;
+                    bound.waited += held;
+                }
+                router
+                    .metrics
+                    .session_bind_seconds
+                    .with_label_values(&[bound.how.as_str()])
+                    .observe(bound.waited.as_secs_f64());
+                let pin = router.registry.pin_session(&uuid);
+                Ok(session::Placed {
+                    backend: bound.backend,
+                    keep: Some(Box::new(pin)),
+                })
+            }
+        };
+        let open: session::Open = {
+            let conn = conn.clone();
+            Box::new(move |backend, parts, body| {
+                Box::pin(async move {
+                    conn.used(&backend);
+                    forward::send(&backend, parts, body).await.map_err(|error| {
+                        if let ForwardError::Send { source, .. } = &error {
+                            if !crate::body::is_stream_reset(source) {
+                                backend.mark_unreachable(&source.to_string());
+                            }
+                        }
+                        error.to_string()
+                    })
+                })
+            })
+        };
+        let gauges = session::Gauges {
+            held: self.metrics.sessions.with_label_values(&["held"]),
+            relayed: self.metrics.sessions.with_label_values(&["relayed"]),
+        };
+        session::serve(
+            session::SessionCall {
+                uuid,
+                request,
+                // The tunnel carries whole inner connections: BuildKit's own message limit
+                // applies there, whatever limit the router reads routed calls with.
+                max_message: self
+                    .settings
+                    .max_message_size
+                    .max(session::tunnel::MAX_MESSAGE),
+                gauges,
+            },
+            wait,
+            open,
+        )
+    }
+
+    /// Holds a Session while the build that names it waits in the queue, until that build is
+    /// placed (and binds it). Returns what is left of the bind window for `session::bind`.
+    pub(super) async fn wait_for_queued_owner(
+        &self,
+        admission: &Admission,
+        uuid: &str,
+    ) -> Result<Duration, (u32, String)> {
+        let deadline = Instant::now() + self.settings.session_bind_window;
+        loop {
+            let arrived = admission.arrivals().notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.registry.lookup(KeyKind::Session, uuid).is_some() {
+                return Ok(Duration::ZERO);
+            }
+            if let Some(mut progress) = admission.queued_session(uuid) {
+                if let Progress::Ended { code, message } = settled(&mut progress).await {
+                    return Err((code, message.to_string()));
+                }
+                // Placed: its Solve binds this session right after admission.
+                let _ = self
+                    .registry
+                    .wait_bound(KeyKind::Session, uuid, self.settings.ref_wait)
+                    .await;
+                return Ok(Duration::ZERO);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(remaining);
+            }
+            tokio::select! {
+                _ = self.registry.wait_bound(KeyKind::Session, uuid, remaining) => return Ok(Duration::ZERO),
+                _ = arrived => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Control/Solve: a new build is admitted (queue), placed, bound, and forwarded; its accounting
+//! ends with its answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::base::{
+    error, error_response_invalid, placement_error, unavailable_backend, ConnState, Router,
+};
+use crate::admission::{Admission, Admitted, LeaseGuard, Refusal};
+use crate::body::{CallEnd, EndHook, RequestBody, ResponseBody};
+use crate::forward::code;
+use crate::metrics::Metrics;
+use crate::placement::{BuildTraits, Choice, PlacementError, Reason};
+use crate::pool::Backend;
+use crate::registry::{BuildRecord, KeyKind, Precheck, Registry};
+use crate::wire;
+
+/// How a queued build got its backend.
+pub(super) enum Admit {
+    Admitted(Admitted),
+    /// A session it names was bound by another build while it waited.
+    Pinned(Arc<Backend>),
+}
+
+/// Ends a build's accounting exactly once: when its Solve answer ends, or when the Solve is
+/// dropped unanswered (client cancel before the daemon answered).
+pub(super) struct BuildEnd {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    build_ref: Arc<str>,
+    started: Instant,
+    load: Option<crate::pool::LoadGuard>,
+    /// The build's slot in its tenant's count (queueing on), given back when it ends.
+    _lease: Option<LeaseGuard>,
+    _pins: Vec<crate::registry::Pin>,
+}
+
+impl BuildEnd {
+    pub(super) fn finish(mut self, end: CallEnd) {
+        self.record(end);
+    }
+
+    pub(super) fn record(&mut self, end: CallEnd) {
+        let Some(load) = self.load.take() else { return };
+        let outcome = outcome_of(end);
+        let elapsed = self.started.elapsed();
+        let backend = load.backend().identity();
+        self.metrics
+            .builds_total
+            .with_label_values(&[backend, outcome])
+            .inc();
+        self.metrics
+            .build_duration_seconds
+            .observe(elapsed.as_secs_f64());
+        info!(build_ref = %self.build_ref, backend = %backend, outcome, seconds = elapsed.as_secs_f64(), "build ended");
+        self.registry.end_build(&self.build_ref);
+    }
+}
+
+impl Drop for BuildEnd {
+    fn drop(&mut self) {
+        self.record(CallEnd::Cancelled);
+    }
+}
+
+pub(super) fn outcome_of(end: CallEnd) -> &'static str {
+    match end {
+        CallEnd::Status(0) => "success",
+        CallEnd::Status(1) | CallEnd::Cancelled => "cancelled",
+        CallEnd::Status(_) => "failed",
+    }
+}
+
+impl Router {
+    /// Runs placement over the current snapshot, skipping `excluded` backends.
+    pub(super) fn place(
+        &self,
+        traits: &BuildTraits,
+        excluded: &[Arc<str>],
+    ) -> Result<(Arc<Backend>, Choice), PlacementError> {
+        let snapshot = self.pool.snapshot();
+        if excluded.is_empty() {
+            let choice = self.placement.choose(&snapshot.backends, traits)?;
+            return Ok((snapshot.backends[choice.index].clone(), choice));
+        }
+        let candidates: Vec<Arc<Backend>> = snapshot
+            .backends
+            .iter()
+            .filter(|b| !excluded.contains(b.identity()))
+            .cloned()
+            .collect();
+        let choice = self.placement.choose(&candidates, traits)?;
+        Ok((candidates[choice.index].clone(), choice))
+    }
+
+    /// Waits in the admission queue for a backend with room, or until a session the build
+    /// names is bound by another build (bake targets sharing a context): builds sharing a
+    /// session share a daemon, so that one's backend is taken without waiting further.
+    pub(super) async fn admit(
+        &self,
+        admission: &Arc<Admission>,
+        conn: &ConnState,
+        build_ref: &Arc<str>,
+        sessions: &[&str],
+        traits: &BuildTraits,
+    ) -> Result<Admit, Response<ResponseBody>> {
+        const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+        let tenant = crate::queue::tenant_of(
+            self.settings.tenant_from,
+            conn.identity.as_deref(),
+            traits.key.as_ref(),
+        )
+        .to_owned();
+        let session_ids: Vec<Arc<str>> = sessions.iter().map(|s| Arc::from(*s)).collect();
+        let bound_elsewhere = async {
+            if sessions.is_empty() {
+                return std::future::pending().await;
+            }
+            let waits = sessions
+                .iter()
+                .map(|s| Box::pin(self.registry.wait_bound(KeyKind::Session, s, FOREVER)));
+            match futures_util::future::select_all(waits).await {
+                (Some(backend), _, _) => backend,
+                (None, _, _) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            verdict = admission.admit(build_ref.clone(), &session_ids, &tenant, traits.clone()) => {
+                match verdict {
+                    Ok(admitted) => Ok(Admit::Admitted(admitted)),
+                    Err(Refusal::TimedOut(message)) => {
+                        Err(error(code::RESOURCE_EXHAUSTED, format!("{message} (build {build_ref})")))
+                    }
+                    Err(Refusal::Placement(e)) => {
+                        Err(placement_error(&e, &format!("build {build_ref}"), &self.pool))
+                    }
+                    Err(e @ Refusal::ShuttingDown) => Err(error(code::UNAVAILABLE, e.to_string())),
+                }
+            }
+            backend = bound_elsewhere => Ok(Admit::Pinned(backend)),
+        }
+    }
+
+    pub(super) async fn solve(
+        self: &Arc<Self>,
+        conn: &Arc<ConnState>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let (parts, body, peeked) = match self.peek(request).await {
+            Ok(peeked) => peeked,
+            Err(answer) => return answer,
+        };
+        let solve = match wire::decode_solve(peeked.message()) {
+            Ok(solve) => solve,
+            Err(error) => return error_response_invalid("Control/Solve", &error),
+        };
+        let build_ref: Arc<str> = if solve.build_ref.is_empty() {
+            // buildkitd names such a build itself; give it a private registry key so unrelated
+            // ref-less Solves never share a binding.
+            Arc::from(format!("(unnamed-{:016x})", rand::random::<u64>()))
+        } else {
+            Arc::from(solve.build_ref)
+        };
+        tracing::Span::current().record("build_ref", &*build_ref);
+        let sessions = solve.session_ids();
+        let traits = self.placement.traits_for_solve(&solve);
+
+        // Choose a backend we can reach before binding anything to it, so a dead pod costs a
+        // retry on the next candidate instead of a failed build.
+        let mut excluded: Vec<Arc<str>> = Vec::new();
+        let mut last_failure: Option<(Arc<Backend>, crate::pool::ConnectError)> = None;
+        // With queueing on: the build's slot (load and tenant lease) from admission.
+        let mut admitted: Option<Admitted>;
+        let pinned = |backend| {
+            (
+                backend,
+                Choice {
+                    index: 0,
+                    reason: Reason::PinnedSession,
+                    rank: 0,
+                },
+            )
+        };
+        let (bound, choice) = loop {
+            admitted = None;
+            let (candidate, choice) = match self.registry.precheck(&build_ref, &sessions) {
+                Precheck::Pinned(backend) => pinned(backend),
+                Precheck::Free => match &self.admission {
+                    // buildx's probe build takes milliseconds: it never waits behind full
+                    // daemons, only for a ready one.
+                    Some(admission)
+                        if !(traits.internal && self.pool.snapshot().any_ready().is_some()) =>
+                    {
+                        match self
+                            .admit(admission, conn, &build_ref, &sessions, &traits)
+                            .await
+                        {
+                            Ok(Admit::Admitted(a)) => {
+                                let found = (a.backend.clone(), a.choice);
+                                admitted = Some(a);
+                                found
+                            }
+                            Ok(Admit::Pinned(backend)) => pinned(backend),
+                            Err(answer) => return answer,
+                        }
+                    }
+                    _ => match self.place(&traits, &excluded) {
+                        Ok(found) => found,
+                        Err(error) => {
+                            // Every candidate failed to connect: say which and why.
+                            if let Some((backend, connect_error)) = last_failure {
+                                return unavailable_backend(
+                                    &backend,
+                                    Some(&build_ref),
+                                    connect_error,
+                                );
+                            }
+                            return placement_error(
+                                &error,
+                                &format!("build {build_ref}"),
+                                &self.pool,
+                            );
+                        }
+                    },
+                },
+            };
+            if let Err(error) = candidate.sender().await {
+                // A failed connect ejects the backend (`Backend::sender`), so admission will
+                // not choose it again; without the queue it is excluded explicitly.
+                let retry = choice.reason != Reason::PinnedSession
+                    && excluded.len() + 1 < self.settings.connect_attempts;
+                if retry {
+                    warn!(backend = %candidate.identity(), %error, "cannot reach the chosen backend; trying the next candidate");
+                    excluded.push(candidate.identity().clone());
+                    last_failure = Some((candidate, error));
+                    continue;
+                }
+                return unavailable_backend(&candidate, Some(&build_ref), error);
+            }
+            let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
+            let choice = if bound.pinned_by_session {
+                Choice {
+                    reason: Reason::PinnedSession,
+                    ..choice
+                }
+            } else {
+                choice
+            };
+            break (bound, choice);
+        };
+        drop(solve);
+        let backend = bound.backend.clone();
+        let (load, lease) = match admitted {
+            // Counted at admission, on the backend the build is bound to.
+            Some(a) if Arc::ptr_eq(&a.backend, &backend) => (a.load, Some(a.lease)),
+            // A session it names was bound elsewhere meanwhile: builds sharing a session share
+            // a daemon, even one at its cap.
+            Some(a) => (backend.start_build(), Some(a.lease)),
+            None => (backend.start_build(), None),
+        };
+        let started = Instant::now();
+        self.metrics.placement.observe(&choice, &traits);
+        let record = BuildRecord {
+            backend: backend.identity().clone(),
+            started,
+            reason: choice.reason.as_str(),
+            rank: choice.rank,
+            key_source: traits.key_source().as_str(),
+            key_hash: traits.key_hash().map(|h| format!("{h:016x}")),
+            internal: traits.internal,
+        };
+        self.registry.record_build(build_ref.clone(), record);
+        info!(
+            build_ref = %build_ref,
+            backend = %backend.identity(),
+            reason = choice.reason.as_str(),
+            rank = choice.rank,
+            key_source = traits.key_source().as_str(),
+            key = traits.key.as_ref().map(|k| k.text.as_str()),
+            sessions = sessions.len(),
+            internal = traits.internal,
+            "build placed"
+        );
+        // Recorded when the answer ends, or when the client gives up before any answer.
+        let build_end = BuildEnd {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            build_ref: build_ref.clone(),
+            started,
+            load: Some(load),
+            _lease: lease,
+            _pins: bound.pins,
+        };
+        let response = self
+            .forward_to(
+                conn,
+                &backend,
+                Some(&build_ref),
+                parts,
+                RequestBody::prefixed(peeked.buffered, body),
+            )
+            .await;
+        response.map(|body| body.with_hook(EndHook::new(move |end| build_end.finish(end))))
+    }
+}
