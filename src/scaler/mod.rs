@@ -387,3 +387,76 @@ fn parse_peers(args: &ScalerArgs) -> Result<Vec<DnsTarget>, ScalerError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The scaler's flags alone (the router's command line flattens them the same way).
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        scaler: ScalerArgs,
+    }
+
+    fn args(extra: &[&str]) -> ScalerArgs {
+        let mut all = vec!["buildkit-router"];
+        all.extend_from_slice(extra);
+        Flags::try_parse_from(all).expect("flags parse").scaler
+    }
+
+    #[test]
+    fn defaults_leave_the_scaler_off_with_five_minutes_of_idle() {
+        let a = args(&[]);
+        assert!(a.scaler_listen.is_none());
+        assert_eq!(a.scale_to_zero_idle, Duration::from_secs(300));
+        assert!(a.scaler_peers.is_empty());
+    }
+
+    #[test]
+    fn bad_peers_name_the_flag_and_the_reason() {
+        let a = args(&["--scaler-peers", "buildkit-router-peers.buildkit.svc"]);
+        let err = parse_peers(&a).unwrap_err().to_string();
+        assert!(
+            err.contains("--scaler-peers") && err.contains(":port"),
+            "{err}"
+        );
+        let a = args(&["--scaler-peers", "a.svc:6000,10.0.0.7:6000"]);
+        assert_eq!(parse_peers(&a).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn tls_peers_need_a_ca() {
+        let a = args(&[
+            "--scaler-tls-cert",
+            "/c.pem",
+            "--scaler-tls-key",
+            "/k.pem",
+            "--scaler-peers",
+            "peers.svc:6000",
+        ]);
+        assert!(matches!(
+            peer_tls_files(&a, "peers.svc"),
+            Err(ScalerError::PeerCaMissing)
+        ));
+        let a = args(&[
+            "--scaler-tls-cert",
+            "/c.pem",
+            "--scaler-tls-key",
+            "/k.pem",
+            "--scaler-tls-client-ca",
+            "/ca.pem",
+            "--scaler-peer-ca",
+            "/ca.pem",
+            "--scaler-peers",
+            "peers.svc:6000",
+        ]);
+        let files = peer_tls_files(&a, "peers.svc").unwrap();
+        assert_eq!(files.server_name.as_deref(), Some("peers.svc"));
+        assert!(
+            files.cert.is_some(),
+            "with mTLS, peers present the scaler's certificate"
+        );
+    }
+}
