@@ -29,16 +29,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-use super::{parse_peers, peer_tls_files, ScalerArgs, ScalerError, INSTANCE_HEADER, METRIC_NAME};
+use super::api::{INSTANCE_HEADER, METRIC_NAME, SCOPE_KEY, SCOPE_REPLICA};
+use super::args::{parse_peers, peer_tls_files, ScalerArgs, ScalerError};
 use crate::discovery::{DnsTarget, Resolver, SystemResolver};
 use crate::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use crate::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 
-/// `scalerMetadata` key a replica sets when asking a peer for its own figures only
-/// (value `replica`); KEDA never sets it, so KEDA always gets the whole pool.
-pub const SCOPE_KEY: &str = "buildkit-router/scope";
-/// The value of [`SCOPE_KEY`] for one replica's own figures.
-pub const SCOPE_REPLICA: &str = "replica";
 /// How often `--scaler-peers` is re-resolved.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one peer may take to answer `GetMetrics` (KEDA's own call has a deadline).

@@ -15,8 +15,8 @@ use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::peers::{SCOPE_KEY, SCOPE_REPLICA};
-use super::{Scaler, INSTANCE_HEADER, METRIC_NAME};
+use super::api::{INSTANCE_HEADER, METRIC_NAME, SCOPE_KEY, SCOPE_REPLICA};
+use super::state::Scaler;
 use crate::proto::externalscaler::external_scaler_server::{ExternalScaler, ExternalScalerServer};
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
