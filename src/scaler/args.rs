@@ -19,7 +19,7 @@ pub struct ScalerArgs {
     /// Serve the scaler API over TLS with this certificate chain (PEM).
     #[arg(
         long,
-        requires = "scaler_tls_key",
+        requires_all = ["scaler_tls_key", "scaler_listen"],
         env = "BUILDKIT_ROUTER_SCALER_TLS_CERT"
     )]
     pub scaler_tls_cert: Option<PathBuf>,
@@ -49,15 +49,24 @@ pub struct ScalerArgs {
         long,
         value_name = "NAME:PORT",
         value_delimiter = ',',
+        requires = "scaler_listen",
         env = "BUILDKIT_ROUTER_SCALER_PEERS"
     )]
     pub scaler_peers: Vec<String>,
     /// CA (PEM) that signs the peers' scaler certificates; needed with --scaler-tls-cert and
     /// --scaler-peers. With --scaler-tls-client-ca, peers are shown --scaler-tls-cert.
-    #[arg(long, env = "BUILDKIT_ROUTER_SCALER_PEER_CA")]
+    #[arg(
+        long,
+        requires = "scaler_peers",
+        env = "BUILDKIT_ROUTER_SCALER_PEER_CA"
+    )]
     pub scaler_peer_ca: Option<PathBuf>,
     /// Server name verified on the peers' certificates (default: the NAME of --scaler-peers).
-    #[arg(long, env = "BUILDKIT_ROUTER_SCALER_PEER_SERVER_NAME")]
+    #[arg(
+        long,
+        requires = "scaler_peers",
+        env = "BUILDKIT_ROUTER_SCALER_PEER_SERVER_NAME"
+    )]
     pub scaler_peer_server_name: Option<String>,
 }
 
@@ -146,20 +155,43 @@ mod tests {
     }
 
     #[test]
+    fn scaler_flags_without_a_scaler_are_refused() {
+        let mut none = vec!["buildkit-router", "--scaler-peers", "peers.svc:6000"];
+        assert!(
+            Flags::try_parse_from(&none).is_err(),
+            "peers without --scaler-listen"
+        );
+        none.extend(["--scaler-listen", "0.0.0.0:6000"]);
+        assert!(Flags::try_parse_from(&none).is_ok());
+    }
+
+    #[test]
     fn bad_peers_name_the_flag_and_the_reason() {
-        let a = args(&["--scaler-peers", "buildkit-router-peers.buildkit.svc"]);
+        let a = args(&[
+            "--scaler-listen",
+            "0.0.0.0:6000",
+            "--scaler-peers",
+            "buildkit-router-peers.buildkit.svc",
+        ]);
         let err = parse_peers(&a).unwrap_err().to_string();
         assert!(
             err.contains("--scaler-peers") && err.contains(":port"),
             "{err}"
         );
-        let a = args(&["--scaler-peers", "a.svc:6000,10.0.0.7:6000"]);
+        let a = args(&[
+            "--scaler-listen",
+            "0.0.0.0:6000",
+            "--scaler-peers",
+            "a.svc:6000,10.0.0.7:6000",
+        ]);
         assert_eq!(parse_peers(&a).unwrap().len(), 2);
     }
 
     #[test]
     fn tls_peers_need_a_ca() {
         let a = args(&[
+            "--scaler-listen",
+            "0.0.0.0:6000",
             "--scaler-tls-cert",
             "/c.pem",
             "--scaler-tls-key",
@@ -172,6 +204,8 @@ mod tests {
             Err(ScalerError::PeerCaMissing)
         ));
         let a = args(&[
+            "--scaler-listen",
+            "0.0.0.0:6000",
             "--scaler-tls-cert",
             "/c.pem",
             "--scaler-tls-key",
