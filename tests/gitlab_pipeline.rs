@@ -181,14 +181,17 @@ fn the_gitlab_example_builds_pushes_and_reuses_its_cache_through_the_router() {
     // One HOME for both pipelines, as on a GitLab shell runner: the docker CLI config and
     // buildx's builder list (the first job's `router` builder) are still there for the second.
     let home = tempfile::tempdir().expect("runner home");
-    let first = run_pipeline(
-        &peers,
-        repo_path,
-        &router,
-        &registry,
-        shim_dir.path(),
-        home.path(),
-    );
+    let run = || {
+        run_pipeline(
+            &peers,
+            repo_path,
+            &router,
+            &registry,
+            shim_dir.path(),
+            home.path(),
+        )
+    };
+    let first = run();
     assert!(
         !step_cached(&first, "installing dependencies"),
         "a cold pool runs the dependency step:\n{first}"
@@ -208,14 +211,7 @@ fn the_gitlab_example_builds_pushes_and_reuses_its_cache_through_the_router() {
     std::fs::write(repo_path.join("app.txt"), "version 2\n").unwrap();
     git(repo_path, &["commit", "-q", "-am", "second"]);
     let second_sha = short_sha(repo_path);
-    let second = run_pipeline(
-        &peers,
-        repo_path,
-        &router,
-        &registry,
-        shim_dir.path(),
-        home.path(),
-    );
+    let second = run();
     assert!(
         step_cached(&second, "installing dependencies"),
         "the second pipeline's dependency step is CACHED:\n{second}"
