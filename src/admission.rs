@@ -113,6 +113,8 @@ pub struct Admission {
     by_ref: DashMap<Arc<str>, watch::Receiver<Progress>>,
     /// Sessions named by queued builds -> their build's ref.
     sessions: DashMap<Arc<str>, Arc<str>>,
+    /// Builds waiting, after each decision round ([`Admission::queued_changes`]).
+    queued_now: watch::Sender<usize>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -165,6 +167,7 @@ impl Admission {
             arrivals: Notify::new(),
             by_ref: DashMap::new(),
             sessions: DashMap::new(),
+            queued_now: watch::Sender::new(0),
         })
     }
 
@@ -253,6 +256,12 @@ impl Admission {
         self.progress_of(&build_ref)
     }
 
+    /// The number of builds waiting, updated after every decision round (a build pushed,
+    /// admitted, timed out or cancelled): the KEDA scaler reacts to a first queued build at once.
+    pub fn queued_changes(&self) -> watch::Receiver<usize> {
+        self.queued_now.subscribe()
+    }
+
     /// Builds waiting now.
     pub fn queued(&self) -> usize {
         self.lock().len()
@@ -304,6 +313,7 @@ impl Admission {
             }
         }
         self.metrics.set_queued(&[]);
+        self.queued_now.send_replace(0);
     }
 
     /// One decision round, under the lock: admit what fits, end what timed out, tell every
@@ -311,11 +321,17 @@ impl Admission {
     fn dispatch_locked(self: &Arc<Self>, queue: &mut Queue<Waiter>) {
         if queue.is_empty() {
             self.metrics.set_queued(&[]);
+            self.queued_now
+                .send_if_modified(|n| std::mem::replace(n, 0) != 0);
             return;
         }
         let snapshot = self.pool.snapshot();
         let now = Instant::now().into_std();
-        for outcome in queue.dispatch(now, &self.placement, &snapshot.backends) {
+        let outcomes = queue.dispatch(now, &self.placement, &snapshot.backends);
+        // The gauges first: a client told its verdict may read them at once.
+        self.metrics
+            .set_queued(&queue.queued_by_tenant(crate::queue::DEFAULT_TENANT_LABELS));
+        for outcome in outcomes {
             match outcome {
                 Outcome::Admitted {
                     payload,
@@ -400,7 +416,8 @@ impl Admission {
                 changed
             });
         }
-        self.metrics
-            .set_queued(&queue.queued_by_tenant(crate::queue::DEFAULT_TENANT_LABELS));
+        let queued = queue.len();
+        self.queued_now
+            .send_if_modified(|n| std::mem::replace(n, queued) != queued);
     }
 }

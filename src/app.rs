@@ -35,12 +35,16 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    #[error(transparent)]
+    Scaler(#[from] crate::scaler::ScalerError),
 }
 
 /// A running router.
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The KEDA external scaler API, with `--scaler-listen`.
+    pub scaler: Option<crate::scaler::RunningScaler>,
     pub pool: Arc<Pool>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -173,6 +177,18 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
             .run_sweeper(std::time::Duration::from_secs(15)),
     ));
 
+    let scaler = crate::scaler::start(
+        &cfg.scaler,
+        crate::scaler::ScalerParts {
+            pool: pool.clone(),
+            admission: admission.clone(),
+            target_builds_per_backend,
+        },
+        shutdown.clone(),
+        &mut background,
+    )
+    .await?;
+
     let admin = bind(cfg.admin_listen).await?;
     let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.admin_listen,
@@ -213,6 +229,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
     Ok(Running {
         addr,
         admin_addr,
+        scaler,
         pool,
         registry,
         metrics,

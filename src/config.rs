@@ -146,6 +146,8 @@ pub struct RunConfig {
     pub queue: crate::queue::QueueArgs,
     #[command(flatten)]
     pub discovery: crate::discovery::DiscoveryArgs,
+    #[command(flatten)]
+    pub scaler: crate::scaler::ScalerArgs,
 
     /// Builds one backend should run: `desired_backends` = ceil((active + queued) / this).
     /// Never above --max-builds-per-backend: a larger value is lowered to the cap (with a warning).

@@ -24,6 +24,7 @@ pub mod proto;
 pub mod queue;
 pub mod registry;
 pub mod router;
+pub mod scaler;
 pub mod session;
 pub mod status;
 pub mod tls;

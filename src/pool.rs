@@ -183,6 +183,26 @@ struct Backoff {
     last_error: String,
 }
 
+/// How the pool tells others that it changed.
+#[derive(Default)]
+struct PoolEvents {
+    /// One stored permit for the dispatcher ([`Pool::changed`]).
+    room: tokio::sync::Notify,
+    /// A counter bumped on every change and build start ([`Pool::load_changes`]).
+    load: watch::Sender<u64>,
+}
+
+impl PoolEvents {
+    fn fire(&self) {
+        self.room.notify_one();
+        self.bump_load();
+    }
+
+    fn bump_load(&self) {
+        self.load.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
 /// One buildkitd daemon.
 pub struct Backend {
     identity: Arc<str>,
@@ -208,7 +228,7 @@ pub struct Backend {
     platforms: RwLock<Arc<Vec<String>>>,
     settings: Arc<PoolSettings>,
     /// Wakes whoever waits for the pool to change (the admission queue's dispatcher).
-    events: Arc<tokio::sync::Notify>,
+    events: Arc<PoolEvents>,
     sender: Mutex<Option<SendRequest<RequestBody>>>,
     connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Option<Backoff>>,
@@ -237,11 +257,7 @@ impl fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(
-        spec: EndpointSpec,
-        settings: Arc<PoolSettings>,
-        events: Arc<tokio::sync::Notify>,
-    ) -> Self {
+    fn new(spec: EndpointSpec, settings: Arc<PoolSettings>, events: Arc<PoolEvents>) -> Self {
         Self {
             identity_hash: crate::placement::hash::hash_str(&spec.identity),
             identity: spec.identity.into(),
@@ -333,13 +349,15 @@ impl Backend {
     fn set_reported(&self, n: Option<usize>) {
         let n = n.unwrap_or(usize::MAX);
         if self.reported.swap(n, Ordering::Relaxed) != n {
-            self.events.notify_one();
+            self.events.fire();
         }
     }
 
     /// Counts a build from its Solve until the returned guard drops.
     pub fn start_build(self: &Arc<Self>) -> LoadGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        // Only load observers: a started build frees no room for the dispatcher.
+        self.events.bump_load();
         LoadGuard(self.clone())
     }
 
@@ -391,7 +409,7 @@ impl Backend {
             .store(self.settings.health_failures, Ordering::Relaxed);
         if self.healthy.swap(false, Ordering::AcqRel) {
             warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
-            self.events.notify_one();
+            self.events.fire();
             // Probe it again soon, not at the next health interval.
             *self.next_check.lock().expect("check lock") =
                 (Instant::now() + FIRST_PROBE, FIRST_PROBE * 2);
@@ -690,7 +708,7 @@ impl Backend {
                 self.health_failures.store(0, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     info!(backend = %self.identity, "backend passes health checks again; re-admitted");
-                    self.events.notify_one();
+                    self.events.fire();
                 }
             }
             Err(reason) => {
@@ -700,7 +718,7 @@ impl Backend {
                     && self.healthy.swap(false, Ordering::AcqRel)
                 {
                     warn!(backend = %self.identity, %reason, failures, "backend failed its health checks; ejected");
-                    self.events.notify_one();
+                    self.events.fire();
                 } else {
                     debug!(backend = %self.identity, %reason, failures, "backend health check failed");
                 }
@@ -727,7 +745,7 @@ impl LoadGuard {
 impl Drop for LoadGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.0.events.notify_one();
+        self.0.events.fire();
     }
 }
 
@@ -810,7 +828,7 @@ pub struct Pool {
     snapshot: RwLock<Arc<Snapshot>>,
     settings: Arc<PoolSettings>,
     synced: watch::Sender<bool>,
-    events: Arc<tokio::sync::Notify>,
+    events: Arc<PoolEvents>,
 }
 
 impl fmt::Debug for Pool {
@@ -827,7 +845,7 @@ impl Pool {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             settings: Arc::new(settings),
             synced: watch::Sender::new(false),
-            events: Arc::new(tokio::sync::Notify::new()),
+            events: Arc::new(PoolEvents::default()),
         })
     }
 
@@ -835,7 +853,13 @@ impl Pool {
     /// a backend added, removed, ejected or re-admitted, a build ended, a daemon's report of its
     /// running builds changed. For one waiter: the admission queue's dispatcher.
     pub fn changed(&self) -> &tokio::sync::Notify {
-        &self.events
+        &self.events.room
+    }
+
+    /// Changes whenever [`Pool::changed`] fires or a build starts: for any number of observers
+    /// of the pool's load (the KEDA scaler), which must not take the dispatcher's permit.
+    pub fn load_changes(&self) -> watch::Receiver<u64> {
+        self.events.load.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -890,7 +914,7 @@ impl Pool {
             .map(|(i, b)| (b.identity.clone(), i))
             .collect();
         *guard = Arc::new(Snapshot { backends, index });
-        self.events.notify_one();
+        self.events.fire();
     }
 
     fn upsert(&self, backends: &mut Vec<Arc<Backend>>, spec: EndpointSpec) {

@@ -70,7 +70,20 @@ fn router_flags() -> Vec<String> {
 }
 
 /// Overlays that must exist (more may; every directory under deploy/overlays is rendered).
-const REQUIRED_OVERLAYS: &[&str] = &["privileged", "mtls", "hpa", "keda", "monitoring"];
+const REQUIRED_OVERLAYS: &[&str] = &[
+    "privileged",
+    "mtls",
+    "hpa",
+    "keda",
+    "keda-scale-to-zero",
+    "monitoring",
+];
+
+/// Names an autoscaler may be given besides the router's own metrics: the demand the KEDA
+/// scaler serves (and the prometheus-adapter rule that computes the same from Prometheus).
+fn is_demand_metric(name: &str) -> bool {
+    name == buildkit_router::scaler::METRIC_NAME
+}
 
 /// Files cert-manager writes into a Certificate's Secret.
 const CERT_MANAGER_KEYS: &[&str] = &["tls.crt", "tls.key", "ca.crt"];
@@ -958,9 +971,25 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
                 };
                 let metric = source["metric"]["name"].as_str().unwrap_or_default();
                 assert!(
-                    ROUTER_METRICS.iter().any(|(n, _)| *n == metric),
-                    "{v}: {what}: {metric} is not a router metric"
+                    ROUTER_METRICS.iter().any(|(n, _)| *n == metric) || is_demand_metric(metric),
+                    "{v}: {what}: {metric} is neither a router metric nor the demand metric"
                 );
+                if is_demand_metric(metric) {
+                    let target = &source["target"];
+                    assert_eq!(target["type"], "AverageValue", "{v}: {what}: demand target");
+                    let per_builder: u64 = target["averageValue"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let flags = &p.router_flags;
+                    let router_target: u64 = one_flag(flags, "--target-builds-per-backend", v)
+                        .parse()
+                        .expect("a number");
+                    assert_eq!(
+                        per_builder, router_target,
+                        "{v}: {what}: builds per builder must equal --target-builds-per-backend"
+                    );
+                }
                 // The metric must be served by a prometheus-adapter rule shipped alongside.
                 let served = of_kind(&r.objects, "ConfigMap").any(|cm| {
                     string_map(&cm["data"]).values().any(|cfg| {
@@ -993,7 +1022,20 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
                 .iter()
                 .filter(|t| t["type"] == "prometheus")
                 .collect();
-            assert!(!prom.is_empty(), "{v}: {what}: no prometheus trigger");
+            let push: Vec<&Value> = triggers
+                .iter()
+                .filter(|t| t["type"] == "external-push" || t["type"] == "external")
+                .collect();
+            assert!(
+                !prom.is_empty() || !push.is_empty(),
+                "{v}: {what}: neither a prometheus nor an external(-push) trigger"
+            );
+            for t in push {
+                check_external_scaler_trigger(r, &p, t, &what);
+            }
+            if so["spec"]["minReplicaCount"].as_u64() == Some(0) {
+                check_scale_to_zero(r, &p, so, &what);
+            }
             for t in prom {
                 let query = t["metadata"]["query"].as_str().unwrap_or_default();
                 let used = check_metric_names(query, &format!("{v}: {what}"));
@@ -1032,11 +1074,27 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
                 "{v}: autoscaled StatefulSet still sets spec.replicas"
             );
         }
-        // Every prometheus-adapter rule uses only real metric names.
+        // Every prometheus-adapter rule queries only real metric names; the names it serves
+        // (`as:`) are router metrics or the demand metric.
         for cm in of_kind(&r.objects, "ConfigMap") {
             for (key, text) in string_map(&cm["data"]) {
                 if text.contains("Rules") || text.contains("rules:") {
-                    check_metric_names(&text, &format!("{v}: ConfigMap {}/{key}", name(cm)));
+                    let (aliases, queries): (Vec<&str>, Vec<&str>) = text
+                        .lines()
+                        .partition(|l| l.trim_start().starts_with("as:"));
+                    check_metric_names(
+                        &queries.join("\n"),
+                        &format!("{v}: ConfigMap {}/{key}", name(cm)),
+                    );
+                    for alias in aliases {
+                        let alias = alias.trim_start()["as:".len()..].trim().trim_matches('"');
+                        assert!(
+                            ROUTER_METRICS.iter().any(|(n, _)| *n == alias)
+                                || is_demand_metric(alias),
+                            "{v}: ConfigMap {}: rule serves unknown metric {alias}",
+                            name(cm)
+                        );
+                    }
                 }
             }
         }
@@ -1045,6 +1103,140 @@ fn autoscalers_target_the_statefulset_with_real_metrics() {
         assert!(saw_hpa, "no variant has an HPA");
         assert!(saw_keda, "no variant has a KEDA ScaledObject");
     }
+}
+
+/// The Service named by `host:port` (`name.namespace.svc[.cluster.local][.]`), and the router
+/// container port its `port` leads to.
+fn router_service_port(r: &Rendered, p: &Pool, address: &str, what: &str) -> (Value, u64) {
+    let v = &r.name;
+    let (host, port) = address
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{v}: {what}: {address:?} is not host:port"));
+    let port: u64 = port.parse().expect("port number");
+    let mut parts = host.trim_end_matches('.').split('.');
+    let (svc, ns) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let rest: Vec<&str> = parts.collect();
+    assert!(
+        rest == ["svc"] || rest == ["svc", "cluster", "local"],
+        "{v}: {what}: {host} is not a Service DNS name"
+    );
+    let service = find(&r.objects, "Service", ns, svc)
+        .unwrap_or_else(|| panic!("{v}: {what}: {host} names no rendered Service"));
+    assert!(
+        selects(&string_map(&service["spec"]["selector"]), &p.router_labels),
+        "{v}: {what}: Service {svc} does not select the router pods"
+    );
+    let sp = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|sp| sp["port"].as_u64() == Some(port))
+        .unwrap_or_else(|| panic!("{v}: {what}: Service {svc} has no port {port}"));
+    let target = sp.get("targetPort").unwrap_or(&sp["port"]);
+    (
+        service.clone(),
+        container_port(p.router_container, target, v),
+    )
+}
+
+/// An `external-push` trigger reaches the router's scaler API: its scalerAddress is a Service
+/// selecting the router pods whose port leads to `--scaler-listen`.
+fn check_external_scaler_trigger(r: &Rendered, p: &Pool, trigger: &Value, what: &str) {
+    let v = &r.name;
+    let address = trigger["metadata"]["scalerAddress"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}: {what}: external trigger without scalerAddress"));
+    let listen = port_of_addr(one_flag(&p.router_flags, "--scaler-listen", v));
+    let (_, container) = router_service_port(r, p, address, what);
+    assert_eq!(
+        container, listen,
+        "{v}: {what}: scalerAddress leads to container port {container}, the router's scaler listens on {listen}"
+    );
+    // Several replicas answer for each other: --scaler-peers names a headless Service over the
+    // router pods, on the scaler port.
+    if p.router["spec"]["replicas"].as_u64().unwrap_or(1) > 1 {
+        let peers = one_flag(&p.router_flags, "--scaler-peers", v);
+        let (service, container) = router_service_port(r, p, peers, "--scaler-peers");
+        assert_eq!(
+            service["spec"]["clusterIP"], "None",
+            "{v}: --scaler-peers must name a headless Service (one address per replica)"
+        );
+        assert_eq!(container, listen, "{v}: --scaler-peers port");
+    }
+    // KEDA's operator (namespace keda) may reach the scaler port.
+    let scaler_port = Value::from(listen);
+    let open_to_keda = of_kind(&r.objects, "NetworkPolicy").any(|np| {
+        selects(
+            &match_labels(&np["spec"]["podSelector"], v),
+            &p.router_labels,
+        ) && np["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                let port_ok = rule["ports"].as_array().into_iter().flatten().any(|rp| {
+                    container_port(p.router_container, &rp["port"], v) == listen
+                        || rp["port"] == scaler_port
+                });
+                let keda = rule["from"].as_array().into_iter().flatten().any(|f| {
+                    string_map(&f["namespaceSelector"]["matchLabels"])
+                        .get("kubernetes.io/metadata.name")
+                        .is_some_and(|n| n == "keda")
+                });
+                port_ok && keda
+            })
+    });
+    assert!(
+        open_to_keda,
+        "{v}: {what}: no NetworkPolicy lets KEDA (namespace keda) reach the scaler port"
+    );
+}
+
+/// A pool that may scale to zero: the router queues builds and answers buildx with no builder,
+/// KEDA is pushed by the router, scale-down is slow, and a removed builder finishes its builds.
+fn check_scale_to_zero(r: &Rendered, p: &Pool, so: &Value, what: &str) {
+    let v = &r.name;
+    let flags = &p.router_flags;
+    assert!(
+        flags
+            .get("--queue")
+            .is_none_or(|vals| vals.iter().all(|q| q != "off")),
+        "{v}: {what}: scale to zero needs the router's queue on"
+    );
+    assert!(
+        flags.contains_key("--default-platforms") || flags.contains_key("--state-dir"),
+        "{v}: {what}: a router over zero builders needs --default-platforms or --state-dir for buildx"
+    );
+    assert!(
+        so["spec"]["triggers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["type"] == "external-push"),
+        "{v}: {what}: scale from zero should be pushed by the router (external-push)"
+    );
+    let timeout = seconds(one_flag(flags, "--queue-timeout", v));
+    assert!(
+        timeout >= 600,
+        "{v}: {what}: --queue-timeout must outlast a cold start"
+    );
+    let down = &so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"];
+    assert!(
+        down["stabilizationWindowSeconds"].as_u64().unwrap_or(0) >= 300,
+        "{v}: {what}: scale-down must be slow (stabilizationWindowSeconds >= 300)"
+    );
+    let spec = &p.statefulset["spec"]["template"]["spec"];
+    assert!(
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) >= 600,
+        "{v}: {what}: a removed builder needs a grace period for its running builds"
+    );
+    assert!(
+        p.buildkitd["lifecycle"]["preStop"].is_object(),
+        "{v}: {what}: buildkitd needs a preStop that waits for running builds"
+    );
 }
 
 #[test]
@@ -1107,6 +1299,7 @@ fn monitoring_scrapes_the_admin_port_and_dashboard_uses_real_metrics() {
                     "buildkit_router_requests_total",
                     "buildkit_router_backends",
                     "buildkit_router_desired_backends",
+                    "buildkit_router_queue_wait_seconds_bucket",
                 ] {
                     assert!(
                         used.contains(needed),

@@ -2,13 +2,20 @@
 //! follows additions and removals, a failed lookup keeps the last set, and the first answer (even
 //! an empty one) makes the pool synced.
 
+#[path = "support/dns.rs"]
+#[allow(dead_code)]
+mod dns;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use buildkit_router::discovery::{self, DiscoveryMetrics, DnsSource, DnsTarget, Resolver, Source};
+use buildkit_router::discovery::{
+    self, DiscoveryMetrics, DnsSource, DnsTarget, Resolver, Source, SystemResolver,
+};
 use buildkit_router::pool::{Pool, PoolSettings, PoolUpdate};
+use dns::{Behaviour, DnsServer};
 use tokio::sync::{mpsc, watch};
 
 /// Answers what the test says; counts lookups so the test can wait for one to happen.
@@ -97,16 +104,7 @@ impl Harness {
             .await
             .expect("no discovery update")
             .expect("discovery ended");
-        let described = match &update {
-            PoolUpdate::Reset(specs) => {
-                let mut ids: Vec<_> = specs.iter().map(|s| s.identity.clone()).collect();
-                ids.sort();
-                format!("reset {}", ids.join(" "))
-            }
-            PoolUpdate::Add(s) => format!("add {}", s.identity),
-            PoolUpdate::Update(s) => format!("update {}", s.identity),
-            PoolUpdate::Remove(id) => format!("remove {id}"),
-        };
+        let described = describe(&update);
         self.pool.apply(update);
         described
     }
@@ -213,7 +211,8 @@ async fn the_system_resolver_finds_localhost() {
         "localhost:1234".parse().unwrap(),
         Duration::from_secs(60),
         None,
-    );
+    )
+    .unwrap();
     discovery::spawn(vec![Source::Dns(source)], tx, DiscoveryMetrics::new()).unwrap();
     let update = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
@@ -231,4 +230,68 @@ async fn the_system_resolver_finds_localhost() {
         );
         assert_eq!(spec.address.port, 1234);
     }
+}
+
+/// Real DNS over UDP: NXDOMAIN and an empty answer mean zero backends (a headless Service
+/// scaled to zero); SERVFAIL and a timeout keep the last set (a DNS outage must not empty the
+/// pool).
+#[tokio::test]
+async fn nxdomain_and_no_records_mean_zero_backends_but_servfail_and_timeouts_keep_the_set() {
+    let mut server = DnsServer::start(Behaviour::Addresses(vec![
+        "10.0.0.1".parse().unwrap(),
+        "10.0.0.2".parse().unwrap(),
+    ]))
+    .await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let metrics = DiscoveryMetrics::new();
+    let source = DnsSource {
+        target: "buildkitd.ci.svc.cluster.local:1234".parse().unwrap(),
+        interval: Duration::from_millis(50),
+        resolver: Arc::new(SystemResolver::with_name_servers(
+            &[server.addr],
+            Duration::from_millis(300),
+        )),
+        tls: None,
+    };
+    discovery::spawn(vec![Source::Dns(source)], tx, metrics.clone()).unwrap();
+    assert_eq!(recv(&mut rx).await, "reset 10.0.0.1:1234 10.0.0.2:1234");
+
+    server.answer(Behaviour::ServFail).await;
+    assert!(rx.try_recv().is_err(), "SERVFAIL keeps the last set");
+    server.answer(Behaviour::Silent).await;
+    assert!(rx.try_recv().is_err(), "a timeout keeps the last set");
+    assert!(metrics.errors_count("dns") >= 2, "failures are counted");
+
+    server.answer(Behaviour::NxDomain).await;
+    let mut gone = vec![recv(&mut rx).await, recv(&mut rx).await];
+    gone.sort();
+    assert_eq!(gone, ["remove 10.0.0.1:1234", "remove 10.0.0.2:1234"]);
+
+    server
+        .answer(Behaviour::Addresses(vec!["10.0.0.3".parse().unwrap()]))
+        .await;
+    assert_eq!(recv(&mut rx).await, "add 10.0.0.3:1234");
+    server.answer(Behaviour::NoRecords).await;
+    assert_eq!(recv(&mut rx).await, "remove 10.0.0.3:1234");
+}
+
+fn describe(update: &PoolUpdate) -> String {
+    match update {
+        PoolUpdate::Reset(specs) => {
+            let mut ids: Vec<_> = specs.iter().map(|s| s.identity.clone()).collect();
+            ids.sort();
+            format!("reset {}", ids.join(" "))
+        }
+        PoolUpdate::Add(s) => format!("add {}", s.identity),
+        PoolUpdate::Update(s) => format!("update {}", s.identity),
+        PoolUpdate::Remove(id) => format!("remove {id}"),
+    }
+}
+
+async fn recv(rx: &mut mpsc::Receiver<PoolUpdate>) -> String {
+    let update = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("no discovery update")
+        .expect("discovery ended");
+    describe(&update)
 }

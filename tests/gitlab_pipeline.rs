@@ -46,10 +46,8 @@ fn run_pipeline(
     router: &RouterProcess,
     registry: &DockerRegistry,
     shim_dir: &Path,
+    home: &Path,
 ) -> String {
-    // A fresh job environment each time, as a CI job container is: the docker CLI config and
-    // buildx's builder list live in $HOME.
-    let home = tempfile::tempdir().expect("job home");
     let path = format!(
         "{}:{}:{}",
         shim_dir.display(),
@@ -68,7 +66,7 @@ fn run_pipeline(
         .args(["--variable", "CI_REGISTRY_USER=gitlab-ci-token"])
         .args(["--variable", "CI_REGISTRY_PASSWORD=job-token"])
         .current_dir(repo)
-        .env("HOME", home.path())
+        .env("HOME", home)
         .env("PATH", path)
         .env("BUILDKIT_PROGRESS", "plain")
         .env("BUILDX_NO_DEFAULT_ATTESTATIONS", "1")
@@ -180,7 +178,20 @@ fn the_gitlab_example_builds_pushes_and_reuses_its_cache_through_the_router() {
     };
     let first_sha = short_sha(repo_path);
 
-    let first = run_pipeline(&peers, repo_path, &router, &registry, shim_dir.path());
+    // One HOME for both pipelines, as on a GitLab shell runner: the docker CLI config and
+    // buildx's builder list (the first job's `router` builder) are still there for the second.
+    let home = tempfile::tempdir().expect("runner home");
+    let run = || {
+        run_pipeline(
+            &peers,
+            repo_path,
+            &router,
+            &registry,
+            shim_dir.path(),
+            home.path(),
+        )
+    };
+    let first = run();
     assert!(
         !step_cached(&first, "installing dependencies"),
         "a cold pool runs the dependency step:\n{first}"
@@ -200,7 +211,7 @@ fn the_gitlab_example_builds_pushes_and_reuses_its_cache_through_the_router() {
     std::fs::write(repo_path.join("app.txt"), "version 2\n").unwrap();
     git(repo_path, &["commit", "-q", "-am", "second"]);
     let second_sha = short_sha(repo_path);
-    let second = run_pipeline(&peers, repo_path, &router, &registry, shim_dir.path());
+    let second = run();
     assert!(
         step_cached(&second, "installing dependencies"),
         "the second pipeline's dependency step is CACHED:\n{second}"

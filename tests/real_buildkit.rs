@@ -895,6 +895,66 @@ async fn builds_held_while_the_pool_is_empty_complete_when_a_daemon_starts() {
     );
 }
 
+/// KEDA's view of a real build on a pool scaled to zero: the router binary discovers daemons
+/// through DNS (a DNS server on 127.0.0.1 answering NXDOMAIN: no daemon), a real buildctl build
+/// waits in its queue, a KEDA-like client is pushed `true` and counts the build, a real daemon
+/// then "starts" (the name resolves to it), the build completes, and after the idle time the
+/// push goes `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_is_pushed_when_a_real_build_waits_on_an_empty_pool() {
+    use support::dns::{Behaviour, DnsServer};
+    use support::keda::{next_push, Keda};
+    let _serial = SERIAL.lock().await;
+    let Some(peers) = Peers::require() else {
+        return;
+    };
+    let dns = DnsServer::start(Behaviour::NxDomain).await;
+    let daemon = tokio::task::block_in_place(|| Daemon::start(&peers, "woken"));
+    let scaler: std::net::SocketAddr = format!("127.0.0.1:{}", support::real::free_port())
+        .parse()
+        .unwrap();
+    let args = [
+        format!("--dns=buildkitd.test:{}", daemon.addr.port()),
+        format!("--dns-server={}", dns.addr),
+        "--dns-interval=200ms".to_owned(),
+        format!("--scaler-listen={scaler}"),
+        "--scale-to-zero-idle=2s".to_owned(),
+    ];
+    let router = tokio::task::block_in_place(|| RouterProcess::start_urls(&[], &args, 0));
+    let mut keda = Keda::connect(scaler).await;
+    let mut stream = keda.stream().await;
+    assert!(!next_push(&mut stream).await, "an idle pool is inactive");
+    assert_eq!(keda.metric().await, 0);
+
+    let clients = Clients::new(&peers);
+    let ctx = Context::new(&peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let router_url = router.url();
+    let args = ["--opt", "build-arg:N=woken", "--output", &dest];
+    let started = std::time::Instant::now();
+    let build = clients.buildctl_build(&router_url, &[], &ctx, &args);
+    let keda_side = async {
+        assert!(next_push(&mut stream).await, "a queued build is pushed");
+        println!(
+            "StreamIsActive pushed true {:?} after buildctl was started",
+            started.elapsed()
+        );
+        assert_eq!(keda.metric().await, 1, "GetMetrics counts the queued build");
+        assert!(keda.is_active().await);
+        // KEDA starts a daemon: the name now resolves to it.
+        dns.set(Behaviour::Addresses(vec!["127.0.0.1".parse().unwrap()]));
+    };
+    let (build, ()) = tokio::join!(build, keda_side);
+    build.assert_ok();
+    assert_eq!(read(out.path().join("out/n")), "n=woken\n");
+    assert!(
+        !next_push(&mut stream).await,
+        "no build for --scale-to-zero-idle: inactive"
+    );
+    assert_eq!(keda.metric().await, 0);
+}
+
 /// A full pool, as the queue issue checks it: two real daemons capped at one build each, four
 /// builds at once from buildctl and buildx. Two wait in the queue (scraped from /metrics while
 /// they wait), show why in their progress, and run as slots free; no daemon ever runs two of

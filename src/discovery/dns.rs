@@ -20,6 +20,10 @@ const SOURCE: &str = "dns";
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves a name to addresses. Injectable so tests need no DNS server.
+///
+/// `Ok` with no addresses means the name has none: the pool has zero backends (a headless
+/// Service scaled to zero answers NXDOMAIN or an empty answer). `Err` means the answer is
+/// unknown (timeout, SERVFAIL, no server reachable): the source keeps its last set.
 pub trait Resolver: Send + Sync + 'static {
     /// Every address of `host`, with `port`.
     fn lookup<'a>(
@@ -29,10 +33,123 @@ pub trait Resolver: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
 }
 
-/// The system resolver (`getaddrinfo` through [`tokio::net::lookup_host`]): honours
-/// `/etc/resolv.conf` search domains and `/etc/hosts`, returns A and AAAA records.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemResolver;
+/// A stub resolver that tells "no such name" and "no records" (an answer: zero addresses) from
+/// a failure (timeout, SERVFAIL, REFUSED), which `getaddrinfo` reports alike (hickory-resolver).
+/// It asks A and AAAA, honours `/etc/resolv.conf` (name servers, search domains, `ndots`) and
+/// `/etc/hosts`, and caches nothing: each lookup is fresh, so a pool scaled to zero is seen at
+/// the next `--dns-interval`.
+pub struct SystemResolver {
+    resolver: hickory_resolver::TokioResolver,
+}
+
+impl std::fmt::Debug for SystemResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemResolver")
+            .field("name_servers", &self.resolver.config().name_servers())
+            .finish()
+    }
+}
+
+/// A resolver's configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the system DNS configuration (/etc/resolv.conf): {0}")]
+pub struct ResolverConfigError(#[source] hickory_resolver::ResolveError);
+
+impl SystemResolver {
+    /// From `/etc/resolv.conf` and `/etc/hosts`.
+    pub fn from_system() -> Result<Self, ResolverConfigError> {
+        let mut builder =
+            hickory_resolver::TokioResolver::builder_tokio().map_err(ResolverConfigError)?;
+        let options = builder.options_mut();
+        *options = builder_options(options.clone(), None);
+        Ok(Self {
+            resolver: builder.build(),
+        })
+    }
+
+    /// Asks only `servers` over UDP, waiting `timeout` for each answer (one attempt). For tests
+    /// and for embedders with their own DNS.
+    pub fn with_name_servers(servers: &[SocketAddr], timeout: Duration) -> Self {
+        use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+        use hickory_resolver::proto::xfer::Protocol;
+        let mut config = ResolverConfig::new();
+        for server in servers {
+            config.add_name_server(NameServerConfig::new(*server, Protocol::Udp));
+        }
+        let mut options = builder_options(ResolverOpts::default(), Some(timeout));
+        options.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+        let resolver = hickory_resolver::TokioResolver::builder_with_config(
+            config,
+            hickory_resolver::name_server::TokioConnectionProvider::default(),
+        )
+        .with_options(options)
+        .build();
+        Self { resolver }
+    }
+
+    async fn lookup_type(
+        &self,
+        host: &str,
+        record_type: hickory_resolver::proto::rr::RecordType,
+    ) -> Answer {
+        match self.resolver.lookup(host, record_type).await {
+            Ok(lookup) => Answer::Addresses(
+                lookup
+                    .iter()
+                    .filter_map(|rdata| match rdata {
+                        hickory_resolver::proto::rr::RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                        hickory_resolver::proto::rr::RData::AAAA(a) => {
+                            Some(std::net::IpAddr::V6(a.0))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(error) => classify(error),
+        }
+    }
+}
+
+/// Options for discovery: no cache (every interval asks afresh), a bounded wait.
+fn builder_options(
+    mut options: hickory_resolver::config::ResolverOpts,
+    timeout: Option<Duration>,
+) -> hickory_resolver::config::ResolverOpts {
+    options.cache_size = 0;
+    if let Some(timeout) = timeout {
+        options.timeout = timeout;
+        options.attempts = 1;
+    }
+    options
+}
+
+/// What one query (A or AAAA) said.
+enum Answer {
+    Addresses(Vec<std::net::IpAddr>),
+    /// NXDOMAIN, or NOERROR with no record of the type: the name has no such address.
+    None,
+    /// No answer that can be trusted: the last set is kept.
+    Failed(hickory_resolver::ResolveError),
+}
+
+fn classify(error: hickory_resolver::ResolveError) -> Answer {
+    use hickory_resolver::proto::op::ResponseCode;
+    use hickory_resolver::proto::ProtoErrorKind;
+    let empty = error.proto().is_some_and(|proto| {
+        matches!(
+            proto.kind(),
+            ProtoErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            }
+        )
+    });
+    if empty {
+        Answer::None
+    } else {
+        Answer::Failed(error)
+    }
+}
 
 impl Resolver for SystemResolver {
     fn lookup<'a>(
@@ -40,7 +157,35 @@ impl Resolver for SystemResolver {
         host: &'a str,
         port: u16,
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+        use hickory_resolver::proto::rr::RecordType;
+        Box::pin(async move {
+            // An address is its own answer (e.g. --scaler-peers 10.0.0.7:6000).
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                return Ok(vec![SocketAddr::new(ip, port)]);
+            }
+            let (v4, v6) = tokio::join!(
+                self.lookup_type(host, RecordType::A),
+                self.lookup_type(host, RecordType::AAAA)
+            );
+            // Addresses from either query count (a failed AAAA on an IPv4 cluster loses
+            // nothing); zero addresses count only when no query failed.
+            let mut addresses = Vec::new();
+            let mut failure = None;
+            for answer in [v4, v6] {
+                match answer {
+                    Answer::Addresses(ips) => addresses.extend(ips),
+                    Answer::None => {}
+                    Answer::Failed(error) => failure = Some(error),
+                }
+            }
+            match failure {
+                Some(error) if addresses.is_empty() => Err(io::Error::other(error)),
+                _ => Ok(addresses
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect()),
+            }
+        })
     }
 }
 
@@ -90,19 +235,24 @@ pub struct DnsSource {
 }
 
 impl DnsSource {
-    /// With the system resolver.
-    pub fn new(target: DnsTarget, interval: Duration, tls: Option<TlsTemplate>) -> Self {
-        Self {
+    /// With the system's DNS configuration ([`SystemResolver::from_system`]).
+    pub fn new(
+        target: DnsTarget,
+        interval: Duration,
+        tls: Option<TlsTemplate>,
+    ) -> Result<Self, ResolverConfigError> {
+        Ok(Self {
             target,
             interval,
-            resolver: Arc::new(SystemResolver),
+            resolver: Arc::new(SystemResolver::from_system()?),
             tls,
-        }
+        })
     }
 }
 
 /// Resolves every interval; reports the set when it changes (and the first answer, even empty).
-/// A failed lookup keeps the last set.
+/// A name with no addresses (NXDOMAIN, no records) is an empty set; a failed lookup (timeout,
+/// SERVFAIL) keeps the last set.
 pub(crate) async fn run(
     source: DnsSource,
     index: usize,

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::pool::{BackendAddress, BackendTls, EndpointSpec, EndpointState, PoolUpdate};
 
-pub use dns::{DnsSource, DnsTarget, Resolver, SystemResolver};
+pub use dns::{DnsSource, DnsTarget, Resolver, ResolverConfigError, SystemResolver};
 pub use kubernetes::{KubernetesSource, PortSelector};
 pub use metrics::DiscoveryMetrics;
 
@@ -42,6 +42,15 @@ pub struct DiscoveryArgs {
     /// How often --dns is re-resolved.
     #[arg(long, value_parser = crate::duration::parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_DNS_INTERVAL")]
     pub dns_interval: Duration,
+    /// Ask these name servers (IP:PORT, UDP; comma-separated or repeated) for --dns instead
+    /// of those in /etc/resolv.conf (whose search domains then do not apply).
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        value_delimiter = ',',
+        env = "BUILDKIT_ROUTER_DNS_SERVER"
+    )]
+    pub dns_server: Vec<std::net::SocketAddr>,
 
     /// Discover backends from the EndpointSlices of this Service ([namespace/]name), watched
     /// through the Kubernetes API (in-cluster service account, or kubeconfig). Needs get, list and
@@ -85,6 +94,9 @@ pub struct DiscoveryArgs {
     pub discovered_backend_tls_server_name: Option<String>,
 }
 
+/// How long one query to a `--dns-server` may take.
+const DNS_SERVER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Why discovery cannot start. Each names the flag to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -94,6 +106,8 @@ pub enum DiscoveryError {
     InvalidDnsTarget { value: String, reason: String },
     #[error("--dns-interval must be more than zero")]
     InvalidDnsInterval,
+    #[error("--dns: {0}")]
+    DnsConfig(#[from] ResolverConfigError),
     #[error("--kubernetes-service {value:?} is not [namespace/]name: {reason}")]
     InvalidKubernetesService { value: String, reason: String },
     #[error("--kubernetes-port {value:?} is neither a port name nor a port number 1-65535")]
@@ -209,11 +223,20 @@ pub async fn run(
                     value: value.clone(),
                     reason,
                 })?;
-        sources.push(Source::Dns(DnsSource::new(
-            target,
-            args.dns_interval,
-            tls.clone(),
-        )));
+        let source = if args.dns_server.is_empty() {
+            DnsSource::new(target, args.dns_interval, tls.clone())?
+        } else {
+            DnsSource {
+                target,
+                interval: args.dns_interval,
+                resolver: std::sync::Arc::new(SystemResolver::with_name_servers(
+                    &args.dns_server,
+                    DNS_SERVER_TIMEOUT,
+                )),
+                tls: tls.clone(),
+            }
+        };
+        sources.push(Source::Dns(source));
     }
     match &args.kubernetes_service {
         Some(value) => {

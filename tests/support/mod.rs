@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod dns;
 pub mod fake_daemon;
+pub mod keda;
 pub mod real;
 pub mod tls;
 pub mod tunnel;
