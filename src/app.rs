@@ -177,6 +177,11 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
             .run_sweeper(std::time::Duration::from_secs(15)),
     ));
 
+    if cfg.scaler.scaler_listen.is_some() && admission.is_none() {
+        tracing::warn!(
+            "--scaler-listen with --queue off: builds sent to an empty pool fail at once instead of waiting, so KEDA can never scale it up from zero"
+        );
+    }
     let scaler = crate::scaler::start(
         &cfg.scaler,
         crate::scaler::ScalerParts {

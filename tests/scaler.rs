@@ -12,7 +12,7 @@ use buildkit_router::app::{self, Running};
 use buildkit_router::config::RunConfig;
 use buildkit_router::proto::externalscaler::{GetMetricsRequest, IsActiveResponse};
 use buildkit_router::scaler::METRIC_NAME;
-use support::client::{BuildOpts, Client};
+use support::client::{BuildOpts, CancelAt, Client};
 use support::dns::{Behaviour, DnsServer};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
 use support::keda::{next_push, Keda};
@@ -149,6 +149,49 @@ async fn keda_scales_from_zero_by_push_and_back_to_zero_after_idle() {
     );
     assert!(!keda.is_active().await);
 
+    router.shutdown.cancel();
+    router.finished().await;
+}
+
+/// A build that waited longer than the idle time and then left without running (its client
+/// gave up): the idle window starts when it left, so the pool is not reported inactive at once
+/// (a scale-up under way is not undone the moment a waiting build is cancelled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_window_starts_when_the_last_build_leaves_the_queue() {
+    let dns = DnsServer::start(Behaviour::NxDomain).await;
+    let idle = Duration::from_millis(400);
+    let router = router(&dns, 1, "127.0.0.1:0".parse().unwrap(), |cfg| {
+        cfg.scaler.scale_to_zero_idle = idle
+    })
+    .await;
+    let mut keda = Keda::connect(scaler_addr(&router)).await;
+    let mut stream = keda.stream().await;
+    assert!(
+        !next_push(&mut stream).await,
+        "an idle pool starts inactive"
+    );
+
+    let client = Client::connect(router.addr).await.expect("connect");
+    let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+    let opts = BuildOpts {
+        cancel: Some(CancelAt::Signal(cancel.clone())),
+        ..BuildOpts::buildctl()
+    };
+    let build = tokio::spawn(async move { client.build(opts).await });
+    assert!(next_push(&mut stream).await, "pushed active");
+    wait_queued(&router, 1).await;
+    // Queued for longer than the idle time, then cancelled (Ctrl-C).
+    tokio::time::sleep(idle * 2).await;
+    cancel.notify_one();
+    wait_queued(&router, 0).await;
+    let left = Instant::now();
+    assert!(!next_push(&mut stream).await, "idle pool reported inactive");
+    let quiet = left.elapsed();
+    assert!(
+        quiet >= idle - Duration::from_millis(100),
+        "reported inactive {quiet:?} after the build left (idle {idle:?})"
+    );
+    assert!(build.await.expect("build task").cancelled);
     router.shutdown.cancel();
     router.finished().await;
 }

@@ -137,6 +137,7 @@ impl Scaler {
         let mut queued = self.admission.as_ref().map(|a| a.queued_changes());
         let mut peers = self.peers.changes();
         let mut last_busy: Option<Instant> = None;
+        let mut was_busy = false;
         loop {
             load.borrow_and_update();
             peers.borrow_and_update();
@@ -148,9 +149,12 @@ impl Scaler {
                 .send_if_modified(|v| std::mem::replace(v, local) != local);
             let busy = local || self.pool_running() > 0 || self.peers.any_busy();
             let now = Instant::now();
-            if busy {
+            // The idle window starts when the last build left (ran, timed out or was
+            // cancelled), not when it was last seen arriving.
+            if busy || was_busy {
                 last_busy = Some(now);
             }
+            was_busy = busy;
             let idle_until = last_busy.map(|at| at + self.idle);
             let active = busy || idle_until.is_some_and(|until| now < until);
             if self
