@@ -95,6 +95,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
     let pool = Pool::new(PoolSettings {
         connect_timeout: cfg.connect_timeout,
         health_interval: cfg.health_interval,
+        health_timeout: cfg.health_timeout,
         health_failures: cfg.health_failures,
         max_builds_per_backend: placement_config.max_builds_per_backend,
         ..PoolSettings::default()

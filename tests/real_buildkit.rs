@@ -622,6 +622,135 @@ async fn a_killed_daemon_fails_only_its_own_builds() {
     }
 }
 
+/// The backend (`tcp://127.0.0.1:P`) the router placed `build_ref` on, from its /status.
+fn placed_on(pool: &Pool, build_ref: &str) -> String {
+    let status = pool.router.status().expect("router /status");
+    status["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["build_ref"].as_str() == Some(build_ref))
+        .and_then(|b| b["backend"].as_str())
+        .unwrap_or_else(|| panic!("build {build_ref} is not in the router's /status: {status}"))
+        .to_owned()
+}
+
+/// A buildkitd frozen with SIGSTOP mid-build (a hung node): the build on it ends with
+/// UNAVAILABLE naming the daemon, the build and the silence, instead of hanging; a build on
+/// another daemon goes on and succeeds; the next build goes elsewhere; after SIGCONT the daemon
+/// rejoins, records the ended build as failed, and takes builds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_daemon_fails_only_its_own_build_and_rejoins_after_sigcont() {
+    let _serial = SERIAL.lock().await;
+    // One build per daemon, so the two builds run on two daemons; health checks every 2 s
+    // (the 2 s timeout and 3 unanswered checks are the defaults).
+    let Some(pool) = Pool::start(3, &["--max-builds-per-backend=1", "--health-interval=2s"]) else {
+        return;
+    };
+    let long = Context::new(&pool.peers, &sleeping_dockerfile(120), &[]);
+    let short = Context::new(&pool.peers, &sleeping_dockerfile(20), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let key = "build-arg:BUILDKIT_ROUTER_KEY=frozen-home";
+    let mut frozen_build =
+        start_sleeping_build(&pool, &long, &out.path().join("f"), &["--opt", key]).await;
+    let mut live_build = start_sleeping_build(&pool, &short, &out.path().join("l"), &[]).await;
+    let victim_url = placed_on(&pool, &frozen_build.build_ref);
+    assert_ne!(victim_url, placed_on(&pool, &live_build.build_ref));
+    let victim = pool
+        .daemons
+        .iter()
+        .position(|d| d.url() == victim_url)
+        .expect("the victim is one of the daemons");
+
+    let frozen_at = std::time::Instant::now();
+    pool.daemons[victim].freeze();
+    let status = tokio::time::timeout(Duration::from_secs(60), frozen_build.child.wait())
+        .await
+        .expect("the build on the frozen daemon does not hang")
+        .unwrap();
+    let waited = frozen_at.elapsed();
+    let stderr = frozen_build.stderr.await.unwrap();
+    eprintln!(
+        "the frozen daemon's build ended after {waited:?} with: {:?}",
+        stderr.lines().rfind(|l| l.contains("error"))
+    );
+    assert!(!status.success());
+    let victim_addr = pool.daemons[victim].addr.to_string();
+    for part in [
+        "Unavailable",
+        victim_addr.as_str(),
+        frozen_build.build_ref.as_str(),
+        "stopped answering health checks for",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing from:\n{stderr}");
+    }
+
+    // The other daemon's build goes on to the end.
+    let status = tokio::time::timeout(Duration::from_secs(120), live_build.child.wait())
+        .await
+        .expect("the live build finishes")
+        .unwrap();
+    let live_stderr = live_build.stderr.await.unwrap();
+    assert!(status.success(), "{live_stderr}");
+    assert_eq!(read(out.path().join("l/out/done")), "done\n");
+
+    // The next build goes to a live daemon, at once.
+    let ok = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let (o, next) = pool
+        .buildctl_build(&ok, &out.path().join("next"), &["--opt", key])
+        .await;
+    o.assert_ok();
+    // (The frozen daemon is never asked: it would not answer.)
+    let on_live = {
+        let mut found = 0;
+        for (i, d) in pool.daemons.iter().enumerate() {
+            if i != victim
+                && pool
+                    .clients
+                    .histories(d)
+                    .await
+                    .iter()
+                    .any(|h| h.build_ref == next)
+            {
+                found += 1;
+            }
+        }
+        found
+    };
+    assert_eq!(on_live, 1, "the next build ran on a live daemon");
+
+    // SIGCONT: the daemon rejoins within the 2 s probe backoff.
+    pool.daemons[victim].thaw();
+    pool.router.wait_ready(3);
+    // It records the build the router ended as failed: its client's connection went away.
+    let record = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let h = pool.clients.histories(&pool.daemons[victim]).await;
+            if let Some(r) = h
+                .into_iter()
+                .find(|r| r.build_ref == frozen_build.build_ref && r.completed)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the thawed daemon ends the frozen build");
+    eprintln!("the thawed daemon's record of the frozen build: {record:?}");
+    assert!(record.error_code.is_some(), "{record:?}");
+    // Its key's home is the thawed daemon again.
+    let (o, home) = pool
+        .buildctl_build(&ok, &out.path().join("home"), &["--opt", key])
+        .await;
+    o.assert_ok();
+    assert_eq!(
+        pool.holder(&home).await,
+        victim,
+        "the thawed daemon takes builds again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mtls_from_buildctl_and_buildx() {
     use support::tls::TestPki;

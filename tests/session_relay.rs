@@ -8,24 +8,11 @@ mod support;
 
 use std::time::Duration;
 
-use buildkit_router::app::{self, Running};
-use buildkit_router::config::RunConfig;
+use buildkit_router::app::Running;
 use support::client::{BuildOpts, CancelAt, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::router_over;
 use tonic::Code;
-
-async fn router_over(daemons: &[&FakeDaemon], tweak: impl FnOnce(&mut RunConfig)) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut cfg = RunConfig::for_tests();
-    cfg.backends = daemons.iter().map(|d| d.url()).collect();
-    tweak(&mut cfg);
-    let running = app::start(cfg).await.expect("router starts");
-    running.pool.wait_synced().await;
-    running
-}
 
 fn sessions(router: &Running, phase: &str) -> i64 {
     router.metrics.sessions.with_label_values(&[phase]).get()

@@ -304,6 +304,15 @@ fn daemon_status(
     match end {
         ReadEnd::Trailers(trailers) => trailers.clone(),
         ReadEnd::Lost(why) => {
+            if let Some(reason) = backend.dead_reason() {
+                // The router ended the connection of a backend declared dead.
+                return status_trailers(
+                    code::UNAVAILABLE,
+                    &format!(
+                        "buildkit-router: buildkitd backend {label} is unavailable for session {uuid}: {reason}"
+                    ),
+                );
+            }
             crate::body::ConnectionHealth::connection_failed(backend, why);
             warn!(error = %why, "lost the backend during the session");
             status_trailers(
