@@ -155,6 +155,8 @@ pub struct Counters {
     sessions: Mutex<HashMap<String, SessionInfo>>,
     cancelled_refs: Mutex<Vec<String>>,
     completed_refs: Mutex<Vec<String>>,
+    /// Builds whose Solve failed, with the error.
+    failed_refs: Mutex<Vec<(String, String)>>,
     bytes_uploaded: AtomicU64,
     bytes_exported: AtomicU64,
     cancels: AtomicU64,
@@ -273,6 +275,11 @@ impl Counters {
     }
 
     /// Refs of Solves that completed successfully.
+    /// Builds whose Solve failed (not cancelled), with the error message.
+    pub fn failed_refs(&self) -> Vec<(String, String)> {
+        self.failed_refs.lock().unwrap().clone()
+    }
+
     pub fn completed_refs(&self) -> Vec<String> {
         self.completed_refs.lock().unwrap().clone()
     }
@@ -829,6 +836,13 @@ impl Control for ControlSvc {
             armed: true,
         };
         let result = or_killed(&state, run_solve(&state, &job, &req)).await;
+        if result.is_err() {
+            // grpc-go's reader goroutine cancels a handler's context the moment it reads the
+            // stream's RST_STREAM, before it reads any later frame. hyper only notices a reset
+            // when the handler's future is pending: give a reset that arrived before whatever
+            // failed the build (e.g. the session's end) its precedence, as buildkitd would.
+            tokio::task::yield_now().await;
+        }
         guard.armed = false;
         match &result {
             Ok(_) => {
@@ -843,6 +857,12 @@ impl Control for ControlSvc {
             Err(e) => {
                 job.phase
                     .send_replace(Phase::Failed(e.message().to_string()));
+                state
+                    .counters
+                    .failed_refs
+                    .lock()
+                    .unwrap()
+                    .push((build_ref.clone(), e.message().to_string()));
             }
         }
         let _ = state
