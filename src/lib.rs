@@ -14,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod duration;
 pub mod forward;
+pub mod fuzzing;
 pub mod grpc;
 pub mod listener;
 pub mod metrics;

@@ -93,7 +93,7 @@ pub(crate) fn client_builder() -> h2::client::Builder {
 }
 
 /// The router's inner HTTP/2 server toward the daemon.
-fn server_builder() -> h2::server::Builder {
+pub(crate) fn server_builder() -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(INNER_STREAM_WINDOW)
