@@ -182,6 +182,8 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         max_connections: cfg.max_connections,
         max_concurrent_streams: cfg.max_concurrent_streams,
         max_header_list_size: cfg.max_header_list_size,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        tls_handshake_timeout: cfg.handshake_timeout,
         ..Limits::default()
     };
     let server = Server::new(

@@ -99,6 +99,18 @@ pub struct RunConfig {
     /// Most client connections served at once; further connections wait in the accept queue.
     #[arg(long, default_value_t = 4096, env = "BUILDKIT_ROUTER_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Most client connections served at once from one IP address (0: no limit). Connections
+    /// past it are closed at once. Off by default: CI runners behind one NAT share an address.
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "BUILDKIT_ROUTER_MAX_CONNECTIONS_PER_IP"
+    )]
+    pub max_connections_per_ip: usize,
+    /// How long a client gets for its TLS handshake, for its HTTP/2 preface and first frame,
+    /// and to finish a header block it began; past it the connection is closed (slowloris).
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "BUILDKIT_ROUTER_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Duration,
     /// Most concurrent HTTP/2 streams per client connection.
     #[arg(
         long,
