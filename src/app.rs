@@ -99,6 +99,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
     let pool = Pool::new(PoolSettings {
         connect_timeout: cfg.connect_timeout,
         health_interval: cfg.health_interval,
+        health_timeout: cfg.health_timeout,
         health_failures: cfg.health_failures,
         max_builds_per_backend: placement_config.max_builds_per_backend,
         ..PoolSettings::default()
@@ -216,6 +217,8 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         max_connections: cfg.max_connections,
         max_concurrent_streams: cfg.max_concurrent_streams,
         max_header_list_size: cfg.max_header_list_size,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        tls_handshake_timeout: cfg.handshake_timeout,
         ..Limits::default()
     };
     let server = Server::new(

@@ -162,6 +162,12 @@ impl fmt::Debug for EndHook {
 /// until a health check passes again (passive ejection).
 pub trait ConnectionHealth: Send + Sync {
     fn connection_failed(&self, reason: &str);
+
+    /// Why the backend was declared dead (it stopped answering health checks), if it was: the
+    /// router then ended its connections on purpose, and this is what clients are told.
+    fn dead_reason(&self) -> Option<std::sync::Arc<str>> {
+        None
+    }
 }
 
 /// Names the backend and build in the error a client gets when a backend dies mid-stream.
@@ -183,6 +189,18 @@ impl fmt::Debug for StreamContext {
 
 impl StreamContext {
     fn lost_message(&self, error: &hyper::Error) -> String {
+        if let Some(reason) = self.health.as_ref().and_then(|h| h.dead_reason()) {
+            return match &self.build_ref {
+                Some(r) => format!(
+                    "buildkit-router: buildkitd backend {} is unavailable for build {r}: {reason}",
+                    self.backend
+                ),
+                None => format!(
+                    "buildkit-router: buildkitd backend {} is unavailable: {reason}",
+                    self.backend
+                ),
+            };
+        }
         match &self.build_ref {
             Some(r) => format!(
                 "buildkit-router: lost buildkitd backend {} during build {r}: {error}",

@@ -99,6 +99,18 @@ pub struct RunConfig {
     /// Most client connections served at once; further connections wait in the accept queue.
     #[arg(long, default_value_t = 4096, env = "BUILDKIT_ROUTER_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Most client connections served at once from one IP address (0: no limit). Connections
+    /// past it are closed at once. Off by default: CI runners behind one NAT share an address.
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "BUILDKIT_ROUTER_MAX_CONNECTIONS_PER_IP"
+    )]
+    pub max_connections_per_ip: usize,
+    /// How long a client gets for its TLS handshake, for its HTTP/2 preface and first frame,
+    /// and to finish a header block it began; past it the connection is closed (slowloris).
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "BUILDKIT_ROUTER_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Duration,
     /// Most concurrent HTTP/2 streams per client connection.
     #[arg(
         long,
@@ -134,7 +146,15 @@ pub struct RunConfig {
     /// Interval of backend health checks (gRPC health, then ListWorkers for platforms).
     #[arg(long, value_parser = parse_duration, default_value = "10s", env = "BUILDKIT_ROUTER_HEALTH_INTERVAL")]
     pub health_interval: Duration,
-    /// Consecutive failed health checks that eject a backend.
+    /// How long one backend health check may take. A check that fails or times out takes the
+    /// backend out of placement at once (running builds go on).
+    #[arg(long, value_parser = parse_duration, default_value = "2s", env = "BUILDKIT_ROUTER_HEALTH_TIMEOUT")]
+    pub health_timeout: Duration,
+    /// Consecutive unanswered health checks (timed out, or no connection) that declare a
+    /// backend dead: every call still on it ends with UNAVAILABLE naming the backend, the build
+    /// and how long it has been silent. Ejected backends are checked again from 200 ms, doubling
+    /// to 2 s, so with the defaults a frozen daemon is declared dead about 7 s after its first
+    /// unanswered check.
     #[arg(long, default_value_t = 3, env = "BUILDKIT_ROUTER_HEALTH_FAILURES")]
     pub health_failures: u32,
 

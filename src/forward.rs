@@ -32,6 +32,10 @@ pub enum ForwardError {
         #[source]
         source: hyper::Error,
     },
+    /// The backend was declared dead while the call waited for its answer (see
+    /// `Backend::dead_reason`); its connection was ended on purpose.
+    #[error("{reason}")]
+    Dead { backend: Arc<str>, reason: Arc<str> },
 }
 
 impl ForwardError {
@@ -135,9 +139,16 @@ async fn send_request(
     backend: &Arc<Backend>,
     request: Request<RequestBody>,
 ) -> Result<Response<Incoming>, ForwardError> {
-    let send_error = |source| ForwardError::Send {
-        backend: backend.identity().clone(),
-        source,
+    // A call that failed because the router ended a dead backend's connection says why.
+    let send_error = |source| match backend.dead_reason() {
+        Some(reason) => ForwardError::Dead {
+            backend: backend.identity().clone(),
+            reason,
+        },
+        None => ForwardError::Send {
+            backend: backend.identity().clone(),
+            source,
+        },
     };
     let mut sender = backend.sender().await?;
     if sender.ready().await.is_err() {

@@ -15,6 +15,7 @@ pub mod content;
 pub mod discovery;
 pub mod duration;
 pub mod forward;
+pub mod fuzzing;
 pub mod grpc;
 pub mod listener;
 pub mod metrics;

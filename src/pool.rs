@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -13,10 +13,13 @@ use http::{Request, Uri};
 use http_body_util::BodyExt;
 use hyper::client::conn::http2::SendRequest;
 use hyper::Response;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+// Tokio's clock, so that tests with paused time drive health checks and backoff.
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::body::RequestBody;
@@ -146,6 +149,9 @@ pub enum ConnectError {
         retry_in: Duration,
         reason: String,
     },
+    /// Declared dead: it stopped answering health checks (see [`Backend::dead_reason`]).
+    #[error("{reason}")]
+    Dead { backend: Arc<str>, reason: Arc<str> },
 }
 
 /// HTTP/2 and connect settings for backend connections.
@@ -153,6 +159,9 @@ pub enum ConnectError {
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub health_interval: Duration,
+    /// How long one health check may take before it counts as unanswered.
+    pub health_timeout: Duration,
+    /// Consecutive unanswered health checks after which a backend is declared dead.
     pub health_failures: u32,
     pub max_builds_per_backend: Option<usize>,
     pub stream_window: u32,
@@ -165,6 +174,7 @@ impl Default for PoolSettings {
         Self {
             connect_timeout: Duration::from_secs(5),
             health_interval: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(2),
             health_failures: 3,
             max_builds_per_backend: None,
             stream_window: 2 * 1024 * 1024,
@@ -203,6 +213,51 @@ impl PoolEvents {
     }
 }
 
+/// Health checks left unanswered in a row (timed out, or no connection).
+#[derive(Clone, Copy)]
+struct Silence {
+    checks: u32,
+    /// When the first of them started.
+    since: Instant,
+}
+
+/// What one health check learned.
+enum Probe {
+    /// The daemon answered SERVING.
+    Serving,
+    /// The daemon answered, but not SERVING (or with an error status): alive, not usable.
+    Refused(String),
+    /// Nothing listens (connection refused): the daemon is gone or draining after SIGTERM
+    /// (buildkitd closes its listener and lets running calls finish). Its connections end by
+    /// themselves, so this never declares it dead.
+    NotListening(String),
+    /// No answer: the check timed out, or the network path failed under it.
+    Silent(String),
+}
+
+/// Why a connection to a backend could not be made.
+#[derive(Debug)]
+struct ConnectFailure {
+    /// The TCP connect was refused: nothing listens there.
+    refused: bool,
+    reason: String,
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl ConnectFailure {
+    fn other(reason: impl fmt::Display) -> Self {
+        Self {
+            refused: false,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// One buildkitd daemon.
 pub struct Backend {
     identity: Arc<str>,
@@ -216,7 +271,11 @@ pub struct Backend {
     discovered: AtomicU8,
     healthy: AtomicBool,
     gone: AtomicBool,
-    health_failures: AtomicU32,
+    /// Unanswered health checks in a row; `None` once the daemon answers.
+    silence: Mutex<Option<Silence>>,
+    /// Why the backend was declared dead (it stopped answering health checks), until it
+    /// answers again. Every stream on its connections was ended when this was set.
+    dead: RwLock<Option<Arc<str>>>,
     /// Why the backend was last ejected, for error messages and /status.
     last_error: Mutex<Option<String>>,
     active: AtomicUsize,
@@ -230,6 +289,13 @@ pub struct Backend {
     /// Wakes whoever waits for the pool to change (the admission queue's dispatcher).
     events: Arc<PoolEvents>,
     sender: Mutex<Option<SendRequest<RequestBody>>>,
+    /// Stops every task of this backend's HTTP/2 connections (see [`ConnectionExecutor`])
+    /// when cancelled, which fails every stream on them at once: cancelled and replaced when
+    /// the backend is declared dead.
+    life: Mutex<CancellationToken>,
+    /// A connection of its own for health checks, so that a busy build connection (flow
+    /// control, many streams) never delays a check and a frozen daemon is told from a slow one.
+    health_sender: Mutex<Option<SendRequest<RequestBody>>>,
     connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Option<Backoff>>,
     /// When the next health check is due, and the delay before the one after while the
@@ -271,7 +337,8 @@ impl Backend {
             }),
             healthy: AtomicBool::new(true),
             gone: AtomicBool::new(false),
-            health_failures: AtomicU32::new(0),
+            silence: Mutex::new(None),
+            dead: RwLock::new(None),
             last_error: Mutex::new(None),
             active: AtomicUsize::new(0),
             reported: AtomicUsize::new(usize::MAX),
@@ -280,6 +347,8 @@ impl Backend {
             settings,
             events,
             sender: Mutex::new(None),
+            life: Mutex::new(CancellationToken::new()),
+            health_sender: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(None),
             next_check: Mutex::new((Instant::now(), FIRST_PROBE)),
@@ -405,8 +474,6 @@ impl Backend {
     pub fn mark_unreachable(&self, reason: &str) {
         self.sender.lock().expect("sender lock").take();
         *self.last_error.lock().expect("error lock") = Some(reason.to_owned());
-        self.health_failures
-            .store(self.settings.health_failures, Ordering::Relaxed);
         if self.healthy.swap(false, Ordering::AcqRel) {
             warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
             self.events.fire();
@@ -416,8 +483,42 @@ impl Backend {
         }
     }
 
+    /// Why the backend was declared dead (`it stopped answering health checks for 7 s ...`),
+    /// while it is: calls to it fail at once with this reason instead of hanging.
+    pub fn dead_reason(&self) -> Option<Arc<str>> {
+        self.dead.read().expect("dead lock").clone()
+    }
+
+    /// Takes the backend out of placement: a health check failed.
+    fn eject(&self, reason: &str) {
+        *self.last_error.lock().expect("error lock") = Some(reason.to_owned());
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            warn!(backend = %self.identity, %reason, "backend failed a health check; no new builds until one passes");
+            self.events.fire();
+        }
+    }
+
+    /// Declares the backend dead: every stream on its connections ends now (the client gets
+    /// UNAVAILABLE naming the backend, its build and `reason`), and calls to it fail at once
+    /// until a health check passes.
+    fn declare_dead(&self, reason: String) {
+        warn!(backend = %self.identity, %reason, "backend declared dead; ending every stream on it");
+        *self.dead.write().expect("dead lock") = Some(Arc::from(reason));
+        self.sender.lock().expect("sender lock").take();
+        // Dropping a connection's tasks fails every stream on it (h2 ends them when its
+        // connection is dropped); the router's stream ends see the reason above.
+        std::mem::take(&mut *self.life.lock().expect("life lock")).cancel();
+        self.events.fire();
+    }
+
     /// An HTTP/2 connection to this backend: the cached one, or a new one.
     pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        if let Some(reason) = self.dead_reason() {
+            return Err(ConnectError::Dead {
+                backend: self.identity.clone(),
+                reason,
+            });
+        }
         if let Some(sender) = self.cached_sender() {
             return Ok(sender);
         }
@@ -447,7 +548,7 @@ impl Backend {
             }
             result => {
                 let reason = match result {
-                    Ok(Err(reason)) => reason,
+                    Ok(Err(failure)) => failure.reason,
                     _ => format!(
                         "connect timed out after {:?}",
                         self.settings.connect_timeout
@@ -476,6 +577,26 @@ impl Backend {
         }
     }
 
+    /// Spawns the task that dispatches a new connection's requests, stopped with the others
+    /// (see [`ConnectionExecutor`]).
+    fn drive<C>(
+        &self,
+        sender: SendRequest<RequestBody>,
+        conn: C,
+        identity: Arc<str>,
+    ) -> SendRequest<RequestBody>
+    where
+        C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let life = self.life.lock().expect("life lock").clone();
+        tokio::spawn(async move {
+            if let Some(Err(error)) = life.run_until_cancelled(conn).await {
+                debug!(backend = %identity, %error, "backend connection ended");
+            }
+        });
+        sender
+    }
+
     fn cached_sender(&self) -> Option<SendRequest<RequestBody>> {
         let mut guard = self.sender.lock().expect("sender lock");
         match guard.as_ref() {
@@ -488,14 +609,26 @@ impl Backend {
         }
     }
 
-    async fn connect(&self, address: &BackendAddress) -> Result<SendRequest<RequestBody>, String> {
+    async fn connect(
+        &self,
+        address: &BackendAddress,
+    ) -> Result<SendRequest<RequestBody>, ConnectFailure> {
         let tcp = TcpStream::connect((address.host.as_str(), address.port))
             .await
-            .map_err(|e| e.to_string())?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        // No keepalive pings: buildkitd (grpc-go) answers pings more often than every 5 minutes
-        // with GOAWAY ENHANCE_YOUR_CALM. Health checks are ordinary requests instead.
+            .map_err(|e| ConnectFailure {
+                refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+                reason: e.to_string(),
+            })?;
+        tcp.set_nodelay(true).map_err(ConnectFailure::other)?;
+        let life = self.life.lock().expect("life lock").clone();
+        let mut builder = hyper::client::conn::http2::Builder::new(ConnectionExecutor(life));
+        // No HTTP/2 PINGs at all (no keepalive, no adaptive window, which pings to estimate
+        // bandwidth): buildkitd v0.32.2 runs grpc-go v1.82.1 with the default keepalive
+        // enforcement policy (MinTime 5 min, PermitWithoutStream false). A client that pings more
+        // often, or at all without an active stream, collects strikes, and after 2 of them gets
+        // GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (internal/transport/http2_server.go,
+        // handlePing), which would fail every build on the connection. Health checks are
+        // ordinary gRPC requests on a connection of their own instead.
         builder
             .initial_stream_window_size(self.settings.stream_window)
             .initial_connection_window_size(self.settings.connection_window)
@@ -509,30 +642,20 @@ impl Backend {
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(tcp))
                     .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        debug!(backend = %identity, %error, "backend connection ended");
-                    }
-                });
-                Ok(sender)
+                    .map_err(ConnectFailure::other)?;
+                Ok(self.drive(sender, conn, identity))
             }
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
                 let stream = connector
                     .connect(tls.server_name.clone(), tcp)
                     .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                    .map_err(|e| ConnectFailure::other(format!("TLS handshake: {e}")))?;
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(stream))
                     .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        debug!(backend = %identity, %error, "backend connection ended");
-                    }
-                });
-                Ok(sender)
+                    .map_err(ConnectFailure::other)?;
+                Ok(self.drive(sender, conn, identity))
             }
         }
     }
@@ -566,44 +689,75 @@ impl Backend {
             .map_err(|e| e.to_string())
     }
 
-    /// One unary gRPC call with a router-made request, for health checks and worker refresh.
-    pub async fn unary_call(
-        &self,
-        path: &'static str,
-        message: &[u8],
-        timeout: Duration,
-    ) -> Result<Bytes, String> {
+    /// One unary gRPC call with an empty request on the health connection (health checks and
+    /// the worker refresh), bounded by `timeout`. An error status or a bad answer is
+    /// [`Probe::Refused`] (the daemon answered); a timeout or a connection failure is
+    /// [`Probe::Silent`]. Any failure drops the health connection: the next check connects anew.
+    async fn health_call(&self, path: &'static str, timeout: Duration) -> Result<Bytes, Probe> {
+        let cached = self.health_sender.lock().expect("health lock").take();
         let call = async {
-            let response = self.router_call(path, message).await?;
+            let mut sender = match cached {
+                Some(sender) if !sender.is_closed() => sender,
+                _ => {
+                    let address = self.address();
+                    self.connect(&address).await.map_err(|e| {
+                        let reason = format!("cannot connect to {address}: {e}");
+                        if e.refused {
+                            Probe::NotListening(reason)
+                        } else {
+                            Probe::Silent(reason)
+                        }
+                    })?
+                }
+            };
+            let silent = |e: hyper::Error| Probe::Silent(format!("{path} failed: {e}"));
+            sender.ready().await.map_err(silent)?;
+            let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(RequestBody::full(crate::wire::encode_frame(&[])))
+                .map_err(|e| Probe::Refused(e.to_string()))?;
+            let response = sender.send_request(request).await.map_err(silent)?;
+            let refused = |code| Probe::Refused(format!("{path} answered grpc-status {code}"));
             if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
                 if code != 0 {
-                    return Err(format!("{path} answered grpc-status {code}"));
+                    return Err(refused(code));
                 }
             }
-            let collected = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?;
+            let collected = response.into_body().collect().await.map_err(silent)?;
             if let Some(code) = collected.trailers().and_then(crate::grpc::grpc_status_of) {
                 if code != 0 {
-                    return Err(format!("{path} answered grpc-status {code}"));
+                    return Err(refused(code));
                 }
             }
             let bytes = collected.to_bytes();
-            match crate::wire::parse_frame_header(&bytes, 64 * 1024 * 1024) {
+            let message = match crate::wire::parse_frame_header(&bytes, 64 * 1024 * 1024) {
                 Ok(Some(header)) if bytes.len() >= crate::wire::GRPC_PREFIX_LEN + header.len => {
-                    Ok(bytes.slice(
+                    bytes.slice(
                         crate::wire::GRPC_PREFIX_LEN..crate::wire::GRPC_PREFIX_LEN + header.len,
-                    ))
+                    )
                 }
-                Ok(_) => Err(format!("{path} answered no complete message")),
-                Err(e) => Err(format!("{path} answered a bad message: {e}")),
-            }
+                Ok(_) => {
+                    return Err(Probe::Refused(format!(
+                        "{path} answered no complete message"
+                    )))
+                }
+                Err(e) => {
+                    return Err(Probe::Refused(format!(
+                        "{path} answered a bad message: {e}"
+                    )))
+                }
+            };
+            Ok((sender, message))
         };
-        tokio::time::timeout(timeout, call)
-            .await
-            .unwrap_or_else(|_| Err(format!("{path} timed out after {timeout:?}")))
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok((sender, message))) => {
+                *self.health_sender.lock().expect("health lock") = Some(sender);
+                Ok(message)
+            }
+            Ok(Err(probe)) => Err(probe),
+            Err(_) => Err(Probe::Silent(format!("{path} timed out after {timeout:?}"))),
+        }
     }
 
     /// Keeps `ListenBuildHistory{ActiveOnly: true}` open and counts the builds the daemon
@@ -677,59 +831,110 @@ impl Backend {
         };
     }
 
+    /// One health check: gRPC health on the health connection, bounded by the health timeout.
+    /// Any failure takes the backend out of placement at once. `--health-failures` unanswered
+    /// checks in a row declare it dead (see [`Backend::declare_dead`]). A passing check
+    /// re-admits it and refreshes its workers' platforms.
     async fn check_health(&self) {
         const HEALTH: &str = "/grpc.health.v1.Health/Check";
         const LIST_WORKERS: &str = "/moby.buildkit.v1.Control/ListWorkers";
-        let timeout = self.settings.connect_timeout + Duration::from_secs(5);
-        let result = match self.unary_call(HEALTH, &[], timeout).await {
+        let timeout = self.settings.health_timeout;
+        let started = Instant::now();
+        let probe = match self.health_call(HEALTH, timeout).await {
             Ok(message) => match crate::wire::decode_health_status(&message) {
-                Ok(1) => Ok(()),
-                Ok(status) => Err(format!("health status {status} (not SERVING)")),
-                Err(e) => Err(format!("bad health answer: {e}")),
+                Ok(1) => Probe::Serving,
+                Ok(status) => Probe::Refused(format!("health status {status} (not SERVING)")),
+                Err(e) => Probe::Refused(format!("bad health answer: {e}")),
             },
-            Err(e) => Err(e),
+            Err(probe) => probe,
         };
-        match result {
-            Ok(()) => {
+        let reason = match probe {
+            Probe::Serving => {
+                self.silence.lock().expect("silence lock").take();
+                if self.dead.write().expect("dead lock").take().is_some() {
+                    info!(backend = %self.identity, "backend declared dead answers health checks again");
+                }
                 // Refresh the platforms the workers support (cheap; buildx calls it per build)
                 // before (re-)admitting the backend, so that its first placement knows them
                 // (`--strict-platforms` refused nothing when a build came right after start).
-                match self.unary_call(LIST_WORKERS, &[], timeout).await {
+                match self.health_call(LIST_WORKERS, timeout).await {
                     Ok(message) => match crate::wire::decode_worker_platforms(&message) {
                         Ok(platforms) => self.set_platforms(platforms),
                         Err(e) => {
                             warn!(backend = %self.identity, error = %e, "cannot decode ListWorkers answer")
                         }
                     },
-                    Err(e) => {
+                    Err(Probe::Refused(e) | Probe::NotListening(e) | Probe::Silent(e)) => {
                         debug!(backend = %self.identity, error = %e, "ListWorkers refresh failed")
                     }
+                    Err(Probe::Serving) => {}
                 }
-                self.health_failures.store(0, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     info!(backend = %self.identity, "backend passes health checks again; re-admitted");
                     self.events.fire();
                 }
+                return;
             }
-            Err(reason) => {
-                let failures = self.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                *self.last_error.lock().expect("error lock") = Some(reason.clone());
-                if failures >= self.settings.health_failures
-                    && self.healthy.swap(false, Ordering::AcqRel)
+            Probe::Refused(reason) => {
+                // It answered: alive, so its running builds go on.
+                self.silence.lock().expect("silence lock").take();
+                reason
+            }
+            // Neither alive nor silent: its streams end by themselves (see `Probe`).
+            Probe::NotListening(reason) => reason,
+            Probe::Silent(reason) => {
+                let silence = {
+                    let mut silence = self.silence.lock().expect("silence lock");
+                    let s = silence.get_or_insert(Silence {
+                        checks: 0,
+                        since: started,
+                    });
+                    s.checks += 1;
+                    *s
+                };
+                if silence.checks >= self.settings.health_failures.max(1)
+                    && self.dead_reason().is_none()
                 {
-                    warn!(backend = %self.identity, %reason, failures, "backend failed its health checks; ejected");
-                    self.events.fire();
-                } else {
-                    debug!(backend = %self.identity, %reason, failures, "backend health check failed");
+                    self.declare_dead(format!(
+                        "it stopped answering health checks for {} s ({} checks in a row; last: {reason})",
+                        silence.since.elapsed().as_secs(),
+                        silence.checks
+                    ));
                 }
+                reason
             }
-        }
+        };
+        self.eject(&reason);
     }
 }
 
 impl crate::body::ConnectionHealth for Backend {
     fn connection_failed(&self, reason: &str) {
         self.mark_unreachable(reason);
+    }
+
+    fn dead_reason(&self) -> Option<Arc<str>> {
+        Backend::dead_reason(self)
+    }
+}
+
+/// Runs the tasks of one backend's HTTP/2 connections: hyper drives the connection itself, each
+/// request body and each pending answer in tasks of its own. All of them stop when the backend's
+/// life token is cancelled (declared dead), which drops the connection: h2 then fails every
+/// stream on it, and so does every call waiting for an answer.
+#[derive(Clone)]
+struct ConnectionExecutor(CancellationToken);
+
+impl<F> hyper::rt::Executor<F> for ConnectionExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let life = self.0.clone();
+        tokio::spawn(async move {
+            life.run_until_cancelled(future).await;
+        });
     }
 }
 

@@ -29,6 +29,8 @@ struct Slot {
     backend: watch::Sender<Option<Arc<Backend>>>,
     created: Instant,
     pins: AtomicUsize,
+    /// Woken whenever a pin drops (see [`Pin::wait_sole`]).
+    unpinned: tokio::sync::Notify,
     /// When an unpinned slot may be swept.
     expires: Mutex<Instant>,
 }
@@ -39,6 +41,7 @@ impl Slot {
             backend: watch::Sender::new(None),
             created: now,
             pins: AtomicUsize::new(0),
+            unpinned: tokio::sync::Notify::new(),
             expires: Mutex::new(expires),
         })
     }
@@ -54,11 +57,35 @@ pub struct Pin {
     linger: Duration,
 }
 
+impl Pin {
+    /// Resolves, within `timeout`, once this is the only pin left on its slot: every other
+    /// stream that used the ref or session (a Solve naming a session) has ended. True if it is.
+    pub fn sole(
+        &self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let slot = self.slot.clone();
+        let sole = async move {
+            loop {
+                let unpinned = slot.unpinned.notified();
+                tokio::pin!(unpinned);
+                unpinned.as_mut().enable();
+                if slot.pins.load(Ordering::Acquire) <= 1 {
+                    return;
+                }
+                unpinned.await;
+            }
+        };
+        async move { tokio::time::timeout(timeout, sole).await.is_ok() }
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         if self.slot.pins.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.slot.expires.lock().expect("expiry lock") = Instant::now() + self.linger;
         }
+        self.slot.unpinned.notify_waiters();
     }
 }
 

@@ -98,6 +98,24 @@ impl Pool {
         holders[0]
     }
 
+    /// The record of `build_ref` on daemon `index`, once the build has ended there (30 s).
+    async fn completed_record(&self, index: usize, build_ref: &str) -> History {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let h = self.clients.histories(&self.daemons[index]).await;
+                if let Some(r) = h
+                    .into_iter()
+                    .find(|r| r.build_ref == build_ref && r.completed)
+                {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("daemon {index} did not end build {build_ref} within 30 s"))
+    }
+
     /// `buildx create` of a remote builder named `pool` for the router.
     async fn buildx_builder(&self) {
         self.clients
@@ -418,20 +436,7 @@ async fn a_cancelled_build_is_recorded_cancelled_and_the_next_build_works() {
 
     // The daemon that ran it records it as cancelled (code 1, CANCELLED), and only that one.
     let holder = pool.holder(&build_ref).await;
-    let record = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let h = pool.clients.histories(&pool.daemons[holder]).await;
-            if let Some(r) = h
-                .into_iter()
-                .find(|r| r.build_ref == build_ref && r.completed)
-            {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the cancelled build completes in the daemon's history");
+    let record = pool.completed_record(holder, &build_ref).await;
     assert_eq!(
         record.error_code,
         Some(1),
@@ -620,6 +625,197 @@ async fn a_killed_daemon_fails_only_its_own_builds() {
         };
         assert_eq!(holders.len(), 1, "build {r} ran on one surviving daemon");
     }
+}
+
+/// buildctl's Ctrl-C in the middle of its context upload: buildctl resets the Solve and, at
+/// once, half-closes its Session. Through the router the daemon must see the cancel first, as it
+/// does directly: every round is recorded as cancelled (code 1, `context canceled`), never as a
+/// failure on the lost session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_the_context_upload_is_recorded_as_a_cancel() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(1, &[]) else {
+        return;
+    };
+    // A sparse 768 MiB file: read as zeros, costs no disk, takes a while to upload.
+    let ctx = Context::new(&pool.peers, "FROM scratch\nCOPY big /big\n", &[]);
+    std::fs::File::create(ctx.dir.path().join("big"))
+        .and_then(|f| f.set_len(768 << 20))
+        .expect("sparse context file");
+    let out = tempfile::tempdir().unwrap();
+    let url = pool.router.url();
+    for round in 0..3 {
+        let known = router_builds(&pool);
+        let out_arg = format!(
+            "type=local,dest={}",
+            out.path().join(format!("r{round}")).display()
+        );
+        let args = ctx.build_args(&["--addr", &url], &["--output", &out_arg]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = pool
+            .clients
+            .command(&pool.peers.buildctl, &args)
+            .spawn()
+            .expect("start buildctl");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let uploading = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.expect("read progress") {
+                let now = line.contains("transferring context:") && !line.contains("done");
+                seen.push(line);
+                if now {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(uploading, Ok(true)),
+            "round {round}: the upload did not start: {}",
+            seen.join("\n")
+        );
+        let new: Vec<String> = router_builds(&pool)
+            .into_iter()
+            .filter(|r| !known.contains(r))
+            .collect();
+        assert_eq!(new.len(), 1, "one new build: {new:?}");
+        let build_ref = new[0].clone();
+        let pid = child.id().expect("pid").to_string();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("buildctl exits after Ctrl-C")
+            .unwrap();
+        assert!(!status.success());
+        let record = pool.completed_record(0, &build_ref).await;
+        eprintln!("round {round}: {record:?}");
+        assert_eq!(
+            (record.error_code, record.error_message.as_deref()),
+            (Some(1), Some("context canceled")),
+            "round {round}: recorded as a cancel"
+        );
+    }
+}
+
+/// The backend (`tcp://127.0.0.1:P`) the router placed `build_ref` on, from its /status.
+fn placed_on(pool: &Pool, build_ref: &str) -> String {
+    let status = pool.router.status().expect("router /status");
+    status["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["build_ref"].as_str() == Some(build_ref))
+        .and_then(|b| b["backend"].as_str())
+        .unwrap_or_else(|| panic!("build {build_ref} is not in the router's /status: {status}"))
+        .to_owned()
+}
+
+/// A buildkitd frozen with SIGSTOP mid-build (a hung node): the build on it ends with
+/// UNAVAILABLE naming the daemon, the build and the silence, instead of hanging; a build on
+/// another daemon goes on and succeeds; the next build goes elsewhere; after SIGCONT the daemon
+/// rejoins, records the ended build as failed, and takes builds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_daemon_fails_only_its_own_build_and_rejoins_after_sigcont() {
+    let _serial = SERIAL.lock().await;
+    // One build per daemon, so the two builds run on two daemons; health checks every 2 s
+    // (the 2 s timeout and 3 unanswered checks are the defaults).
+    let Some(pool) = Pool::start(3, &["--max-builds-per-backend=1", "--health-interval=2s"]) else {
+        return;
+    };
+    let long = Context::new(&pool.peers, &sleeping_dockerfile(120), &[]);
+    let short = Context::new(&pool.peers, &sleeping_dockerfile(20), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let key = "build-arg:BUILDKIT_ROUTER_KEY=frozen-home";
+    let mut frozen_build =
+        start_sleeping_build(&pool, &long, &out.path().join("f"), &["--opt", key]).await;
+    let mut live_build = start_sleeping_build(&pool, &short, &out.path().join("l"), &[]).await;
+    let victim_url = placed_on(&pool, &frozen_build.build_ref);
+    assert_ne!(victim_url, placed_on(&pool, &live_build.build_ref));
+    let victim = pool
+        .daemons
+        .iter()
+        .position(|d| d.url() == victim_url)
+        .expect("the victim is one of the daemons");
+
+    let frozen_at = std::time::Instant::now();
+    pool.daemons[victim].freeze();
+    let status = tokio::time::timeout(Duration::from_secs(60), frozen_build.child.wait())
+        .await
+        .expect("the build on the frozen daemon does not hang")
+        .unwrap();
+    let waited = frozen_at.elapsed();
+    let stderr = frozen_build.stderr.await.unwrap();
+    eprintln!(
+        "the frozen daemon's build ended after {waited:?} with: {:?}",
+        stderr.lines().rfind(|l| l.contains("error"))
+    );
+    assert!(!status.success());
+    let victim_addr = pool.daemons[victim].addr.to_string();
+    for part in [
+        "Unavailable",
+        victim_addr.as_str(),
+        frozen_build.build_ref.as_str(),
+        "stopped answering health checks for",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing from:\n{stderr}");
+    }
+
+    // The other daemon's build goes on to the end.
+    let status = tokio::time::timeout(Duration::from_secs(120), live_build.child.wait())
+        .await
+        .expect("the live build finishes")
+        .unwrap();
+    let live_stderr = live_build.stderr.await.unwrap();
+    assert!(status.success(), "{live_stderr}");
+    assert_eq!(read(out.path().join("l/out/done")), "done\n");
+
+    // The next build goes to a live daemon, at once.
+    let ok = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let (o, next) = pool
+        .buildctl_build(&ok, &out.path().join("next"), &["--opt", key])
+        .await;
+    o.assert_ok();
+    // (The frozen daemon is never asked: it would not answer.)
+    let on_live = {
+        let mut found = 0;
+        for (i, d) in pool.daemons.iter().enumerate() {
+            if i != victim
+                && pool
+                    .clients
+                    .histories(d)
+                    .await
+                    .iter()
+                    .any(|h| h.build_ref == next)
+            {
+                found += 1;
+            }
+        }
+        found
+    };
+    assert_eq!(on_live, 1, "the next build ran on a live daemon");
+
+    // SIGCONT: the daemon rejoins within the 2 s probe backoff.
+    pool.daemons[victim].thaw();
+    pool.router.wait_ready(3);
+    // It records the build the router ended as failed: its client's connection went away.
+    let record = pool.completed_record(victim, &frozen_build.build_ref).await;
+    eprintln!("the thawed daemon's record of the frozen build: {record:?}");
+    assert!(record.error_code.is_some(), "{record:?}");
+    // Its key's home is the thawed daemon again.
+    let (o, home) = pool
+        .buildctl_build(&ok, &out.path().join("home"), &["--opt", key])
+        .await;
+    o.assert_ok();
+    assert_eq!(
+        pool.holder(&home).await,
+        victim,
+        "the thawed daemon takes builds again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,24 +8,11 @@ mod support;
 
 use std::time::Duration;
 
-use buildkit_router::app::{self, Running};
-use buildkit_router::config::RunConfig;
+use buildkit_router::app::Running;
 use support::client::{BuildOpts, CancelAt, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::router_over;
 use tonic::Code;
-
-async fn router_over(daemons: &[&FakeDaemon], tweak: impl FnOnce(&mut RunConfig)) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut cfg = RunConfig::for_tests();
-    cfg.backends = daemons.iter().map(|d| d.url()).collect();
-    tweak(&mut cfg);
-    let running = app::start(cfg).await.expect("router starts");
-    running.pool.wait_synced().await;
-    running
-}
 
 fn sessions(router: &Running, phase: &str) -> i64 {
     router.metrics.sessions.with_label_values(&[phase]).get()
@@ -402,4 +389,89 @@ async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
     assert_no_sessions_left(&router).await;
     assert!(!daemon.counters().saw_session(&session_id));
     assert_eq!(daemon.counters().calls("Session"), 0);
+}
+
+/// buildctl's Ctrl-C: the Solve is reset (RST_STREAM CANCEL) and, at the same instant, the
+/// Session half-closed (its deferred `s.Close()`). Mid-upload, the daemon must see the cancel
+/// first: seen the other way round, it fails the build on the lost session (a different error in
+/// its history) before the cancel arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_context_upload_reaches_the_daemon_before_the_sessions_end() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    for round in 0..10 {
+        let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut opts = BuildOpts::buildctl();
+        opts.context_size = 64 << 20;
+        opts.cancel = Some(CancelAt::Signal(cancel.clone()));
+        let (build_ref, session_id) = (opts.build_ref.clone(), opts.session_id.clone());
+        let build = tokio::spawn({
+            let client = client.clone();
+            async move { client.build(opts).await }
+        });
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            daemon.wait_until(|c| {
+                c.session(&session_id)
+                    .is_some_and(|s| s.bytes_uploaded > 1 << 20)
+            }),
+        )
+        .await
+        .expect("the upload starts");
+        cancel.notify_one();
+        let result = build.await.expect("join");
+        assert!(result.cancelled);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            daemon.wait_until(|c| {
+                c.cancelled_refs().contains(&build_ref)
+                    || c.failed_refs().iter().any(|(r, _)| *r == build_ref)
+            }),
+        )
+        .await
+        .expect("the daemon ends the build");
+        assert!(
+            daemon.counters().cancelled_refs().contains(&build_ref),
+            "round {round}: the daemon failed the build before it saw the cancel: {:?}",
+            daemon.counters().failed_refs()
+        );
+    }
+    assert_no_sessions_left(&router).await;
+}
+
+/// The mechanism behind the ordering above: while a Solve naming the session still runs in the
+/// router, the client's end of the Session is held back (at most 1 s); the daemon sees the
+/// session end only after that. (A cancelled Solve ends at once, releasing it at once.)
+#[tokio::test(start_paused = true)]
+async fn the_end_of_a_session_waits_up_to_a_second_for_the_solve_that_names_it() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let end = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut opts = BuildOpts::buildctl();
+    opts.end_session = Some(end.clone());
+    let session_id = opts.session_id.clone();
+    let build = tokio::spawn(async move { client.build(opts).await });
+    daemon.wait_held(1).await;
+    let ended_at = tokio::time::Instant::now();
+    end.notify_one();
+    daemon
+        .wait_until(|c| c.session(&session_id).is_some_and(|s| s.ended))
+        .await;
+    let held_back = ended_at.elapsed();
+    assert!(
+        held_back >= Duration::from_secs(1) && held_back < Duration::from_secs(2),
+        "the session's end reached the daemon {held_back:?} after the client's"
+    );
+    daemon.release_builds();
+    let _ = build.await.expect("join");
+    assert_no_sessions_left(&router).await;
 }

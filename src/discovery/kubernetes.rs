@@ -401,6 +401,28 @@ impl SliceSet {
     }
 }
 
+/// The backends a Service's slices describe, as a complete list followed by every slice applied
+/// again and then deleted one by one: the watcher's whole path over untrusted API objects
+/// (the fuzz target `endpoint_slices`). `port` is `--kubernetes-port` (or empty for the first).
+pub(crate) fn backends_from_slices(port: &str, slices: Vec<EndpointSlice>) -> Vec<EndpointSpec> {
+    let port = if port.is_empty() {
+        PortSelector::First
+    } else {
+        port.parse().unwrap_or(PortSelector::First)
+    };
+    let mut set = SliceSet::new(port, None);
+    set.handle(Event::Init);
+    for slice in &slices {
+        set.handle(Event::InitApply(slice.clone()));
+    }
+    let listed = set.handle(Event::InitDone).set.unwrap_or_default();
+    for slice in slices {
+        set.handle(Event::Apply(slice.clone()));
+        set.handle(Event::Delete(slice));
+    }
+    listed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

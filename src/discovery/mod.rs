@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use crate::pool::{BackendAddress, BackendTls, EndpointSpec, EndpointState, PoolUpdate};
 
 pub use dns::{DnsSource, DnsTarget, Resolver, ResolverConfigError, SystemResolver};
+pub(crate) use kubernetes::backends_from_slices;
 pub use kubernetes::{KubernetesSource, PortSelector};
 pub use metrics::DiscoveryMetrics;
 

@@ -9,6 +9,7 @@
 //! client's encoder. Only HEADERS frames are collected and inspected; every other frame's
 //! payload is passed through as it is read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -19,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
@@ -48,6 +50,11 @@ pub struct AuthorityFix<S> {
     payload: Vec<u8>,
     /// Processed bytes not yet handed to the reader.
     pending: BytesMut,
+    /// How long a client may take to send its preface and first frame, or to finish a header
+    /// block it began (HEADERS without END_HEADERS); `None`: no limit.
+    handshake_timeout: Option<std::time::Duration>,
+    /// The running deadline, and what the client has not finished by then.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, &'static str)>,
 }
 
 impl<S> AuthorityFix<S> {
@@ -59,6 +66,25 @@ impl<S> AuthorityFix<S> {
             inbuf: BytesMut::new(),
             payload: Vec::new(),
             pending: BytesMut::new(),
+            handshake_timeout: None,
+            deadline: None,
+        }
+    }
+
+    /// Also ends the connection (a `TimedOut` read error) when the client has not sent its
+    /// HTTP/2 preface and first frame within `timeout`, or leaves a header block unfinished
+    /// (HEADERS without END_HEADERS, then no CONTINUATION ending it) for `timeout`: slowloris.
+    /// An idle connection between requests is never timed out here.
+    pub fn with_handshake_timeout(inner: S, timeout: std::time::Duration) -> Self {
+        let mut fix = Self::new(inner);
+        fix.handshake_timeout = Some(timeout);
+        fix.arm("the HTTP/2 preface");
+        fix
+    }
+
+    fn arm(&mut self, what: &'static str) {
+        if let Some(timeout) = self.handshake_timeout {
+            self.deadline = Some((Box::pin(tokio::time::sleep(timeout)), what));
         }
     }
 
@@ -104,6 +130,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let polled = this.poll_fix(cx, out);
+        if polled.is_pending() {
+            if let Some((sleep, what)) = this.deadline.as_mut() {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    let timeout = this.handshake_timeout.unwrap_or_default();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client did not complete {what} within {timeout:?}"),
+                    )));
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncRead + Unpin> AuthorityFix<S> {
+    fn poll_fix(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(out.remaining());
@@ -150,6 +195,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                         | usize::from(this.header[1]) << 8
                         | usize::from(this.header[2]);
                     let (kind, flags) = (this.header[3], this.header[4]);
+                    // Deadlines: the preface is done at the first frame; a header block is
+                    // open from a HEADERS without END_HEADERS to the CONTINUATION ending it.
+                    if this.handshake_timeout.is_some() {
+                        if kind == HEADERS && flags & END_HEADERS == 0 {
+                            this.arm("a header block (HEADERS then CONTINUATION frames)");
+                        } else if kind != CONTINUATION || flags & END_HEADERS != 0 {
+                            this.deadline = None;
+                        }
+                    }
                     if kind == HEADERS && len <= MAX_COLLECT && len > 0 {
                         this.payload.clear();
                         this.payload.reserve(len);

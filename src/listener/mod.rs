@@ -8,7 +8,9 @@
 pub mod authority;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +36,17 @@ pub struct Limits {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// How long a client gets for its TLS handshake, for its HTTP/2 preface and first frame,
+    /// and to finish a header block it began (slowloris).
     pub tls_handshake_timeout: Duration,
+    /// Most connections served at once from one IP address; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Streams a client may reset before the server accepted them, at once (CVE-2023-44487,
+    /// rapid reset); past it the connection gets GOAWAY ENHANCE_YOUR_CALM.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset because of the client's errors before it closes the
+    /// connection with GOAWAY ENHANCE_YOUR_CALM.
+    pub max_local_error_reset_streams: usize,
     /// Pings on idle client connections find clients that vanished without a FIN.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
@@ -50,6 +62,9 @@ impl Default for Limits {
             connection_window: 8 * 1024 * 1024,
             max_frame_size: 256 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 0,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
         }
@@ -91,6 +106,7 @@ impl Server {
     pub async fn serve(self, shutdown: CancellationToken, grace: Duration) {
         let graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::default();
         let limits = Arc::new(self.limits);
         loop {
             let permit = tokio::select! {
@@ -110,6 +126,15 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
+            let Some(per_ip) = PerIp::enter(&per_ip, peer.ip(), limits.max_connections_per_ip)
+            else {
+                warn!(%peer, limit = limits.max_connections_per_ip, "too many connections from this address; closing the new one");
+                self.metrics
+                    .connections_total
+                    .with_label_values(&["refused_per_ip"])
+                    .inc();
+                continue;
+            };
             let router = self.router.clone();
             let metrics = self.metrics.clone();
             let limits = limits.clone();
@@ -117,7 +142,7 @@ impl Server {
             let watcher = graceful.watcher();
             tokio::spawn(
                 async move {
-                    let _permit = permit;
+                    let _permit = (permit, per_ip);
                     metrics.connections_active.inc();
                     match tls {
                         None => {
@@ -150,6 +175,44 @@ impl Server {
                 warn!(grace = ?grace, "shutdown grace period over; closing the remaining connections")
             }
         }
+    }
+}
+
+/// One connection counted against its address's `--max-connections-per-ip` while alive.
+struct PerIp {
+    counts: Arc<DashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Counts a new connection from `ip`, or `None` when the address already has `limit`
+    /// (0: no limit, nothing counted).
+    fn enter(
+        counts: &Arc<DashMap<IpAddr, usize>>,
+        ip: IpAddr,
+        limit: usize,
+    ) -> Option<Option<Self>> {
+        if limit == 0 {
+            return Some(None);
+        }
+        let mut count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(Self {
+            counts: counts.clone(),
+            ip,
+        }))
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        self.counts.remove_if_mut(&self.ip, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
     }
 }
 
@@ -218,6 +281,8 @@ async fn serve_connection<S>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
         .initial_stream_window_size(limits.stream_window)
         .initial_connection_window_size(limits.connection_window)
         .max_frame_size(limits.max_frame_size)
@@ -225,9 +290,26 @@ async fn serve_connection<S>(
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         .auto_date_header(false);
-    let connection =
-        builder.serve_connection(TokioIo::new(authority::AuthorityFix::new(stream)), service);
+    let stream =
+        authority::AuthorityFix::with_handshake_timeout(stream, limits.tls_handshake_timeout);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(error) = watcher.watch(connection).await {
-        debug!(%error, "client connection ended with an error");
+        if is_timeout(&error) {
+            warn!(%error, "closed a client connection that did not complete its handshake");
+        } else {
+            debug!(%error, "client connection ended with an error");
+        }
     }
+}
+
+/// Whether a connection error is the handshake deadline of [`authority::AuthorityFix`].
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = err.source();
+    }
+    false
 }

@@ -82,7 +82,7 @@ impl Router {
                 let pin = router.registry.pin_session(&uuid);
                 Ok(session::Placed {
                     backend: bound.backend,
-                    keep: Some(Box::new(pin)),
+                    keep: Some(pin),
                 })
             }
         };

@@ -44,8 +44,9 @@ const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Where a held session goes, and what keeps its routing state alive while it is relayed.
 pub struct Placed {
     pub backend: Arc<Backend>,
-    /// Dropped when the relay ends (for example the registry pin of the session).
-    pub keep: Option<Box<dyn Send>>,
+    /// The registry pin of the session, dropped when the relay ends. Also tells the relay when
+    /// the Solves naming the session have ended (see `relay::SOLVE_END_GRACE`).
+    pub keep: Option<crate::registry::Pin>,
 }
 
 /// Why a held session was not placed: the gRPC status its client gets.
@@ -60,6 +61,57 @@ pub struct Refusal {
 pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
 pub type Open =
     Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
+
+/// What the end of the client's outer Session stream waits for, when set (see
+/// `relay::SOLVE_END_GRACE`). Shared by [`Held`] and the [`ClientBody`] it reads.
+#[derive(Clone, Default)]
+struct EndGate(Arc<std::sync::Mutex<Option<GateFuture>>>);
+
+type GateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The client's outer Session body, passed through, except that its end (the last frame, an
+/// error) is held back while the [`EndGate`] is set and pending.
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    gate: EndGate,
+    /// The end, read from `inner`, waiting for the gate.
+    end: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.end.is_none() {
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
+                end => this.end = Some(end),
+            }
+        }
+        {
+            let mut gate = this.gate.0.lock().expect("end gate lock");
+            if let Some(wait) = gate.as_mut() {
+                std::task::ready!(wait.as_mut().poll(cx));
+                *gate = None;
+            }
+        }
+        Poll::Ready(this.end.take().flatten())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Gauges of sessions by phase (held before placement, relayed to a backend).
 #[derive(Clone)]
@@ -197,7 +249,9 @@ pub(crate) struct Held {
     listing: Option<Registration>,
     conn: JoinHandle<Result<(), h2::Error>>,
     conn_end: Option<Result<(), String>>,
-    handle: TunnelHandle<Incoming>,
+    handle: TunnelHandle<ClientBody>,
+    /// What the client's end of the outer stream waits for once set ([`ClientBody`]).
+    end_gate: EndGate,
     /// The outer response: the router's trailers go out on it at the end.
     out: mpsc::Sender<Frame<Bytes>>,
 }
@@ -215,6 +269,12 @@ impl Held {
         out: mpsc::Sender<Frame<Bytes>>,
         max_message: usize,
     ) -> Result<Held, h2::Error> {
+        let end_gate = EndGate::default();
+        let body = ClientBody {
+            inner: body,
+            gate: end_gate.clone(),
+            end: None,
+        };
         let (io, handle) = TunnelIo::new(body, out.clone(), max_message);
         let (send, conn) = relay::client_builder().handshake(io).await?;
         let conn = tokio::spawn(conn.in_current_span());
@@ -224,8 +284,19 @@ impl Held {
             conn,
             conn_end: None,
             handle,
+            end_gate,
             out,
         })
+    }
+
+    /// From now on, when the client ends its outer stream (half-close, reset, loss), that end
+    /// is passed on only once `gate` resolves.
+    pub(crate) fn hold_end_until(&self, gate: impl Future<Output = bool> + Send + 'static) {
+        *self.end_gate.0.lock().expect("end gate lock") = Some(Box::pin(async move {
+            if !gate.await {
+                debug!("a Solve naming the session still runs after the client ended it");
+            }
+        }));
     }
 
     /// Runs `fut` while the client's side lasts. `None`: the client's side ended first (the

@@ -63,6 +63,22 @@ const DAEMON_END_GRACE: Duration = Duration::from_secs(10);
 /// connection gracefully (their last bytes may still be on their way to the client).
 const STREAM_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
+/// When the client ends its Session (half-close or reset) while a Solve naming it still runs
+/// in the router, how long that end is held back, waiting for the Solve to end, before it
+/// reaches the relay (and, through it, the daemon).
+///
+/// buildctl's Ctrl-C resets the Solve (grpc-go queues the RST_STREAM CANCEL before `Invoke`
+/// returns) and then half-closes the Session (the Solve goroutine's deferred `s.Close()`): on
+/// the wire the cancel comes first, and a daemon reached directly sees it first and records the
+/// build as cancelled. The router handles the two streams in separate tasks, so without this
+/// wait the session's end could reach the daemon first (its inner streams reset, the inner
+/// connection closed): mid-upload, the daemon would then fail the build on its lost session
+/// (`diffcopy ...`) before the cancel arrived. A Solve's reset is queued on the backend
+/// connection when the router drops it, which is when it gives up its pin on the session. A
+/// client that ends the Session of a Solve it keeps running (no BuildKit client does) only
+/// delays the session's end by this much.
+const SOLVE_END_GRACE: Duration = Duration::from_secs(1);
+
 /// The router's inner HTTP/2 client toward the build client.
 pub(crate) fn client_builder() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
@@ -77,7 +93,7 @@ pub(crate) fn client_builder() -> h2::client::Builder {
 }
 
 /// The router's inner HTTP/2 server toward the daemon.
-fn server_builder() -> h2::server::Builder {
+pub(crate) fn server_builder() -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(INNER_STREAM_WINDOW)
@@ -107,7 +123,12 @@ pub(crate) async fn run(
     max_message: usize,
 ) {
     let backend = placed.backend.clone();
-    let _keep = placed.keep;
+    let keep = placed.keep;
+    // From now on the client's end of the session is held back while a Solve naming it still
+    // runs here, so that a cancelled Solve's reset reaches the daemon first.
+    if let Some(keep) = &keep {
+        held.hold_end_until(keep.sole(SOLVE_END_GRACE));
+    }
     let label = backend.label();
     let unavailable = |why: &str| {
         Some(status_trailers(
@@ -304,6 +325,15 @@ fn daemon_status(
     match end {
         ReadEnd::Trailers(trailers) => trailers.clone(),
         ReadEnd::Lost(why) => {
+            if let Some(reason) = backend.dead_reason() {
+                // The router ended the connection of a backend declared dead.
+                return status_trailers(
+                    code::UNAVAILABLE,
+                    &format!(
+                        "buildkit-router: buildkitd backend {label} is unavailable for session {uuid}: {reason}"
+                    ),
+                );
+            }
             crate::body::ConnectionHealth::connection_failed(backend, why);
             warn!(error = %why, "lost the backend during the session");
             status_trailers(

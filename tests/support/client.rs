@@ -142,6 +142,9 @@ pub struct BuildOpts {
     /// How the client answers the first FileSync read of its `dockerfile` local (the router's
     /// content key read comes before the daemon's); later reads are served.
     pub first_dockerfile_read: FirstRead,
+    /// Test knob, not client behaviour: half-close the Session when the test calls
+    /// `notify_one()` on this, while the Solve goes on.
+    pub end_session: Option<Arc<Notify>>,
 }
 
 /// How a client answers the first read of its `dockerfile` local.
@@ -197,6 +200,7 @@ impl BuildOpts {
             reject_export_after: None,
             dockerfile: None,
             first_dockerfile_read: FirstRead::Serve,
+            end_session: None,
         }
     }
 
@@ -581,6 +585,14 @@ impl Client {
         let mut frontend = Some(frontend_task);
         let mut frontend_result = None;
         let mut cancelled = false;
+        let mut close_tx = Some(close_tx);
+        let end_session = async {
+            match &opts.end_session {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(end_session);
         // The Solve, racing the frontend (whose failure aborts the build) and a cancel.
         let solve: Result<pb::SolveResponse, Status> = {
             tokio::pin!(cancel_trigger);
@@ -602,8 +614,21 @@ impl Client {
                             break Err(Status::cancelled("cancelled by the client: frontend failed"));
                         }
                     }
+                    _ = &mut end_session, if close_tx.is_some() => {
+                        if let Some(close) = close_tx.take() {
+                            let _ = close.send(());
+                        }
+                    }
                     _ = &mut cancel_trigger => {
                         solve_task.abort();
+                        // As buildctl: grpc-go queues the Solve's RST_STREAM CANCEL before
+                        // Invoke returns, and the Solve's goroutine then closes the session (a
+                        // half-close, its deferred `s.Close()`): both leave at once, the RST
+                        // first. (The aborted call's drop queues its RST.)
+                        let _ = (&mut solve_task).await;
+                        if let Some(close) = close_tx.take() {
+                            let _ = close.send(());
+                        }
                         cancelled = true;
                         break Err(Status::cancelled("context canceled"));
                     }
@@ -626,7 +651,9 @@ impl Client {
             },
             (None, None) => unreachable!("frontend result taken"),
         };
-        let _ = close_tx.send(());
+        if let Some(close) = close_tx.take() {
+            let _ = close.send(());
+        }
         let session = match session_task {
             Some(t) => Some(match tokio::time::timeout(opts.drain_timeout, t).await {
                 Ok(Ok(r)) => r,

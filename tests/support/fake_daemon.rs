@@ -43,6 +43,7 @@ use buildkit_router::proto::gateway::llb_bridge_server::{LlbBridge, LlbBridgeSer
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::gate::{Gate, GatedIo};
 use super::tunnel;
 use super::MAX_MESSAGE;
 
@@ -157,6 +158,8 @@ pub struct Counters {
     sessions: Mutex<HashMap<String, SessionInfo>>,
     cancelled_refs: Mutex<Vec<String>>,
     completed_refs: Mutex<Vec<String>>,
+    /// Builds whose Solve failed, with the error.
+    failed_refs: Mutex<Vec<(String, String)>>,
     bytes_uploaded: AtomicU64,
     bytes_exported: AtomicU64,
     cancels: AtomicU64,
@@ -275,6 +278,11 @@ impl Counters {
     }
 
     /// Refs of Solves that completed successfully.
+    /// Builds whose Solve failed (not cancelled), with the error message.
+    pub fn failed_refs(&self) -> Vec<(String, String)> {
+        self.failed_refs.lock().unwrap().clone()
+    }
+
     pub fn completed_refs(&self) -> Vec<String> {
         self.completed_refs.lock().unwrap().clone()
     }
@@ -354,6 +362,10 @@ struct State {
     released: watch::Sender<bool>,
     history: tokio::sync::broadcast::Sender<BuildHistoryEvent>,
     kill: CancellationToken,
+    /// A graceful stop began ([`FakeDaemon::shutdown`]).
+    graceful: CancellationToken,
+    /// Freezes every socket, as SIGSTOP does ([`FakeDaemon::freeze`]).
+    gate: Arc<Gate>,
 }
 
 impl State {
@@ -476,6 +488,26 @@ impl Drop for CancelGuard {
     }
 }
 
+/// Returns once a graceful stop began and no build runs.
+async fn stopping_and_idle(state: &State) {
+    state.graceful.cancelled().await;
+    let mut events = state.history.subscribe();
+    loop {
+        let running = state
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .any(|j| !j.phase.borrow().terminal());
+        if !running {
+            return;
+        }
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = events.recv().await {
+            return;
+        }
+    }
+}
+
 fn history_event(t: BuildHistoryEventType, build_ref: &str) -> BuildHistoryEvent {
     BuildHistoryEvent {
         r#type: t as i32,
@@ -531,6 +563,8 @@ impl FakeDaemon {
             held: AtomicU64::new(0),
             history: tokio::sync::broadcast::channel(1024).0,
             kill: CancellationToken::new(),
+            graceful: CancellationToken::new(),
+            gate: Gate::new(),
         });
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve(listener, state.clone(), shutdown.clone()));
@@ -620,10 +654,30 @@ impl FakeDaemon {
 
     /// Graceful stop: stop accepting, GOAWAY on every connection, wait for in-flight calls.
     pub async fn shutdown(mut self) {
+        self.state.graceful.cancel();
         self.shutdown.cancel();
         if let Some(s) = self.server.take() {
             let _ = s.await;
         }
+    }
+
+    /// Freezes the daemon as SIGSTOP would: it stops reading, writing and accepting on every
+    /// socket (the kernel still completes new TCP handshakes into the backlog). Its own timers
+    /// keep running, unlike a stopped process's.
+    pub fn freeze(&self) {
+        self.state.gate.freeze();
+    }
+
+    /// Resumes a frozen daemon (SIGCONT): every socket carries on where it stopped.
+    pub fn thaw(&self) {
+        self.state.gate.thaw();
+    }
+
+    /// HTTP/2 PING frames (not ACKs) peers sent to this daemon. buildkitd (grpc-go's default
+    /// keepalive policy) answers more than two pings within 5 minutes, or any ping without an
+    /// active stream within 2 hours, with GOAWAY ENHANCE_YOUR_CALM.
+    pub fn pings_received(&self) -> u64 {
+        self.state.gate.pings()
     }
 
     /// Abrupt stop, like a pod dying: every connection dropped (TCP RST), no GOAWAY, every
@@ -648,12 +702,14 @@ async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationT
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => {
+            // A frozen daemon accepts nothing (the kernel's backlog does).
+            accepted = async { state.gate.opened().await; listener.accept().await } => {
                 let Ok((tcp, _)) = accepted else { continue };
                 state.counters.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = tcp.set_nodelay(true);
                 // Dropping the socket on kill resets it (RST), like a vanished pod's kernel.
                 let _ = tcp.set_zero_linger();
+                let tcp = GatedIo::new(tcp, state.gate.clone(), acceptor.is_none());
                 let state = state.clone();
                 let shutdown = shutdown.clone();
                 let acceptor = acceptor.clone();
@@ -792,6 +848,13 @@ impl Control for ControlSvc {
             armed: true,
         };
         let result = or_killed(&state, run_solve(&state, &job, &req)).await;
+        if result.is_err() {
+            // grpc-go's reader goroutine cancels a handler's context the moment it reads the
+            // stream's RST_STREAM, before it reads any later frame. hyper only notices a reset
+            // when the handler's future is pending: give a reset that arrived before whatever
+            // failed the build (e.g. the session's end) its precedence, as buildkitd would.
+            tokio::task::yield_now().await;
+        }
         guard.armed = false;
         match &result {
             Ok(_) => {
@@ -806,6 +869,12 @@ impl Control for ControlSvc {
             Err(e) => {
                 job.phase
                     .send_replace(Phase::Failed(e.message().to_string()));
+                state
+                    .counters
+                    .failed_refs
+                    .lock()
+                    .unwrap()
+                    .push((build_ref.clone(), e.message().to_string()));
             }
         }
         let _ = state
@@ -1026,9 +1095,14 @@ impl Control for ControlSvc {
             let want = req.r#ref.clone();
             let (tx, rx) = mpsc::channel(16);
             let kill = state.kill.clone();
+            let state = state.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
+                        // BuildKit closes its history pubsub once a graceful stop finds no
+                        // build running (history.Queue: GracefulStop, then ps.Close), which
+                        // ends every listener so that grpc-go's GracefulStop can complete.
+                        _ = stopping_and_idle(&state) => break,
                         ev = live.recv() => match ev {
                             Ok(ev) => {
                                 let r = ev.record.as_ref().map(|r| r.r#ref.clone()).unwrap_or_default();

@@ -10,12 +10,33 @@
 pub mod client;
 pub mod dns;
 pub mod fake_daemon;
+pub mod gate;
 pub mod keda;
 pub mod real;
 pub mod tls;
 pub mod tunnel;
 
 use rand::Rng;
+
+/// The real router, in-process, over fake `daemons` (`tweak` sets flags), once its first list of
+/// backends is in. `RUST_LOG=buildkit_router=debug` shows the router's side of a failing test.
+pub async fn router_over(
+    daemons: &[&fake_daemon::FakeDaemon],
+    tweak: impl FnOnce(&mut buildkit_router::config::RunConfig),
+) -> buildkit_router::app::Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut cfg = buildkit_router::config::RunConfig::for_tests();
+    cfg.backends = daemons.iter().map(|d| d.url()).collect();
+    tweak(&mut cfg);
+    let running = buildkit_router::app::start(cfg)
+        .await
+        .expect("router starts");
+    running.pool.wait_synced().await;
+    running
+}
 
 /// The largest gRPC message either side of BuildKit accepts.
 pub const MAX_MESSAGE: usize = 16 << 20;

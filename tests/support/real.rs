@@ -180,8 +180,12 @@ impl Supervised {
     }
 
     fn kill(&self) {
+        self.signal("-9");
+    }
+
+    fn signal(&self, signal: &str) {
         let _ = Command::new("kill")
-            .args(["-9", &self.pid.to_string()])
+            .args([signal, &self.pid.to_string()])
             .status();
     }
 
@@ -272,6 +276,18 @@ impl Daemon {
     /// SIGKILL, as a crashed pod or an OOM kill.
     pub fn kill(&self) {
         self.process.kill();
+    }
+
+    /// SIGSTOP, as a hung node or a partitioned pod: the daemon answers nothing, while the
+    /// kernel still accepts TCP connections into its backlog. (Containers it started keep
+    /// running.) The supervisor's SIGKILL still ends it if the test fails.
+    pub fn freeze(&self) {
+        self.process.signal("-STOP");
+    }
+
+    /// SIGCONT: a frozen daemon carries on.
+    pub fn thaw(&self) {
+        self.process.signal("-CONT");
     }
 
     pub fn log(&self) -> String {
