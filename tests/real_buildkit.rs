@@ -627,7 +627,7 @@ async fn a_killed_daemon_fails_only_its_own_builds() {
     }
 }
 
-/// buildctl's Ctrl-C in the middle of its context upload: buildctl resets the Solve and, at
+/// buildctl's Ctrl-C at the start of its context upload: buildctl resets the Solve and, at
 /// once, half-closes its Session. Through the router the daemon must see the cancel first, as it
 /// does directly: every round is recorded as cancelled (code 1, `context canceled`), never as a
 /// failure on the lost session.
@@ -642,15 +642,11 @@ async fn ctrl_c_during_the_context_upload_is_recorded_as_a_cancel() {
     std::fs::File::create(ctx.dir.path().join("big"))
         .and_then(|f| f.set_len(768 << 20))
         .expect("sparse context file");
-    let out = tempfile::tempdir().unwrap();
     let url = pool.router.url();
     for round in 0..3 {
         let known = router_builds(&pool);
-        let out_arg = format!(
-            "type=local,dest={}",
-            out.path().join(format!("r{round}")).display()
-        );
-        let args = ctx.build_args(&["--addr", &url], &["--output", &out_arg]);
+        // No --output: nothing is exported (the 768 MiB file would be written out in full).
+        let args = ctx.build_args(&["--addr", &url], &[]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = pool
             .clients
@@ -661,7 +657,9 @@ async fn ctrl_c_during_the_context_upload_is_recorded_as_a_cancel() {
         let mut seen = Vec::new();
         let uploading = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.expect("read progress") {
-                let now = line.contains("transferring context:") && !line.contains("done");
+                // The context's vertex starts: its upload (seconds long) begins now. (Plain
+                // progress does not always print a line while the transfer runs.)
+                let now = line.contains("[internal] load build context");
                 seen.push(line);
                 if now {
                     return true;
