@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::body::RequestBody;
+use crate::io::BufferedIo;
 
 /// TLS settings used to reach one backend.
 #[derive(Clone)]
@@ -158,6 +159,9 @@ pub struct PoolSettings {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// HTTP/2 connections kept to each backend: one per worker thread ([`crate::runtime`]), so
+    /// a call's backend side runs on the thread that serves its client.
+    pub shards: usize,
 }
 
 impl Default for PoolSettings {
@@ -170,6 +174,7 @@ impl Default for PoolSettings {
             stream_window: 2 * 1024 * 1024,
             connection_window: 32 * 1024 * 1024,
             max_frame_size: 256 * 1024,
+            shards: 1,
         }
     }
 }
@@ -181,6 +186,27 @@ struct Backoff {
     failures: u32,
     next_attempt: Instant,
     last_error: String,
+}
+
+/// One HTTP/2 connection to a backend, made when first needed.
+#[derive(Default)]
+struct Link {
+    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    fn cached(&self) -> Option<SendRequest<RequestBody>> {
+        let mut guard = self.sender.lock().expect("sender lock");
+        match guard.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                guard.take();
+                None
+            }
+            None => None,
+        }
+    }
 }
 
 /// One buildkitd daemon.
@@ -209,8 +235,8 @@ pub struct Backend {
     settings: Arc<PoolSettings>,
     /// Wakes whoever waits for the pool to change (the admission queue's dispatcher).
     events: Arc<tokio::sync::Notify>,
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
-    connecting: tokio::sync::Mutex<()>,
+    /// One HTTP/2 connection per worker thread (see [`PoolSettings::shards`]).
+    links: Box<[Link]>,
     backoff: Mutex<Option<Backoff>>,
     /// When the next health check is due, and the delay before the one after while the
     /// backend is unhealthy (doubling from [`FIRST_PROBE`] up to the health interval).
@@ -242,6 +268,9 @@ impl Backend {
         settings: Arc<PoolSettings>,
         events: Arc<tokio::sync::Notify>,
     ) -> Self {
+        let links = (0..settings.shards.max(1))
+            .map(|_| Link::default())
+            .collect();
         Self {
             identity_hash: crate::placement::hash::hash_str(&spec.identity),
             identity: spec.identity.into(),
@@ -263,8 +292,7 @@ impl Backend {
             platforms: RwLock::new(Arc::new(Vec::new())),
             settings,
             events,
-            sender: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            links,
             backoff: Mutex::new(None),
             next_check: Mutex::new((Instant::now(), FIRST_PROBE)),
             checking: AtomicBool::new(false),
@@ -377,7 +405,7 @@ impl Backend {
             *address = spec.address.clone();
             drop(address);
             *self.target.write().expect("target lock") = target_of(&spec.address);
-            self.sender.lock().expect("sender lock").take();
+            self.drop_connections();
             self.backoff.lock().expect("backoff lock").take();
         }
     }
@@ -385,7 +413,7 @@ impl Backend {
     /// Ejects the backend from placement until a health check passes: its connection failed
     /// or could not be made. Running builds keep their routes.
     pub fn mark_unreachable(&self, reason: &str) {
-        self.sender.lock().expect("sender lock").take();
+        self.drop_connections();
         *self.last_error.lock().expect("error lock") = Some(reason.to_owned());
         self.health_failures
             .store(self.settings.health_failures, Ordering::Relaxed);
@@ -398,14 +426,27 @@ impl Backend {
         }
     }
 
-    /// An HTTP/2 connection to this backend: the cached one, or a new one.
+    /// Forgets every connection to the backend (new calls connect anew).
+    fn drop_connections(&self) {
+        for link in self.links.iter() {
+            link.sender.lock().expect("sender lock").take();
+        }
+    }
+
+    /// This worker thread's connection to the backend.
+    fn link(&self) -> &Link {
+        &self.links[crate::runtime::shard() % self.links.len()]
+    }
+
+    /// An HTTP/2 connection to this backend: this worker thread's cached one, or a new one.
     pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
-        if let Some(sender) = self.cached_sender() {
+        let link = self.link();
+        if let Some(sender) = link.cached() {
             return Ok(sender);
         }
-        // One connect at a time per backend; callers that waited reuse its result.
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.cached_sender() {
+        // One connect at a time per link; callers that waited reuse its result.
+        let _connecting = link.connecting.lock().await;
+        if let Some(sender) = link.cached() {
             return Ok(sender);
         }
         let address = self.address();
@@ -423,7 +464,7 @@ impl Backend {
         match tokio::time::timeout(self.settings.connect_timeout, self.connect(&address)).await {
             Ok(Ok(sender)) => {
                 self.backoff.lock().expect("backoff lock").take();
-                *self.sender.lock().expect("sender lock") = Some(sender.clone());
+                *link.sender.lock().expect("sender lock") = Some(sender.clone());
                 info!(backend = %self.identity, address = %address, "connected to backend");
                 Ok(sender)
             }
@@ -458,18 +499,6 @@ impl Backend {
         }
     }
 
-    fn cached_sender(&self) -> Option<SendRequest<RequestBody>> {
-        let mut guard = self.sender.lock().expect("sender lock");
-        match guard.as_ref() {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                guard.take();
-                None
-            }
-            None => None,
-        }
-    }
-
     async fn connect(&self, address: &BackendAddress) -> Result<SendRequest<RequestBody>, String> {
         let tcp = TcpStream::connect((address.host.as_str(), address.port))
             .await
@@ -489,7 +518,7 @@ impl Backend {
         match &address.tls {
             None => {
                 let (sender, conn) = builder
-                    .handshake(TokioIo::new(tcp))
+                    .handshake(TokioIo::new(BufferedIo::new(tcp)))
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
@@ -502,7 +531,7 @@ impl Backend {
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
                 let stream = connector
-                    .connect(tls.server_name.clone(), tcp)
+                    .connect(tls.server_name.clone(), BufferedIo::new(tcp))
                     .await
                     .map_err(|e| format!("TLS handshake: {e}"))?;
                 let (sender, conn) = builder

@@ -22,8 +22,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::io::BufferedIo;
 use crate::metrics::Metrics;
 use crate::router::{ConnState, Router};
+use crate::runtime::Workers;
 
 /// HTTP/2 server limits.
 #[derive(Debug, Clone)]
@@ -63,6 +65,8 @@ pub struct Server {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// Worker threads that serve the connections (thread per core); `None`: this runtime.
+    workers: Option<Arc<Workers>>,
 }
 
 impl Server {
@@ -72,6 +76,7 @@ impl Server {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         limits: Limits,
+        workers: Option<Arc<Workers>>,
     ) -> Self {
         Self {
             listener,
@@ -79,6 +84,7 @@ impl Server {
             router,
             metrics,
             limits,
+            workers,
         }
     }
 
@@ -115,8 +121,9 @@ impl Server {
             let limits = limits.clone();
             let tls = self.tls.clone();
             let watcher = graceful.watcher();
-            tokio::spawn(
+            let serve = move |stream: TcpStream| {
                 async move {
+                    let stream = BufferedIo::new(stream);
                     let _permit = permit;
                     metrics.connections_active.inc();
                     match tls {
@@ -139,8 +146,14 @@ impl Server {
                     }
                     metrics.connections_active.dec();
                 }
-                .instrument(tracing::debug_span!("conn", %peer)),
-            );
+                .instrument(tracing::debug_span!("conn", %peer))
+            };
+            match &self.workers {
+                Some(workers) => workers.spawn_connection(stream, serve),
+                None => {
+                    tokio::spawn(serve(stream));
+                }
+            }
         }
         drop(self.listener);
         info!(grace = ?grace, "stopped accepting; waiting for in-flight calls");
@@ -155,7 +168,7 @@ impl Server {
 
 /// The client certificate's identity (mTLS): its subject's common name, else the whole
 /// subject; `None` without a certificate.
-fn client_identity(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Arc<str>> {
+fn client_identity(tls: &tokio_rustls::server::TlsStream<BufferedIo>) -> Option<Arc<str>> {
     let der = tls.get_ref().1.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let subject = cert.subject();
@@ -170,10 +183,10 @@ fn client_identity(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<A
 
 async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
+    stream: BufferedIo,
     peer: std::net::SocketAddr,
     limits: &Limits,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<BufferedIo>> {
     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let alpn = tls
