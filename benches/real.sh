@@ -5,8 +5,8 @@
 # One real buildkitd (OCI worker, its own --root under a scratch directory) is reached:
 #   direct   -> buildkitd itself
 #   router   -> buildkit-router (release build, default flags: --log info)   -> buildkitd
-#   relay    -> buildkit-router with ROUTER_RELAY_ARGS (the Session relay kept in the path
-#               for the whole build: --session-cut-through off)               -> buildkitd
+#               (a build's Session always crosses the router's Session relay: the router
+#               answers the tunnel itself, docs/session-relay.md)
 #   NAME     -> other router binaries or flags, ROUTER_VARIANTS="NAME=/path/to/buildkit-router[,FLAG...]
 #               ..." (before and after a change in the same run; optional)
 #   haproxy  -> HAProxy 2.6, mode http, proto h2 both sides                 -> buildkitd
@@ -18,8 +18,7 @@
 # call of the proxy process and of buildkitd.
 #
 # Part "build": a real `buildctl build` of `FROM scratch` + `COPY . /ctx` with a CONTEXT_MIB
-# context of incompressible files, direct and through the router (and the relay variant), in
-# rotating rounds; `buildctl prune --all` before each, so every build uploads the whole context
+# context of incompressible files, direct and through the router, in rotating rounds; `buildctl prune --all` before each, so every build uploads the whole context
 # and copies it. Reports the median wall time, direct/router ratios (>= 0.95 is the target),
 # the time of the "load build context" step (the upload itself, from buildctl's rawjson
 # progress), and the router's CPU per MiB.
@@ -28,8 +27,7 @@
 #        needs it; installs nghttp2-client, haproxy and nginx when missing)
 # Env:   BUILDKIT_PEERS_BIN (.peers/bin)  ROUNDS (5)  REQUESTS_1 (3000)  REQUESTS_64 (20000)
 #        CONTEXT_MIB (512)  BUILD_ROUNDS (3)  ROUTER_BIN (built here)  ROUTER_ARGS ()
-#        ROUTER_RELAY_ARGS (--session-cut-through=off; empty: no relay target)  ROUTER_VARIANTS ()
-#        KEEP_WORKDIR
+#        ROUTER_VARIANTS ()  KEEP_WORKDIR
 set -euo pipefail
 
 PART=${1:-all}
@@ -39,7 +37,6 @@ REQUESTS_64=${REQUESTS_64:-20000}
 CONTEXT_MIB=${CONTEXT_MIB:-512}
 BUILD_ROUNDS=${BUILD_ROUNDS:-3}
 ROUTER_ARGS=${ROUTER_ARGS:-}
-ROUTER_RELAY_ARGS=${ROUTER_RELAY_ARGS---session-cut-through=off}
 METHOD=/moby.buildkit.v1.Control/ListWorkers
 RUN_TIMEOUT=300
 
@@ -105,10 +102,6 @@ declare -A PORT PROXY_PID
 PORT[direct]=$B
 PROXY_PID[direct]=""
 start_router router "$ROUTER_BIN"
-if [[ -n $ROUTER_RELAY_ARGS ]]; then
-    # shellcheck disable=SC2086
-    start_router relay "$ROUTER_BIN" $ROUTER_RELAY_ARGS
-fi
 VARIANTS=()
 for v in ${ROUTER_VARIANTS:-}; do
     IFS=, read -r -a spec <<<"${v#*=}"
@@ -237,7 +230,6 @@ EOF
 
 build() {
     local targets=(direct router) ctx name round k order t0 t1 p0 p1 secs csecs
-    [[ -n ${PORT[relay]:-} ]] && targets+=(relay)
     targets+=("${VARIANTS[@]}")
     log "making a $CONTEXT_MIB MiB context"
     ctx=$(make_context)

@@ -46,6 +46,9 @@ pub const OUT_MESSAGE_TARGET: usize = 64 * 1024;
 /// stream's own flow control does the rest.
 pub const OUT_CHANNEL: usize = 8;
 
+/// Room reserved for a message that starts with a small write.
+const SMALL_MESSAGE: usize = 4 * 1024;
+
 /// gRPC prefix, the `data` field's tag, and its length as a varint of up to 5 bytes (2^35 bytes
 /// is far above any message we emit).
 const HEADER_ROOM: usize = 5 + 1 + 5;
@@ -334,7 +337,14 @@ impl Encoder {
     /// Appends as much of `data` as fits under [`OUT_MESSAGE_TARGET`]; returns how much.
     pub fn push(&mut self, data: &[u8]) -> usize {
         if self.buf.is_empty() {
-            self.buf.reserve(HEADER_ROOM + OUT_MESSAGE_TARGET);
+            // Room for a whole message when bulk data comes; a small one otherwise, so an
+            // idle tunnel (SETTINGS, pings, window updates) does not keep 64 KiB.
+            let room = if data.len() >= SMALL_MESSAGE {
+                OUT_MESSAGE_TARGET
+            } else {
+                SMALL_MESSAGE
+            };
+            self.buf.reserve(HEADER_ROOM + room);
             self.buf.put_bytes(0, HEADER_ROOM);
         }
         let n = data.len().min(OUT_MESSAGE_TARGET - self.pending());
