@@ -54,16 +54,29 @@ WORK=$(mktemp -d /tmp/buildkit-router-real.XXXXXX)
 PIDS=()
 BK_ROOT=$WORK/buildkitd
 cleanup() {
+    # Routers, HAProxy and nginx first, then buildkitd and its mounts, then the files.
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
     cleanup_started_daemon
     cleanup_started
 }
 cleanup_started_daemon() {
     local m
-    [[ -n ${BK_PID:-} ]] && kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null
+    if [[ -n ${BK_PID:-} ]]; then
+        kill "$BK_PID" 2>/dev/null || true
+        wait "$BK_PID" 2>/dev/null || true
+    fi
     # buildkitd leaves overlay mounts under its root when killed: unmount them, deepest first.
-    grep -o " $BK_ROOT[^ ]*" /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do
-        umount -l "$m" 2>/dev/null || true
-    done
+    { grep -o " $BK_ROOT[^ ]*" /proc/self/mounts 2>/dev/null || true; } | sort -r |
+        while read -r m; do
+            umount -l "$m" 2>/dev/null || true
+        done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

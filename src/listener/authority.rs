@@ -500,6 +500,22 @@ mod tests {
         }
     }
 
+    /// `wire` read through the fix in reads of at most `chunk` bytes.
+    async fn through_fix(wire: &[u8], chunk: usize) -> Vec<u8> {
+        let (mut client, server) = tokio::io::duplex(chunk);
+        let write = async {
+            use tokio::io::AsyncWriteExt;
+            client.write_all(wire).await.expect("write");
+        };
+        let read = async {
+            let mut fixed = AuthorityFix::new(server);
+            let mut out = vec![0; wire.len()];
+            fixed.read_exact(&mut out).await.expect("read");
+            out
+        };
+        tokio::join!(write, read).1
+    }
+
     /// Whatever the reads' sizes (HEADERS frames and frame headers cut anywhere, or whole
     /// frames in one read: the in-place path), the bytes come out the same and repaired.
     #[tokio::test]
@@ -521,18 +537,7 @@ mod tests {
         }
         assert_ne!(expected, wire);
         for chunk in 1..=wire.len() + 1 {
-            let (mut client, server) = tokio::io::duplex(chunk);
-            let write = async {
-                use tokio::io::AsyncWriteExt;
-                client.write_all(&wire).await.expect("write");
-            };
-            let read = async {
-                let mut fixed = AuthorityFix::new(server);
-                let mut out = vec![0; wire.len()];
-                fixed.read_exact(&mut out).await.expect("read");
-                out
-            };
-            let ((), out) = tokio::join!(write, read);
+            let out = through_fix(&wire, chunk).await;
             assert_eq!(out, expected, "reads of up to {chunk} bytes");
         }
     }
@@ -545,18 +550,7 @@ mod tests {
         wire.extend_from_slice(&[0, 0, block.len() as u8, HEADERS, END_HEADERS, 0, 0, 0, 1]);
         wire.extend_from_slice(&block);
         wire.extend_from_slice(&[0, 0, 5, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]); // DATA, END_STREAM
-        let (mut client, server) = tokio::io::duplex(7); // tiny chunks: every boundary splits
-        let write = async {
-            use tokio::io::AsyncWriteExt;
-            client.write_all(&wire).await.expect("write");
-        };
-        let read = async {
-            let mut fixed = AuthorityFix::new(server);
-            let mut out = vec![0; wire.len()];
-            fixed.read_exact(&mut out).await.expect("read");
-            out
-        };
-        let ((), out) = tokio::join!(write, read);
+        let out = through_fix(&wire, 7).await; // tiny chunks: every boundary splits
         assert_eq!(out.len(), wire.len());
         let headers_at = PREFACE_LEN + 9 + 9;
         assert_eq!(
