@@ -15,7 +15,9 @@
 //!   frames it has, and the connection's task runs again after the other ready tasks (which may
 //!   queue more frames). Its next flush with nothing new writes everything in one system call.
 //!   Nothing waits on a timer: a deferred flush always ends with the task's next poll. A full
-//!   buffer, shutdown, and drop (best effort, non-blocking) write at once.
+//!   buffer, shutdown, and drop (best effort, non-blocking) write at once. This relies on the
+//!   caller flushing again whenever its task runs, as h2 does after every poll; a TLS
+//!   handshake does not, so it runs with deferral off ([`BufferedIo::set_defer_flush`]).
 //! - **Reads** go straight into the reader's buffer, except when the last read filled it
 //!   completely (a bulk transfer): then one read of up to [`READ_AHEAD`] bytes is buffered
 //!   here and handed out in pieces; a short read turns read-ahead off again.
@@ -51,6 +53,9 @@ pub struct BufferedIo {
     wbuf: BytesMut,
     /// Bytes were buffered since the last flush.
     fresh: bool,
+    /// Flushes may be deferred (off during a TLS handshake, whose driver does not flush
+    /// again when woken: see [`BufferedIo::set_defer_flush`]).
+    defer: bool,
 }
 
 impl BufferedIo {
@@ -61,7 +66,16 @@ impl BufferedIo {
             read_ahead: false,
             wbuf: BytesMut::new(),
             fresh: false,
+            defer: true,
         }
+    }
+
+    /// Whether a flush right after new bytes may be deferred to the task's next poll. That is
+    /// only safe under a caller that flushes again every time its task runs, as h2 does
+    /// (directly or through TLS); a TLS handshake does not, so TLS streams turn it off until
+    /// the handshake is done.
+    pub fn set_defer_flush(&mut self, defer: bool) {
+        self.defer = defer;
     }
 
     pub fn get_ref(&self) -> &TcpStream {
@@ -185,7 +199,7 @@ impl AsyncWrite for BufferedIo {
         if this.wbuf.is_empty() {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        if this.fresh && this.wbuf.len() < WRITE_AT {
+        if this.defer && this.fresh && this.wbuf.len() < WRITE_AT {
             // More frames may follow (from this task, or from the other ready tasks before it
             // runs again): this task runs again, and its next flush with nothing new writes
             // everything at once.

@@ -530,10 +530,14 @@ impl Backend {
             }
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
-                let stream = connector
-                    .connect(tls.server_name.clone(), BufferedIo::new(tcp))
+                let mut io = BufferedIo::new(tcp);
+                // The handshake does not flush again when woken (see BufferedIo).
+                io.set_defer_flush(false);
+                let mut stream = connector
+                    .connect(tls.server_name.clone(), io)
                     .await
                     .map_err(|e| format!("TLS handshake: {e}"))?;
+                stream.get_mut().0.set_defer_flush(true);
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(stream))
                     .await

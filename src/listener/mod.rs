@@ -183,12 +183,14 @@ fn client_identity(tls: &tokio_rustls::server::TlsStream<BufferedIo>) -> Option<
 
 async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
-    stream: BufferedIo,
+    mut stream: BufferedIo,
     peer: std::net::SocketAddr,
     limits: &Limits,
 ) -> Option<tokio_rustls::server::TlsStream<BufferedIo>> {
+    stream.set_defer_flush(false);
     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
+            tls.get_mut().0.set_defer_flush(true);
             let alpn = tls
                 .get_ref()
                 .1
