@@ -29,7 +29,8 @@ ROOT=$PWD
 WORK=$(mktemp -d /tmp/buildkit-router-peers.XXXXXX)
 PIDS=()
 trap cleanup_started EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP
+trap 'exit 141' PIPE
 
 # --- tools -----------------------------------------------------------------------------------
 need_tools h2load=nghttp2-client nghttp=nghttp2-client haproxy=haproxy nginx=nginx

@@ -79,7 +79,8 @@ cleanup_started_daemon() {
         done
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP
+trap 'exit 141' PIPE
 
 need_tools h2load=nghttp2-client nghttp=nghttp2-client haproxy=haproxy nginx=nginx
 
