@@ -24,39 +24,16 @@ RUN_TIMEOUT=120
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
 WORK=$(mktemp -d /tmp/buildkit-router-peers.XXXXXX)
 PIDS=()
-
-log() { printf '%s\n' "$*" >&2; }
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ -z ${KEEP_WORKDIR:-} ]]; then
-        rm -rf "$WORK"
-    else
-        log "work directory kept: $WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap cleanup_started EXIT
+trap 'exit 130' INT TERM HUP
+trap 'exit 141' PIPE
 
 # --- tools -----------------------------------------------------------------------------------
-need=()
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v nghttp >/dev/null || need+=(nghttp2-client)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx)
-if ((${#need[@]})); then
-    log "installing: ${need[*]}"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nghttp2-client haproxy nginx
-fi
+need_tools h2load=nghttp2-client nghttp=nghttp2-client haproxy=haproxy nginx=nginx
 
 # --- builds (release; reused when up to date) ------------------------------------------------
 log "building the router and the fake daemon (release)"
@@ -64,21 +41,6 @@ cargo build --release --quiet --bin buildkit-router --example fake_buildkitd
 ROUTER_BIN=$ROOT/target/release/buildkit-router
 FAKE_BIN=$ROOT/target/release/examples/fake_buildkitd
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # port name
-    local i
-    for i in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    log "$2 did not listen on 127.0.0.1:$1"
-    exit 1
-}
 
 # --- backend ---------------------------------------------------------------------------------
 "$FAKE_BIN" >"$WORK/fake.out" 2>"$WORK/fake.err" &
@@ -111,61 +73,11 @@ ROUTER_WARN_PID=$!
 
 # --- HAProxy ---------------------------------------------------------------------------------
 H=$(free_port)
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend grpc_in
-    bind 127.0.0.1:$H proto h2
-    default_backend buildkitd
-backend buildkitd
-    server bk0 127.0.0.1:$B proto h2
-EOF
-haproxy -c -q -f "$WORK/haproxy.cfg"
-haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
-PIDS+=($!)
-HAPROXY_PID=$!
+start_haproxy "$H" "$B"
 
 # --- nginx -----------------------------------------------------------------------------------
 N=$(free_port)
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    upstream buildkitd {
-        server 127.0.0.1:$B;
-        # Reuse upstream connections (nginx sends one stream per upstream connection at a time).
-        keepalive 256;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$N http2;
-        # The default (1000) would close each h2load connection long before -n is reached.
-        keepalive_requests 1000000;
-        location / {
-            grpc_pass grpc://buildkitd;
-        }
-    }
-}
-EOF
-nginx -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.test" || { cat "$WORK/nginx.test" >&2; exit 1; }
-nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" >"$WORK/nginx.log" 2>&1 &
-PIDS+=($!)
-NGINX_PID=$!
+start_nginx "$N" "$B"
 
 NAMES=(direct router rtr-warn haproxy nginx)
 declare -A PORT=([direct]=$B [router]=$R [rtr-warn]=$RW [haproxy]=$H [nginx]=$N)
@@ -188,20 +100,7 @@ done
 log "every target answers ListWorkers with grpc-status 0"
 
 # --- CPU accounting: user+system clock ticks of a process and its children (nginx workers) ---
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 declare -A PROXY_PID=([direct]="" [router]=$ROUTER_PID [rtr-warn]=$ROUTER_WARN_PID [haproxy]=$HAPROXY_PID [nginx]=$NGINX_PID)
-ticks() { # pid... -> utime+stime of those processes and their direct children
-    local p t=0 all=()
-    for p in "$@"; do
-        all+=("$p")
-        mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
-    done
-    for p in "${all[@]}"; do
-        [[ -r /proc/$p/stat ]] || continue
-        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
-    done
-    echo "$t"
-}
 declare -A PCPU BCPU
 
 # --- load ------------------------------------------------------------------------------------
@@ -242,7 +141,6 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # --- report ----------------------------------------------------------------------------------
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # h2load's log: start time, status, request duration (us).
 lat_stats() { # file -> "mean p50 p99" in microseconds
     cut -f3 "$1" | sort -g | awk '{a[NR]=$1; s+=$1} END {

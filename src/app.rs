@@ -19,6 +19,7 @@ use crate::placement::Placement;
 use crate::pool::{Pool, PoolSettings};
 use crate::registry::{Registry, RegistrySettings};
 use crate::router::{Router, RouterSettings};
+use crate::runtime::Workers;
 use crate::tls::{self, BackendTlsFiles};
 
 /// Why the router could not start.
@@ -70,8 +71,18 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Starts the router: listeners, pool, discovery, health checks, admin endpoints.
+/// Starts the router: listeners, pool, discovery, health checks, admin endpoints. Everything
+/// runs on the caller's runtime.
 pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
+    start_on(cfg, None).await
+}
+
+/// [`start`], with client connections served by `workers` (thread per core), each worker
+/// keeping its own connection to every backend.
+pub async fn start_on(
+    cfg: RunConfig,
+    workers: Option<Arc<Workers>>,
+) -> Result<Running, StartError> {
     let backend_tls = BackendTlsFiles {
         ca: cfg.backend_tls_ca.clone(),
         cert: cfg.backend_tls_cert.clone(),
@@ -102,6 +113,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         health_timeout: cfg.health_timeout,
         health_failures: cfg.health_failures,
         max_builds_per_backend: placement_config.max_builds_per_backend,
+        shards: workers.as_ref().map_or(1, |w| w.len()),
         ..PoolSettings::default()
     });
     let registry = Registry::new(RegistrySettings {
@@ -227,6 +239,7 @@ pub async fn start(cfg: RunConfig) -> Result<Running, StartError> {
         router,
         metrics.clone(),
         limits,
+        workers,
     );
     let addr = server.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.listen,

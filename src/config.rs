@@ -36,6 +36,16 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// How the router's threads share the work (docs/performance.md compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeLayout {
+    /// One single-threaded runtime per worker thread; each client connection, its calls and
+    /// the worker's own backend connections stay on one thread.
+    ThreadPerCore,
+    /// One tokio work-stealing runtime: any thread runs any task.
+    WorkStealing,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Plain,
@@ -186,6 +196,19 @@ pub struct RunConfig {
     /// so buildx works against a pool that starts at zero. Default: the router's own platform.
     #[arg(long, value_delimiter = ',', env = "BUILDKIT_ROUTER_DEFAULT_PLATFORMS")]
     pub default_platforms: Vec<String>,
+
+    /// Threads that serve client connections. Default: the number of CPUs the process may use.
+    #[arg(long, env = "BUILDKIT_ROUTER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Runtime layout: `thread-per-core` (each connection on one thread, one backend connection
+    /// per thread) or `work-stealing` (tokio's multi-threaded scheduler).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "thread-per-core",
+        env = "BUILDKIT_ROUTER_RUNTIME"
+    )]
+    pub runtime: RuntimeLayout,
 
     /// On SIGTERM, how long in-flight builds may run before the router exits anyway.
     #[arg(long, value_parser = parse_duration, default_value = "10m", env = "BUILDKIT_ROUTER_SHUTDOWN_GRACE")]

@@ -4,7 +4,10 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use buildkit_router::config::{Cli, Command, LogFormat, RunConfig};
+use std::sync::Arc;
+
+use buildkit_router::config::{Cli, Command, LogFormat, RunConfig, RuntimeLayout};
+use buildkit_router::runtime::Workers;
 use buildkit_router::{app, placement, status};
 use clap::Parser;
 use tracing::{error, info};
@@ -18,7 +21,7 @@ fn main() -> ExitCode {
         Some(Command::Status(args)) => runtime().and_then(|rt| rt.block_on(status::print(args))),
         None => {
             init_logging(&cli.run);
-            runtime().and_then(|rt| rt.block_on(run(cli.run)))
+            serve(cli.run)
         }
     };
     match result {
@@ -34,6 +37,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// Runs the router on the configured runtime layout.
+fn serve(cfg: RunConfig) -> Result<(), BoxError> {
+    let threads = cfg.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    match cfg.runtime {
+        RuntimeLayout::ThreadPerCore => {
+            // The main thread is worker 0: accept loop, background tasks, and its share of
+            // the connections.
+            let rt = buildkit_router::runtime::single_threaded()?;
+            let workers = Workers::start(rt.handle().clone(), threads)?;
+            rt.block_on(run(cfg, Some(workers)))
+        }
+        RuntimeLayout::WorkStealing => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .enable_all()
+                .build()?;
+            rt.block_on(run(cfg, None))
+        }
+    }
 }
 
 fn init_logging(cfg: &RunConfig) {
@@ -56,8 +82,8 @@ fn init_logging(cfg: &RunConfig) {
     }
 }
 
-async fn run(cfg: RunConfig) -> Result<(), BoxError> {
-    let running = app::start(cfg).await?;
+async fn run(cfg: RunConfig, workers: Option<Arc<Workers>>) -> Result<(), BoxError> {
+    let running = app::start_on(cfg, workers).await?;
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::body::RequestBody;
+use crate::io::BufferedIo;
 
 /// TLS settings used to reach one backend.
 #[derive(Clone)]
@@ -167,6 +168,9 @@ pub struct PoolSettings {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// HTTP/2 connections kept to each backend for calls: one per worker thread
+    /// ([`crate::runtime`]), so a call's backend side runs on the thread that serves its client.
+    pub shards: usize,
 }
 
 impl Default for PoolSettings {
@@ -180,6 +184,7 @@ impl Default for PoolSettings {
             stream_window: 2 * 1024 * 1024,
             connection_window: 32 * 1024 * 1024,
             max_frame_size: 256 * 1024,
+            shards: 1,
         }
     }
 }
@@ -191,6 +196,27 @@ struct Backoff {
     failures: u32,
     next_attempt: Instant,
     last_error: String,
+}
+
+/// One HTTP/2 connection to a backend for calls, made when first needed.
+#[derive(Default)]
+struct Link {
+    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    fn cached(&self) -> Option<SendRequest<RequestBody>> {
+        let mut guard = self.sender.lock().expect("sender lock");
+        match guard.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                guard.take();
+                None
+            }
+            None => None,
+        }
+    }
 }
 
 /// How the pool tells others that it changed.
@@ -288,7 +314,8 @@ pub struct Backend {
     settings: Arc<PoolSettings>,
     /// Wakes whoever waits for the pool to change (the admission queue's dispatcher).
     events: Arc<PoolEvents>,
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    /// One HTTP/2 connection per worker thread (see [`PoolSettings::shards`]).
+    links: Box<[Link]>,
     /// Stops every task of this backend's HTTP/2 connections (see [`ConnectionExecutor`])
     /// when cancelled, which fails every stream on them at once: cancelled and replaced when
     /// the backend is declared dead.
@@ -296,7 +323,6 @@ pub struct Backend {
     /// A connection of its own for health checks, so that a busy build connection (flow
     /// control, many streams) never delays a check and a frozen daemon is told from a slow one.
     health_sender: Mutex<Option<SendRequest<RequestBody>>>,
-    connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Option<Backoff>>,
     /// When the next health check is due, and the delay before the one after while the
     /// backend is unhealthy (doubling from [`FIRST_PROBE`] up to the health interval).
@@ -324,6 +350,9 @@ impl fmt::Debug for Backend {
 
 impl Backend {
     fn new(spec: EndpointSpec, settings: Arc<PoolSettings>, events: Arc<PoolEvents>) -> Self {
+        let links = (0..settings.shards.max(1))
+            .map(|_| Link::default())
+            .collect();
         Self {
             identity_hash: crate::placement::hash::hash_str(&spec.identity),
             identity: spec.identity.into(),
@@ -346,10 +375,9 @@ impl Backend {
             platforms: RwLock::new(Arc::new(Vec::new())),
             settings,
             events,
-            sender: Mutex::new(None),
+            links,
             life: Mutex::new(CancellationToken::new()),
             health_sender: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(None),
             next_check: Mutex::new((Instant::now(), FIRST_PROBE)),
             checking: AtomicBool::new(false),
@@ -464,7 +492,7 @@ impl Backend {
             *address = spec.address.clone();
             drop(address);
             *self.target.write().expect("target lock") = target_of(&spec.address);
-            self.sender.lock().expect("sender lock").take();
+            self.drop_connections();
             self.backoff.lock().expect("backoff lock").take();
         }
     }
@@ -472,7 +500,7 @@ impl Backend {
     /// Ejects the backend from placement until a health check passes: its connection failed
     /// or could not be made. Running builds keep their routes.
     pub fn mark_unreachable(&self, reason: &str) {
-        self.sender.lock().expect("sender lock").take();
+        self.drop_connections();
         *self.last_error.lock().expect("error lock") = Some(reason.to_owned());
         if self.healthy.swap(false, Ordering::AcqRel) {
             warn!(backend = %self.identity, %reason, "backend connection failed; no new builds until a health check passes");
@@ -504,14 +532,26 @@ impl Backend {
     fn declare_dead(&self, reason: String) {
         warn!(backend = %self.identity, %reason, "backend declared dead; ending every stream on it");
         *self.dead.write().expect("dead lock") = Some(Arc::from(reason));
-        self.sender.lock().expect("sender lock").take();
+        self.drop_connections();
         // Dropping a connection's tasks fails every stream on it (h2 ends them when its
         // connection is dropped); the router's stream ends see the reason above.
         std::mem::take(&mut *self.life.lock().expect("life lock")).cancel();
         self.events.fire();
     }
 
-    /// An HTTP/2 connection to this backend: the cached one, or a new one.
+    /// Forgets every call connection to the backend (new calls connect anew).
+    fn drop_connections(&self) {
+        for link in self.links.iter() {
+            link.sender.lock().expect("sender lock").take();
+        }
+    }
+
+    /// This worker thread's call connection to the backend.
+    fn link(&self) -> &Link {
+        &self.links[crate::runtime::shard() % self.links.len()]
+    }
+
+    /// An HTTP/2 connection to this backend: this worker thread's cached one, or a new one.
     pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
         if let Some(reason) = self.dead_reason() {
             return Err(ConnectError::Dead {
@@ -519,12 +559,13 @@ impl Backend {
                 reason,
             });
         }
-        if let Some(sender) = self.cached_sender() {
+        let link = self.link();
+        if let Some(sender) = link.cached() {
             return Ok(sender);
         }
-        // One connect at a time per backend; callers that waited reuse its result.
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.cached_sender() {
+        // One connect at a time per link; callers that waited reuse its result.
+        let _connecting = link.connecting.lock().await;
+        if let Some(sender) = link.cached() {
             return Ok(sender);
         }
         let address = self.address();
@@ -542,7 +583,7 @@ impl Backend {
         match tokio::time::timeout(self.settings.connect_timeout, self.connect(&address)).await {
             Ok(Ok(sender)) => {
                 self.backoff.lock().expect("backoff lock").take();
-                *self.sender.lock().expect("sender lock") = Some(sender.clone());
+                *link.sender.lock().expect("sender lock") = Some(sender.clone());
                 info!(backend = %self.identity, address = %address, "connected to backend");
                 Ok(sender)
             }
@@ -597,18 +638,6 @@ impl Backend {
         sender
     }
 
-    fn cached_sender(&self) -> Option<SendRequest<RequestBody>> {
-        let mut guard = self.sender.lock().expect("sender lock");
-        match guard.as_ref() {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                guard.take();
-                None
-            }
-            None => None,
-        }
-    }
-
     async fn connect(
         &self,
         address: &BackendAddress,
@@ -640,17 +669,21 @@ impl Backend {
         match &address.tls {
             None => {
                 let (sender, conn) = builder
-                    .handshake(TokioIo::new(tcp))
+                    .handshake(TokioIo::new(BufferedIo::new(tcp)))
                     .await
                     .map_err(ConnectFailure::other)?;
                 Ok(self.drive(sender, conn, identity))
             }
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
-                let stream = connector
-                    .connect(tls.server_name.clone(), tcp)
+                let mut io = BufferedIo::new(tcp);
+                // The handshake does not flush again when woken (see BufferedIo).
+                io.set_defer_flush(false);
+                let mut stream = connector
+                    .connect(tls.server_name.clone(), io)
                     .await
                     .map_err(|e| ConnectFailure::other(format!("TLS handshake: {e}")))?;
+                stream.get_mut().0.set_defer_flush(true);
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(stream))
                     .await

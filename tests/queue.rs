@@ -194,7 +194,9 @@ async fn a_build_that_waits_too_long_gets_resource_exhausted_naming_its_wait() {
         );
     }
     assert_eq!(router.metrics.queue_timeouts_total.get(), 1);
-    assert_eq!(router.metrics.queued_total.get(), 0);
+    // The gauge is updated by the queue's dispatcher, which may run just after the client
+    // got its answer (seen under the whole suite's load).
+    wait_queued(&router, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,38 +88,81 @@ impl<S> AuthorityFix<S> {
         }
     }
 
+    /// Deadlines, at each frame header: the preface is done at the first frame; a header
+    /// block is open from a HEADERS without END_HEADERS to the CONTINUATION ending it.
+    fn track_deadline(&mut self, kind: u8, flags: u8) {
+        if self.handshake_timeout.is_some() {
+            if kind == HEADERS && flags & END_HEADERS == 0 {
+                self.arm("a header block (HEADERS then CONTINUATION frames)");
+            } else if kind != CONTINUATION || flags & END_HEADERS != 0 {
+                self.deadline = None;
+            }
+        }
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 }
 
 impl<S: AsyncRead + Unpin> AuthorityFix<S> {
-    /// Reads at most `limit` bytes from the inner stream straight into `out` (payloads: no copy).
-    fn read_through(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-        limit: usize,
-    ) -> Poll<io::Result<usize>> {
-        let room = out.initialize_unfilled_to(limit.min(out.remaining()));
-        let mut sub = ReadBuf::new(room);
-        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut sub))?;
-        let n = sub.filled().len();
-        out.advance(n);
-        Poll::Ready(Ok(n))
-    }
-
     /// Reads more bytes into `inbuf` (one read can carry several small frames).
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let start = self.inbuf.len();
-        self.inbuf.resize(start + READ_CHUNK, 0);
-        let mut sub = ReadBuf::new(&mut self.inbuf[start..]);
-        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut sub);
-        let n = sub.filled().len();
-        // Keep only what was read, also when the read is pending.
-        self.inbuf.truncate(start + n);
-        ready!(polled)?;
-        Poll::Ready(Ok(n))
+        self.inbuf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.inbuf)
+    }
+
+    /// Scans bytes just read into the reader's buffer, in place: passes preface and frame
+    /// payloads, repairs complete HEADERS frames. Returns how many of them can be handed out;
+    /// the rest (a frame header or a HEADERS frame cut by the end of the read) is collected by
+    /// the slow path first.
+    fn scan(&mut self, buf: &mut [u8]) -> usize {
+        let mut pos = 0;
+        while pos < buf.len() {
+            match self.state {
+                State::Preface(left) | State::Pass(left) => {
+                    let n = left.min(buf.len() - pos);
+                    pos += n;
+                    self.state = match self.state {
+                        State::Preface(_) if n < left => State::Preface(left - n),
+                        State::Pass(_) if n < left => State::Pass(left - n),
+                        _ => State::Header,
+                    };
+                }
+                State::Header => {
+                    if buf.len() - pos < FRAME_HEADER_LEN {
+                        return pos;
+                    }
+                    let header = &buf[pos..pos + FRAME_HEADER_LEN];
+                    let len = usize::from(header[0]) << 16
+                        | usize::from(header[1]) << 8
+                        | usize::from(header[2]);
+                    let (kind, flags) = (header[3], header[4]);
+                    if kind == HEADERS && len <= MAX_COLLECT && len > 0 {
+                        let payload = pos + FRAME_HEADER_LEN;
+                        if buf.len() - payload < len {
+                            // The slow path collects the frame and sees its header then.
+                            return pos;
+                        }
+                        self.track_deadline(kind, flags);
+                        if flags & END_HEADERS != 0 {
+                            repair_headers_payload(flags, &mut buf[payload..payload + len]);
+                        }
+                        pos = payload + len;
+                    } else {
+                        self.track_deadline(kind, flags);
+                        pos += FRAME_HEADER_LEN;
+                        self.state = if len == 0 {
+                            State::Header
+                        } else {
+                            State::Pass(len)
+                        };
+                    }
+                }
+                State::Collect { .. } => return pos,
+            }
+        }
+        pos
     }
 }
 
@@ -156,20 +199,36 @@ impl<S: AsyncRead + Unpin> AuthorityFix<S> {
                 this.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
+            if this.inbuf.is_empty() && !matches!(this.state, State::Collect { .. }) {
+                // Fast path: read straight into the reader's buffer and scan in place. Buffers
+                // of an earlier slow path are released (an idle connection holds none).
+                if this.inbuf.capacity() > 0 {
+                    this.inbuf = BytesMut::new();
+                    this.payload = Vec::new();
+                    this.pending = BytesMut::new();
+                }
+                let start = out.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                let end = out.filled().len();
+                if end == start {
+                    return Poll::Ready(Ok(()));
+                }
+                let keep = this.scan(&mut out.filled_mut()[start..end]);
+                if start + keep < end {
+                    this.inbuf
+                        .extend_from_slice(&out.filled()[start + keep..end]);
+                    out.set_filled(start + keep);
+                }
+                if keep > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
             match this.state {
                 State::Preface(left) | State::Pass(left) => {
-                    let n = if this.inbuf.is_empty() {
-                        let n = ready!(this.read_through(cx, out, left))?;
-                        if n == 0 {
-                            return Poll::Ready(Ok(()));
-                        }
-                        n
-                    } else {
-                        let n = left.min(this.inbuf.len()).min(out.remaining());
-                        out.put_slice(&this.inbuf[..n]);
-                        this.inbuf.advance(n);
-                        n
-                    };
+                    let n = left.min(this.inbuf.len()).min(out.remaining());
+                    out.put_slice(&this.inbuf[..n]);
+                    this.inbuf.advance(n);
                     this.state = match this.state {
                         State::Preface(_) if n < left => State::Preface(left - n),
                         State::Pass(_) if n < left => State::Pass(left - n),
@@ -195,15 +254,7 @@ impl<S: AsyncRead + Unpin> AuthorityFix<S> {
                         | usize::from(this.header[1]) << 8
                         | usize::from(this.header[2]);
                     let (kind, flags) = (this.header[3], this.header[4]);
-                    // Deadlines: the preface is done at the first frame; a header block is
-                    // open from a HEADERS without END_HEADERS to the CONTINUATION ending it.
-                    if this.handshake_timeout.is_some() {
-                        if kind == HEADERS && flags & END_HEADERS == 0 {
-                            this.arm("a header block (HEADERS then CONTINUATION frames)");
-                        } else if kind != CONTINUATION || flags & END_HEADERS != 0 {
-                            this.deadline = None;
-                        }
-                    }
+                    this.track_deadline(kind, flags);
                     if kind == HEADERS && len <= MAX_COLLECT && len > 0 {
                         this.payload.clear();
                         this.payload.reserve(len);
@@ -510,6 +561,48 @@ mod tests {
         }
     }
 
+    /// `wire` read through the fix in reads of at most `chunk` bytes.
+    async fn through_fix(wire: &[u8], chunk: usize) -> Vec<u8> {
+        let (mut client, server) = tokio::io::duplex(chunk);
+        let write = async {
+            use tokio::io::AsyncWriteExt;
+            client.write_all(wire).await.expect("write");
+        };
+        let read = async {
+            let mut fixed = AuthorityFix::new(server);
+            let mut out = vec![0; wire.len()];
+            fixed.read_exact(&mut out).await.expect("read");
+            out
+        };
+        tokio::join!(write, read).1
+    }
+
+    /// Whatever the reads' sizes (HEADERS frames and frame headers cut anywhere, or whole
+    /// frames in one read: the in-place path), the bytes come out the same and repaired.
+    #[tokio::test]
+    async fn every_read_size_gives_the_same_repaired_stream() {
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let block = literal(1, b"tcp://127.0.0.1:1234", true);
+        let mut headers = vec![0, 0, block.len() as u8, HEADERS, END_HEADERS, 0, 0, 0, 1];
+        headers.extend_from_slice(&block);
+        let data = [0, 0, 5, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0];
+        let mut expected = wire.clone();
+        let mut repaired = headers.clone();
+        repair_headers_payload(END_HEADERS, &mut repaired[9..]);
+        for _ in 0..2 {
+            wire.extend_from_slice(&headers);
+            wire.extend_from_slice(&data);
+            expected.extend_from_slice(&repaired);
+            expected.extend_from_slice(&data);
+        }
+        assert_ne!(expected, wire);
+        for chunk in 1..=wire.len() + 1 {
+            let out = through_fix(&wire, chunk).await;
+            assert_eq!(out, expected, "reads of up to {chunk} bytes");
+        }
+    }
+
     #[tokio::test]
     async fn the_stream_passes_every_byte_and_repairs_only_headers() {
         let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -518,18 +611,7 @@ mod tests {
         wire.extend_from_slice(&[0, 0, block.len() as u8, HEADERS, END_HEADERS, 0, 0, 0, 1]);
         wire.extend_from_slice(&block);
         wire.extend_from_slice(&[0, 0, 5, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]); // DATA, END_STREAM
-        let (mut client, server) = tokio::io::duplex(7); // tiny chunks: every boundary splits
-        let write = async {
-            use tokio::io::AsyncWriteExt;
-            client.write_all(&wire).await.expect("write");
-        };
-        let read = async {
-            let mut fixed = AuthorityFix::new(server);
-            let mut out = vec![0; wire.len()];
-            fixed.read_exact(&mut out).await.expect("read");
-            out
-        };
-        let ((), out) = tokio::join!(write, read);
+        let out = through_fix(&wire, 7).await; // tiny chunks: every boundary splits
         assert_eq!(out.len(), wire.len());
         let headers_at = PREFACE_LEN + 9 + 9;
         assert_eq!(

@@ -24,8 +24,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::io::BufferedIo;
 use crate::metrics::Metrics;
 use crate::router::{ConnState, Router};
+use crate::runtime::Workers;
 
 /// HTTP/2 server limits.
 #[derive(Debug, Clone)]
@@ -78,6 +80,8 @@ pub struct Server {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// Worker threads that serve the connections (thread per core); `None`: this runtime.
+    workers: Option<Arc<Workers>>,
 }
 
 impl Server {
@@ -87,6 +91,7 @@ impl Server {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         limits: Limits,
+        workers: Option<Arc<Workers>>,
     ) -> Self {
         Self {
             listener,
@@ -94,6 +99,7 @@ impl Server {
             router,
             metrics,
             limits,
+            workers,
         }
     }
 
@@ -140,8 +146,9 @@ impl Server {
             let limits = limits.clone();
             let tls = self.tls.clone();
             let watcher = graceful.watcher();
-            tokio::spawn(
+            let serve = move |stream: TcpStream| {
                 async move {
+                    let stream = BufferedIo::new(stream);
                     let _permit = (permit, per_ip);
                     metrics.connections_active.inc();
                     match tls {
@@ -164,8 +171,14 @@ impl Server {
                     }
                     metrics.connections_active.dec();
                 }
-                .instrument(tracing::debug_span!("conn", %peer)),
-            );
+                .instrument(tracing::debug_span!("conn", %peer))
+            };
+            match &self.workers {
+                Some(workers) => workers.spawn_connection(stream, serve),
+                None => {
+                    tokio::spawn(serve(stream));
+                }
+            }
         }
         drop(self.listener);
         info!(grace = ?grace, "stopped accepting; waiting for in-flight calls");
@@ -218,7 +231,7 @@ impl Drop for PerIp {
 
 /// The client certificate's identity (mTLS): its subject's common name, else the whole
 /// subject; `None` without a certificate.
-fn client_identity(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Arc<str>> {
+fn client_identity(tls: &tokio_rustls::server::TlsStream<BufferedIo>) -> Option<Arc<str>> {
     let der = tls.get_ref().1.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let subject = cert.subject();
@@ -233,12 +246,14 @@ fn client_identity(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<A
 
 async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
+    mut stream: BufferedIo,
     peer: std::net::SocketAddr,
     limits: &Limits,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<BufferedIo>> {
+    stream.set_defer_flush(false);
     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
+            tls.get_mut().0.set_defer_flush(true);
             let alpn = tls
                 .get_ref()
                 .1

@@ -96,17 +96,19 @@ impl Router {
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
+        // Each route's future is boxed: inline, the largest (Solve's) would make every call's
+        // future kilobytes big, copied whole into hyper's per-stream task at every call.
         match route {
-            Route::Solve => self.solve(conn, request).await,
-            Route::Session => self.session(conn, request).await,
-            Route::Status => self.status(conn, request).await,
-            Route::Bridge => self.bridge(conn, request).await,
-            Route::ListenHistory => self.history(conn, request, true).await,
-            Route::UpdateHistory => self.history(conn, request, false).await,
-            Route::FanOutUnary => self.fan_out_unary(request).await,
-            Route::FanOutStream => self.fan_out_stream(request).await,
-            Route::AnyReady => self.any_ready(conn, request).await,
-            Route::Sticky => self.sticky(conn, request).await,
+            Route::Solve => Box::pin(self.solve(conn, request)).await,
+            Route::Session => Box::pin(self.session(conn, request)).await,
+            Route::Status => Box::pin(self.status(conn, request)).await,
+            Route::Bridge => Box::pin(self.bridge(conn, request)).await,
+            Route::ListenHistory => Box::pin(self.history(conn, request, true)).await,
+            Route::UpdateHistory => Box::pin(self.history(conn, request, false)).await,
+            Route::FanOutUnary => Box::pin(self.fan_out_unary(request)).await,
+            Route::FanOutStream => Box::pin(self.fan_out_stream(request)).await,
+            Route::AnyReady => Box::pin(self.any_ready(conn, request)).await,
+            Route::Sticky => Box::pin(self.sticky(conn, request)).await,
             Route::Health => self.health(request),
         }
     }

@@ -8,8 +8,8 @@
 //! on top of it.
 //!
 //! Allocation: inbound payloads are slices of the body's own `Bytes` (no copy until the reader's
-//! buffer); outbound writes are coalesced into one message per flush (or per
-//! [`OUT_MESSAGE_TARGET`] bytes), built in place behind room reserved for its header, so each
+//! buffer); outbound writes are coalesced into one message per flush with nothing new to write
+//! (or per [`OUT_MESSAGE_TARGET`] bytes; see `poll_flush`), built in place behind room reserved for its header, so each
 //! outgoing message costs one allocation and one copy. Buffering is bounded on both sides: the
 //! inbound side holds at most one body chunk, the outbound side at most [`OUT_CHANNEL`] messages.
 //!
@@ -45,6 +45,9 @@ pub const OUT_MESSAGE_TARGET: usize = 64 * 1024;
 /// With [`OUT_MESSAGE_TARGET`] this bounds a tunnel's outbound buffer to 512 KiB; the outer
 /// stream's own flow control does the rest.
 pub const OUT_CHANNEL: usize = 8;
+
+/// Room reserved for a message that starts with a small write.
+const SMALL_MESSAGE: usize = 4 * 1024;
 
 /// gRPC prefix, the `data` field's tag, and its length as a varint of up to 5 bytes (2^35 bytes
 /// is far above any message we emit).
@@ -334,7 +337,14 @@ impl Encoder {
     /// Appends as much of `data` as fits under [`OUT_MESSAGE_TARGET`]; returns how much.
     pub fn push(&mut self, data: &[u8]) -> usize {
         if self.buf.is_empty() {
-            self.buf.reserve(HEADER_ROOM + OUT_MESSAGE_TARGET);
+            // Room for a whole message when bulk data comes; a small one otherwise, so an
+            // idle tunnel (SETTINGS, pings, window updates) does not keep 64 KiB.
+            let room = if data.len() >= SMALL_MESSAGE {
+                OUT_MESSAGE_TARGET
+            } else {
+                SMALL_MESSAGE
+            };
+            self.buf.reserve(HEADER_ROOM + room);
             self.buf.put_bytes(0, HEADER_ROOM);
         }
         let n = data.len().min(OUT_MESSAGE_TARGET - self.pending());
@@ -462,6 +472,8 @@ pub struct TunnelIo<B> {
     end: Arc<Mutex<ReadEnd>>,
     rest: Option<oneshot::Sender<B>>,
     encoder: Encoder,
+    /// Bytes were written since the last flush (see `poll_flush`).
+    fresh: bool,
     out: PollSender<Frame<Bytes>>,
     out_closed: bool,
 }
@@ -489,6 +501,7 @@ where
                 end: end.clone(),
                 rest: Some(rest_tx),
                 encoder: Encoder::default(),
+                fresh: false,
                 out: PollSender::new(outbound),
                 out_closed: false,
             },
@@ -621,6 +634,7 @@ where
         if this.out_closed {
             return Poll::Ready(Err(broken_pipe()));
         }
+        this.fresh = true;
         Poll::Ready(Ok(this.encoder.push(buf)))
     }
 
@@ -636,6 +650,7 @@ where
         if this.out_closed {
             return Poll::Ready(Err(broken_pipe()));
         }
+        this.fresh = true;
         let mut written = 0;
         for buf in bufs {
             let n = this.encoder.push(buf);
@@ -651,8 +666,19 @@ where
         true
     }
 
+    /// A flush right after new bytes, with the message not full, is deferred as in
+    /// [`crate::io::BufferedIo`]: the task is woken, and its next flush with nothing new sends
+    /// the message. h2 flushes after every DATA frame larger than 256 bytes, so without this
+    /// each 16 KiB inner frame would cost a whole outer message and HTTP/2 DATA frame.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_send(cx)
+        let this = &mut *self;
+        if this.fresh && this.encoder.pending() > 0 && !this.encoder.is_full() {
+            this.fresh = false;
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
+        this.fresh = false;
+        this.poll_send(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -665,6 +691,13 @@ where
 
 impl<B> Drop for TunnelIo<B> {
     fn drop(&mut self) {
+        // A message held by a deferred flush (a last GOAWAY or RST_STREAM) goes out if the
+        // channel has room; never waits.
+        if !self.out_closed {
+            if let (Some(message), Some(tx)) = (self.encoder.finish(), self.out.get_ref()) {
+                let _ = tx.try_send(Frame::data(message));
+            }
+        }
         if let (Some(body), Some(rest)) = (self.body.take(), self.rest.take()) {
             let _ = rest.send(body);
         }
@@ -905,10 +938,14 @@ mod tests {
         let (_in_tx, inbound) = body();
         let (out_tx, mut out_rx) = mpsc::channel(1);
         let (mut io, _handle) = TunnelIo::new(inbound, out_tx, MAX);
+        // A flush right after writing is deferred; the next one (as h2 makes when its task
+        // runs again) sends.
         io.write_all(b"one").await.unwrap();
         io.flush().await.unwrap();
+        io.flush().await.unwrap();
         io.write_all(b"two").await.unwrap();
-        // The channel holds one message: the second flush waits for the reader.
+        io.flush().await.unwrap();
+        // The channel holds one message: sending the second waits for the reader.
         let flush = tokio::time::timeout(std::time::Duration::from_millis(50), io.flush()).await;
         assert!(flush.is_err(), "flush waits while the channel is full");
         assert!(out_rx.recv().await.is_some());
@@ -916,6 +953,7 @@ mod tests {
         assert!(out_rx.recv().await.is_some());
         drop(out_rx);
         io.write_all(b"three").await.unwrap();
+        io.flush().await.unwrap();
         let err = io.flush().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }

@@ -471,13 +471,21 @@ impl RouterProcess {
     pub fn log(&self) -> String {
         self.process.log()
     }
+
+    /// The router's process id (for /proc figures such as its resident memory).
+    pub fn pid(&self) -> u32 {
+        self.process.pid
+    }
 }
 
 /// The router binary cargo built for this test (integration tests only: examples that include
 /// this module have no binary to run).
 pub fn router_bin() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_buildkit-router")
+    // BUILDKIT_ROUTER_BIN: measure another build of the router (a release binary) from a
+    // debug test (tests/memory.rs).
+    std::env::var_os("BUILDKIT_ROUTER_BIN")
         .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_BIN_EXE_buildkit-router").map(PathBuf::from))
         .expect("the router binary is built for integration tests")
 }
 
