@@ -54,6 +54,15 @@ impl RequestBody {
         }
     }
 
+    /// The whole body, when nothing more will come from the client: `Some(None)` when empty,
+    /// `Some(Some(bytes))` with all of it (taken); `None` while it is still streaming.
+    pub fn take_complete(&mut self) -> Option<Option<Bytes>> {
+        if self.channel.is_some() || self.inner.as_ref().is_some_and(|i| !i.is_end_stream()) {
+            return None;
+        }
+        Some(self.prefix.take())
+    }
+
     /// Frames produced by a task; the body ends when every sender is dropped.
     pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
         Self {
@@ -106,6 +115,58 @@ impl Body for RequestBody {
         }
         hint.set_lower(inner.lower() + prefix);
         hint
+    }
+}
+
+/// A backend's response body: DATA frames, then trailers. Flow-control capacity is given back
+/// as each frame is taken, so the backend sends as fast as the client reads.
+pub struct BackendBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl BackendBody {
+    pub(crate) fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for BackendBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Fails only for a stream already closed; the next poll reports that.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
     }
 }
 
@@ -188,7 +249,7 @@ impl fmt::Debug for StreamContext {
 }
 
 impl StreamContext {
-    fn lost_message(&self, error: &hyper::Error) -> String {
+    fn lost_message(&self, error: &h2::Error) -> String {
         if let Some(reason) = self.health.as_ref().and_then(|h| h.dead_reason()) {
             return match &self.build_ref {
                 Some(r) => format!(
@@ -216,7 +277,7 @@ impl StreamContext {
 
 enum Source {
     Backend {
-        inner: Incoming,
+        inner: BackendBody,
         context: StreamContext,
     },
     Local {
@@ -254,7 +315,7 @@ impl fmt::Debug for ResponseBody {
 impl ResponseBody {
     /// A backend's response body, passed through.
     /// `header_status` is the grpc-status of a Trailers-Only answer.
-    pub fn backend(inner: Incoming, context: StreamContext, header_status: Option<u32>) -> Self {
+    pub fn backend(inner: BackendBody, context: StreamContext, header_status: Option<u32>) -> Self {
         Self {
             source: Source::Backend { inner, context },
             hook: None,
@@ -308,25 +369,18 @@ impl ResponseBody {
 
 /// Whether a stream error is the peer resetting the stream (cancel), as opposed to the
 /// connection failing.
-pub fn is_stream_reset(error: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && h2.is_remote();
-        }
-        source = err.source();
-    }
-    false
+pub fn is_stream_reset(error: &h2::Error) -> bool {
+    error.is_reset() && error.is_remote()
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
         match &mut this.source {
             Source::Done => Poll::Ready(None),

@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
+use crate::body::BackendBody;
 use crate::body::{RequestBody, ResponseBody, StreamContext};
 pub use crate::grpc::code;
 use crate::grpc::{grpc_message_of, grpc_status_of, status_trailers};
@@ -30,7 +31,7 @@ pub enum ForwardError {
     Send {
         backend: Arc<str>,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The backend was declared dead while the call waited for its answer (see
     /// `Backend::dead_reason`); its connection was ended on purpose.
@@ -66,6 +67,15 @@ impl Head {
             method: http::Method::POST,
             path_and_query: PathAndQuery::from_static(path),
             headers,
+        }
+    }
+
+    /// The head of a request the router owns (no header copy).
+    pub fn from_owned(parts: Parts) -> Self {
+        Self {
+            path_and_query: path_of(&parts.uri),
+            method: parts.method,
+            headers: parts.headers,
         }
     }
 
@@ -108,7 +118,7 @@ pub async fn send(
     backend: &Arc<Backend>,
     parts: Parts,
     body: RequestBody,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<BackendBody>, ForwardError> {
     let request = prepare(
         backend,
         parts.method,
@@ -124,7 +134,7 @@ pub async fn send_copy(
     backend: &Arc<Backend>,
     head: &Head,
     body: Bytes,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<BackendBody>, ForwardError> {
     let request = prepare(
         backend,
         head.method.clone(),
@@ -138,7 +148,7 @@ pub async fn send_copy(
 async fn send_request(
     backend: &Arc<Backend>,
     request: Request<RequestBody>,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<BackendBody>, ForwardError> {
     // A call that failed because the router ended a dead backend's connection says why.
     let send_error = |source| match backend.dead_reason() {
         Some(reason) => ForwardError::Dead {
@@ -150,28 +160,24 @@ async fn send_request(
             source,
         },
     };
-    let mut sender = backend.sender().await?;
-    if sender.ready().await.is_err() {
-        // The cached connection just died; the pool drops it and connects anew.
-        sender = backend.sender().await?;
-        sender.ready().await.map_err(send_error)?;
+    let mut connection = backend.sender().await?;
+    if let Err(error) = connection.ready().await {
+        // The cached connection takes no new stream (GOAWAY received, or it failed); nothing
+        // was sent: connect anew.
+        tracing::debug!(backend = %backend.identity(), %error, "connection refuses new streams; connecting anew");
+        backend.forget(&connection);
+        connection = backend.sender().await?;
+        connection.ready().await.map_err(send_error)?;
     }
-    match sender.try_send_request(request).await {
-        Ok(response) => Ok(response),
-        Err(mut error) => match error.take_message() {
-            Some(request) => {
-                tracing::debug!(backend = %backend.identity(), error = %error.error(), "connection refused the request before sending it; retrying on a new connection");
-                let mut sender = backend.sender().await?;
-                sender.ready().await.map_err(send_error)?;
-                sender.send_request(request).await.map_err(send_error)
-            }
-            None => Err(send_error(error.into_error())),
-        },
-    }
+    connection
+        .send(request)
+        .map_err(send_error)?
+        .await
+        .map_err(send_error)
 }
 
 /// Turns a backend's response into the client's, passing every frame through.
-pub fn relay(response: Response<Incoming>, context: StreamContext) -> Response<ResponseBody> {
+pub fn relay(response: Response<BackendBody>, context: StreamContext) -> Response<ResponseBody> {
     let (parts, body) = response.into_parts();
     let header_status = grpc_status_of(&parts.headers);
     Response::from_parts(parts, ResponseBody::backend(body, context, header_status))
@@ -294,9 +300,9 @@ pub struct Collected {
 
 /// Reads a whole (small) response.
 pub async fn collect(
-    response: Response<Incoming>,
+    response: Response<BackendBody>,
     max_len: usize,
-) -> Result<Collected, hyper::Error> {
+) -> Result<Collected, h2::Error> {
     let (parts, mut body) = response.into_parts();
     let mut data = BytesMut::new();
     let mut trailers = None;
@@ -344,7 +350,7 @@ pub fn merge_unary_payloads<'a>(
 /// Forwards whole messages of a backend's streamed response into `tx`; returns its final status
 /// (the message percent-decoded).
 pub async fn pump_messages(
-    response: Response<Incoming>,
+    response: Response<BackendBody>,
     tx: &mpsc::Sender<Frame<Bytes>>,
     max_len: usize,
 ) -> Result<(u32, String), String> {

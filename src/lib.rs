@@ -31,6 +31,7 @@ pub mod scaler;
 pub mod session;
 pub mod status;
 pub mod tls;
+pub mod upstream;
 pub mod waiting;
 pub mod wire;
 pub mod workers;

@@ -11,9 +11,7 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri};
 use http_body_util::BodyExt;
-use hyper::client::conn::http2::SendRequest;
 use hyper::Response;
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -22,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::body::BackendBody;
 use crate::body::RequestBody;
 use crate::io::BufferedIo;
+use crate::upstream::{self, Connection};
 
 /// TLS settings used to reach one backend.
 #[derive(Clone)]
@@ -201,12 +201,12 @@ struct Backoff {
 /// One HTTP/2 connection to a backend for calls, made when first needed.
 #[derive(Default)]
 struct Link {
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    sender: Mutex<Option<Connection>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Link {
-    fn cached(&self) -> Option<SendRequest<RequestBody>> {
+    fn cached(&self) -> Option<Connection> {
         let mut guard = self.sender.lock().expect("sender lock");
         match guard.as_ref() {
             Some(sender) if !sender.is_closed() => Some(sender.clone()),
@@ -316,13 +316,14 @@ pub struct Backend {
     events: Arc<PoolEvents>,
     /// One HTTP/2 connection per worker thread (see [`PoolSettings::shards`]).
     links: Box<[Link]>,
-    /// Stops every task of this backend's HTTP/2 connections (see [`ConnectionExecutor`])
-    /// when cancelled, which fails every stream on them at once: cancelled and replaced when
+    /// Stops the tasks that drive this backend's HTTP/2 connections (see [`Backend::drive`])
+    /// when cancelled, which fails every stream on them at once (h2 ends every stream of a
+    /// dropped connection): cancelled and replaced when
     /// the backend is declared dead.
     life: Mutex<CancellationToken>,
     /// A connection of its own for health checks, so that a busy build connection (flow
     /// control, many streams) never delays a check and a frozen daemon is told from a slow one.
-    health_sender: Mutex<Option<SendRequest<RequestBody>>>,
+    health_sender: Mutex<Option<Connection>>,
     backoff: Mutex<Option<Backoff>>,
     /// When the next health check is due, and the delay before the one after while the
     /// backend is unhealthy (doubling from [`FIRST_PROBE`] up to the health interval).
@@ -546,13 +547,22 @@ impl Backend {
         }
     }
 
+    /// Forgets `connection` if it is still this thread's cached one: it refused a new stream
+    /// (GOAWAY received, or failed), so the next call connects anew.
+    pub fn forget(&self, connection: &Connection) {
+        let mut cached = self.link().sender.lock().expect("sender lock");
+        if cached.as_ref().is_some_and(|c| c.same(connection)) {
+            cached.take();
+        }
+    }
+
     /// This worker thread's call connection to the backend.
     fn link(&self) -> &Link {
         &self.links[crate::runtime::shard() % self.links.len()]
     }
 
     /// An HTTP/2 connection to this backend: this worker thread's cached one, or a new one.
-    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+    pub async fn sender(&self) -> Result<Connection, ConnectError> {
         if let Some(reason) = self.dead_reason() {
             return Err(ConnectError::Dead {
                 backend: self.identity.clone(),
@@ -618,16 +628,11 @@ impl Backend {
         }
     }
 
-    /// Spawns the task that dispatches a new connection's requests, stopped with the others
-    /// (see [`ConnectionExecutor`]).
-    fn drive<C>(
-        &self,
-        sender: SendRequest<RequestBody>,
-        conn: C,
-        identity: Arc<str>,
-    ) -> SendRequest<RequestBody>
+    /// Spawns the task that drives a new connection, stopped when the backend is declared
+    /// dead (its life token), which ends every stream on it at once.
+    fn drive<C>(&self, conn: C, identity: Arc<str>)
     where
-        C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+        C: std::future::Future<Output = Result<(), h2::Error>> + Send + 'static,
     {
         let life = self.life.lock().expect("life lock").clone();
         tokio::spawn(async move {
@@ -635,13 +640,9 @@ impl Backend {
                 debug!(backend = %identity, %error, "backend connection ended");
             }
         });
-        sender
     }
 
-    async fn connect(
-        &self,
-        address: &BackendAddress,
-    ) -> Result<SendRequest<RequestBody>, ConnectFailure> {
+    async fn connect(&self, address: &BackendAddress) -> Result<Connection, ConnectFailure> {
         let tcp = TcpStream::connect((address.host.as_str(), address.port))
             .await
             .map_err(|e| ConnectFailure {
@@ -649,8 +650,6 @@ impl Backend {
                 reason: e.to_string(),
             })?;
         tcp.set_nodelay(true).map_err(ConnectFailure::other)?;
-        let life = self.life.lock().expect("life lock").clone();
-        let mut builder = hyper::client::conn::http2::Builder::new(ConnectionExecutor(life));
         // No HTTP/2 PINGs at all (no keepalive, no adaptive window, which pings to estimate
         // bandwidth): buildkitd v0.32.2 runs grpc-go v1.82.1 with the default keepalive
         // enforcement policy (MinTime 5 min, PermitWithoutStream false). A client that pings more
@@ -658,25 +657,22 @@ impl Backend {
         // GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (internal/transport/http2_server.go,
         // handlePing), which would fail every build on the connection. Health checks are
         // ordinary gRPC requests on a connection of their own instead.
-        builder
-            .initial_stream_window_size(self.settings.stream_window)
-            .initial_connection_window_size(self.settings.connection_window)
-            .max_frame_size(self.settings.max_frame_size)
-            .max_send_buf_size(1024 * 1024)
-            .max_header_list_size(256 * 1024)
-            .timer(hyper_util::rt::TokioTimer::new());
+        let settings = upstream::Settings {
+            stream_window: self.settings.stream_window,
+            connection_window: self.settings.connection_window,
+            max_frame_size: self.settings.max_frame_size,
+            max_send_buffer: 1024 * 1024,
+            max_header_list_size: 256 * 1024,
+        };
         let identity = self.identity.clone();
-        match &address.tls {
-            None => {
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(BufferedIo::new(tcp)))
-                    .await
-                    .map_err(ConnectFailure::other)?;
-                Ok(self.drive(sender, conn, identity))
-            }
+        let io = BufferedIo::new(tcp);
+        let (connection, drive) = match &address.tls {
+            None => Connection::handshake(io, settings)
+                .await
+                .map_err(ConnectFailure::other)?,
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config.clone());
-                let mut io = BufferedIo::new(tcp);
+                let mut io = io;
                 // The handshake does not flush again when woken (see BufferedIo).
                 io.set_defer_flush(false);
                 let mut stream = connector
@@ -684,13 +680,15 @@ impl Backend {
                     .await
                     .map_err(|e| ConnectFailure::other(format!("TLS handshake: {e}")))?;
                 stream.get_mut().0.set_defer_flush(true);
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
+                let (connection, drive) = Connection::handshake(stream, settings)
                     .await
                     .map_err(ConnectFailure::other)?;
-                Ok(self.drive(sender, conn, identity))
+                self.drive(drive, identity);
+                return Ok(connection);
             }
-        }
+        };
+        self.drive(drive, identity);
+        Ok(connection)
     }
 
     /// The URI of `path` on this backend (scheme and authority as a direct client would send).
@@ -708,7 +706,7 @@ impl Backend {
         &self,
         path: &'static str,
         message: &[u8],
-    ) -> Result<Response<hyper::body::Incoming>, String> {
+    ) -> Result<Response<BackendBody>, String> {
         let mut sender = self.sender().await.map_err(|e| e.to_string())?;
         let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
             .header("content-type", "application/grpc")
@@ -716,10 +714,8 @@ impl Backend {
             .body(RequestBody::full(crate::wire::encode_frame(message)))
             .map_err(|e| e.to_string())?;
         sender.ready().await.map_err(|e| e.to_string())?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())
+        let response = sender.send(request).map_err(|e| e.to_string())?;
+        response.await.map_err(|e| e.to_string())
     }
 
     /// One unary gRPC call with an empty request on the health connection (health checks and
@@ -743,14 +739,18 @@ impl Backend {
                     })?
                 }
             };
-            let silent = |e: hyper::Error| Probe::Silent(format!("{path} failed: {e}"));
+            let silent = |e: h2::Error| Probe::Silent(format!("{path} failed: {e}"));
             sender.ready().await.map_err(silent)?;
             let request = Request::post(self.uri_for(PathAndQuery::from_static(path)))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(RequestBody::full(crate::wire::encode_frame(&[])))
                 .map_err(|e| Probe::Refused(e.to_string()))?;
-            let response = sender.send_request(request).await.map_err(silent)?;
+            let response = sender
+                .send(request)
+                .map_err(silent)?
+                .await
+                .map_err(silent)?;
             let refused = |code| Probe::Refused(format!("{path} answered grpc-status {code}"));
             if let Some(code) = crate::grpc::grpc_status_of(response.headers()) {
                 if code != 0 {
@@ -948,26 +948,6 @@ impl crate::body::ConnectionHealth for Backend {
 
     fn dead_reason(&self) -> Option<Arc<str>> {
         Backend::dead_reason(self)
-    }
-}
-
-/// Runs the tasks of one backend's HTTP/2 connections: hyper drives the connection itself, each
-/// request body and each pending answer in tasks of its own. All of them stop when the backend's
-/// life token is cancelled (declared dead), which drops the connection: h2 then fails every
-/// stream on it, and so does every call waiting for an answer.
-#[derive(Clone)]
-struct ConnectionExecutor(CancellationToken);
-
-impl<F> hyper::rt::Executor<F> for ConnectionExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let life = self.0.clone();
-        tokio::spawn(async move {
-            life.run_until_cancelled(future).await;
-        });
     }
 }
 

@@ -23,7 +23,7 @@ use tracing::{debug, field, info, Instrument};
 use super::directory::{Directory, Registration, METHOD_HEADER};
 use super::relay;
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{BackendBody, RequestBody, ResponseBody};
 use crate::grpc::status_trailers;
 use crate::pool::Backend;
 
@@ -58,7 +58,7 @@ pub struct Refusal {
 
 /// Opens the Session on a backend: sends the client's request head with `body` as the outgoing
 /// tunnel, and returns the backend's response head (or why it could not, for the client).
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Response<BackendBody>, String>> + Send>>;
 pub type Open =
     Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
 

@@ -12,14 +12,13 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use super::hold::{code, Held, Open, Placed};
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
-use crate::body::RequestBody;
+use crate::body::{BackendBody, RequestBody};
 use crate::grpc::{grpc_status_of, status_trailers};
 use crate::pool::Backend;
 
@@ -283,7 +282,7 @@ pub(crate) async fn run(
 
 /// Reads the rest of the daemon's outer stream (its inner connection is closed: any bytes are
 /// discarded) to learn how it ended; `ReadEnd::Open` if it does not end within `grace`.
-async fn read_to_end(handle: &mut TunnelHandle<Incoming>, grace: Duration) -> ReadEnd {
+async fn read_to_end(handle: &mut TunnelHandle<BackendBody>, grace: Duration) -> ReadEnd {
     let end = handle.end();
     if end.is_over() {
         return end;
