@@ -29,22 +29,28 @@ impl Router {
             _ => "/moby.buildkit.v1.Control/Info",
         };
         // This connection's backend first, then the others by load: a daemon that died a
-        // moment ago costs a retry on the next, never the client's call.
-        let mut candidates: Vec<Arc<Backend>> = self
-            .pool
-            .snapshot()
-            .backends
-            .iter()
-            .filter(|b| b.state() == BackendState::Ready)
-            .cloned()
-            .collect();
-        candidates.sort_by_key(|b| b.active_builds());
-        if let Some(last) = conn.last_backend() {
-            if let Some(i) = candidates.iter().position(|b| Arc::ptr_eq(b, &last)) {
-                let last = candidates.remove(i);
-                candidates.insert(0, last);
-            }
-        }
+        // moment ago costs a retry on the next, never the client's call. The first choice needs
+        // no list; the rest is sorted only when it fails.
+        let snapshot = self.pool.snapshot();
+        let ready = |b: &Arc<Backend>| b.state() == BackendState::Ready;
+        let first = conn.last_backend().filter(ready).or_else(|| {
+            snapshot
+                .backends
+                .iter()
+                .filter(|b| ready(b))
+                .min_by_key(|b| b.active_builds())
+                .cloned()
+        });
+        let others = |first: &Arc<Backend>| {
+            let mut others: Vec<Arc<Backend>> = snapshot
+                .backends
+                .iter()
+                .filter(|b| ready(b) && !Arc::ptr_eq(b, first))
+                .cloned()
+                .collect();
+            others.sort_by_key(|b| b.active_builds());
+            others.into_iter()
+        };
         let fresh = self
             .refreshed
             .lock()
@@ -56,8 +62,12 @@ impl Router {
             Ok(peeked) => peeked,
             Err(answer) => return answer,
         };
-        let head = Head::from_parts(&parts);
+        let head = Head::from_owned(parts);
         let mut response = None;
+        let candidates = first
+            .clone()
+            .into_iter()
+            .chain(first.as_ref().into_iter().flat_map(others));
         for backend in candidates {
             match forward::send_copy(&backend, &head, peeked.buffered.clone()).await {
                 Ok(answer) => {
