@@ -18,6 +18,7 @@
 //!   buffer, shutdown, and drop (best effort, non-blocking) write at once. This relies on the
 //!   caller flushing again whenever its task runs, as h2 does after every poll; a TLS
 //!   handshake does not, so it runs with deferral off ([`BufferedIo::set_defer_flush`]).
+//!   Toward backends only bulk writes are deferred ([`BufferedIo::set_defer_small`]).
 //! - **Reads** go straight into the reader's buffer, except when the last read filled it
 //!   completely (a bulk transfer): then one read of up to [`READ_AHEAD`] bytes is buffered
 //!   here and handed out in pieces; a short read turns read-ahead off again.
@@ -35,6 +36,10 @@ use tokio::net::TcpStream;
 
 /// Writes are made as soon as this many bytes are buffered (four 16 KiB HTTP/2 DATA frames).
 pub const WRITE_AT: usize = 64 * 1024;
+
+/// Writes of at least this many bytes are a bulk transfer (one 16 KiB HTTP/2 DATA frame, the
+/// largest buildkitd accepts, and its header).
+pub const BULK: usize = 16 * 1024;
 
 /// Size of one read-ahead: a few frames of a bulk transfer per system call.
 pub const READ_AHEAD: usize = 64 * 1024;
@@ -56,6 +61,9 @@ pub struct BufferedIo {
     /// Flushes may be deferred (off during a TLS handshake, whose driver does not flush
     /// again when woken: see [`BufferedIo::set_defer_flush`]).
     defer: bool,
+    /// Flushes of fewer than [`BULK`] buffered bytes are deferred too (see
+    /// [`BufferedIo::set_defer_small`]).
+    defer_small: bool,
 }
 
 impl BufferedIo {
@@ -67,6 +75,7 @@ impl BufferedIo {
             wbuf: BytesMut::new(),
             fresh: false,
             defer: true,
+            defer_small: true,
         }
     }
 
@@ -76,6 +85,17 @@ impl BufferedIo {
     /// the handshake is done.
     pub fn set_defer_flush(&mut self, defer: bool) {
         self.defer = defer;
+    }
+
+    /// Whether a flush of fewer than [`BULK`] bytes may be deferred (default: yes). Toward a
+    /// backend it is turned off: there the caller's own task queues a unary call's head and
+    /// body before the connection's task runs, so nothing would join a small write, and
+    /// deferring it only costs the connection's task another run (about 2 300 instructions per
+    /// unary call, with the same number of writes: docs/performance.md). Toward a client it
+    /// stays on: hyper's stream task queues an answer's trailers after its headers and data,
+    /// and would otherwise cost a second write.
+    pub fn set_defer_small(&mut self, defer: bool) {
+        self.defer_small = defer;
     }
 
     pub fn get_ref(&self) -> &TcpStream {
@@ -199,7 +219,8 @@ impl AsyncWrite for BufferedIo {
         if this.wbuf.is_empty() {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        if this.defer && this.fresh && this.wbuf.len() < WRITE_AT {
+        let len = this.wbuf.len();
+        if this.defer && this.fresh && len < WRITE_AT && (this.defer_small || len >= BULK) {
             // More frames may follow (from this task, or from the other ready tasks before it
             // runs again): this task runs again, and its next flush with nothing new writes
             // everything at once.

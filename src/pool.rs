@@ -665,7 +665,8 @@ impl Backend {
             max_header_list_size: 256 * 1024,
         };
         let identity = self.identity.clone();
-        let io = BufferedIo::new(tcp);
+        let mut io = BufferedIo::new(tcp);
+        io.set_defer_small(false);
         let (connection, drive) = match &address.tls {
             None => Connection::handshake(io, settings)
                 .await
