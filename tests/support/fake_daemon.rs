@@ -1489,11 +1489,19 @@ async fn run_solve(
     job.step();
     // Mid-build: hold here until released, then optionally take some time.
     if !*state.released.borrow() {
+        // Counted while held, also when the build is cancelled meanwhile (the future dropped).
+        struct Holding<'a>(&'a State);
+        impl Drop for Holding<'_> {
+            fn drop(&mut self) {
+                self.0.held.fetch_sub(1, Ordering::SeqCst);
+                self.0.bump();
+            }
+        }
         state.held.fetch_add(1, Ordering::SeqCst);
         state.bump();
+        let _holding = Holding(state);
         let mut rx = state.released.subscribe();
         let _ = rx.wait_for(|r| *r).await;
-        state.held.fetch_sub(1, Ordering::SeqCst);
     }
     if let Some(d) = state.opts.build_duration {
         tokio::time::sleep(d).await;
