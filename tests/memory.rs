@@ -14,7 +14,9 @@
 //! 1. **Idle held sessions:** [`N`] Sessions the router holds (no Solve names them).
 //! 2. **Builds in flight:** [`N`] whole builds at once, each with its Session relayed to the
 //!    fake daemon, its Solve, Status and LLBBridge calls running, and the daemon holding the
-//!    build after it pulled the [`CONTEXT`] (`DaemonOpts::hold_builds`).
+//!    build after it pulled the [`CONTEXT`] (`DaemonOpts::hold_builds`). They start in waves
+//!    of [`WAVE`], so the figure is what a build costs while it runs, not the allocator's
+//!    memory of N uploads at the same instant.
 //!
 //! Each phase is measured against the router's resident size after a warm-up of the same kind
 //! that came and went (so first-use allocations are not counted per session or build), and each
@@ -38,6 +40,9 @@ const WARM_UP: usize = 10;
 
 /// Build context each build of phase 2 uploads before the daemon holds it.
 const CONTEXT: usize = 1 << 20;
+
+/// Builds of phase 2 started together (each wave is held by the daemon before the next).
+const WAVE: usize = 10;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -232,11 +237,15 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
     vanish(&router, &daemon, warm).await;
     let base = settled_rss(pid).await;
 
+    // In waves: a build holds a context upload's unforwarded bytes only while it uploads,
+    // so all N uploading at once would measure the allocator's memory of that peak.
     let builds_rt = clients_runtime();
-    start_builds(&builds_rt, addr, N, build_in_flight);
-    tokio::time::timeout(Duration::from_secs(300), daemon.wait_held(N as u64))
-        .await
-        .expect("every build held by the daemon after its context");
+    for wave in (WAVE..=N).step_by(WAVE) {
+        start_builds(&builds_rt, addr, WAVE, build_in_flight);
+        tokio::time::timeout(Duration::from_secs(120), daemon.wait_held(wave as u64))
+            .await
+            .expect("every build held by the daemon after its context");
+    }
     until(&router, "every session relayed", |g| {
         g.relayed == N && g.held == 0 && g.builds == N
     })
@@ -245,7 +254,8 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
     let per_build = in_flight.saturating_sub(base) as f64 / N as f64;
     eprintln!(
         "router RSS: {base} KiB after warm-up, {in_flight} KiB with {N} builds in flight \
-         ({} KiB of context each, pulled): {per_build:.1} KiB per build in flight",
+         ({} KiB of context each, pulled, {WAVE} at a time): {per_build:.1} KiB per build in \
+         flight",
         CONTEXT >> 10
     );
     vanish(&router, &daemon, builds_rt).await;
