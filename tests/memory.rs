@@ -29,7 +29,7 @@ mod support;
 use std::time::Duration;
 
 use support::client::{BuildOpts, Client};
-use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::fake_daemon::FakeDaemon;
 use support::real::RouterProcess;
 
 /// Sessions, then builds, held at once.
@@ -167,25 +167,15 @@ async fn vanish(router: &RouterProcess, daemon: &FakeDaemon, rt: tokio::runtime:
         Gauges::nothing_left,
     )
     .await;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        daemon.wait_until(|_| daemon.held() == 0),
-    )
-    .await
-    .expect("the daemon saw every held build cancelled");
+    tokio::time::timeout(Duration::from_secs(30), daemon.wait_none_held())
+        .await
+        .expect("the daemon saw every held build cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement for docs/performance.md; run by hand"]
 async fn resident_memory_per_idle_session_and_per_build_in_flight() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let url = daemon.url();
     let router = tokio::task::spawn_blocking(move || {
         RouterProcess::start_urls(
