@@ -91,14 +91,7 @@ async fn a_session_held_five_minutes_completes_its_build_with_every_context_byte
 /// check is a new inner stream the router opens toward the client.
 #[tokio::test(start_paused = true)]
 async fn the_daemons_health_checks_cross_the_relay() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let opts = BuildOpts::buildctl();
@@ -223,14 +216,7 @@ async fn an_early_answer_from_the_client_reaches_the_daemon_before_its_reset() {
 /// the session, not with a hang or an anonymous reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_tunnel_ends_the_session_with_unavailable_naming_it() {
-    let mut daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let mut daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let opts = BuildOpts::buildctl();
@@ -265,14 +251,7 @@ async fn a_daemon_killed_mid_tunnel_ends_the_session_with_unavailable_naming_it(
 /// sees its inner connection end and ends the Session with status 0, which the client gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_end_and_cancel_end_the_session_with_the_daemons_status() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
 
@@ -321,14 +300,7 @@ async fn normal_end_and_cancel_end_the_session_with_the_daemons_status() {
 /// router keeps no task for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanishing_client_ends_the_daemons_session_and_leaves_nothing_behind() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |_| {}).await;
     let addr = router.addr;
     let opts = BuildOpts::buildctl();
@@ -391,6 +363,97 @@ async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
     assert_eq!(daemon.counters().calls("Session"), 0);
 }
 
+/// Many clients vanish at the same instant (their processes die: the kernel closes every
+/// connection) while the router holds their sessions: idle (no Solve yet), waiting with their
+/// build in the queue, and relayed with the build running on the daemon. Every session, build
+/// and connection ends, and the daemon sees every held build cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_vanishing_at_once_leave_no_session_build_or_connection() {
+    const IDLE: usize = 30;
+    const RUNNING: usize = 30;
+    const QUEUED: usize = 20;
+    let daemon = FakeDaemon::start_holding("bk0").await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.session_bind_window = Duration::from_secs(3600);
+        cfg.placement.max_builds_per_backend = Some(RUNNING);
+    })
+    .await;
+    let addr = router.addr;
+    let active = || {
+        router
+            .pool
+            .snapshot()
+            .backends
+            .iter()
+            .map(|b| b.active_builds())
+            .sum::<usize>()
+    };
+    let queued = || {
+        let text = String::from_utf8(router.metrics.render().expect("render")).expect("utf8");
+        text.lines()
+            .filter(|l| l.starts_with("buildkit_router_builds_queued{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    // All on one runtime: shutting it down closes every connection at once, without any
+    // HTTP/2 goodbye.
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let start = |opts: BuildOpts| {
+        clients.spawn(async move {
+            let client = Client::connect(addr).await.expect("connect");
+            client.build(opts).await
+        });
+    };
+    for _ in 0..IDLE {
+        let mut opts = BuildOpts::buildctl();
+        opts.calls_after = Some(Duration::from_secs(3600));
+        start(opts);
+    }
+    for _ in 0..RUNNING {
+        let mut opts = BuildOpts::buildctl();
+        opts.context_size = 64 << 10;
+        start(opts);
+    }
+    tokio::time::timeout(Duration::from_secs(60), daemon.wait_held(RUNNING as u64))
+        .await
+        .expect("the running builds are held by the daemon");
+    for _ in 0..QUEUED {
+        start(BuildOpts::buildctl());
+    }
+    eventually(
+        "every session held or relayed, the last builds queued",
+        Duration::from_secs(60),
+        || {
+            sessions(&router, "held") == (IDLE + QUEUED) as i64
+                && sessions(&router, "relayed") == RUNNING as i64
+                && queued() == QUEUED
+        },
+    )
+    .await;
+    assert_eq!(active(), RUNNING);
+
+    clients.shutdown_background();
+    eventually(
+        "no session, build, queued build or client connection left",
+        Duration::from_secs(20),
+        || {
+            sessions(&router, "held") == 0
+                && sessions(&router, "relayed") == 0
+                && queued() == 0
+                && active() == 0
+                && router.metrics.connections_active.get() == 0
+        },
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), daemon.wait_none_held())
+        .await
+        .expect("the daemon saw every running build cancelled");
+}
+
 /// buildctl's Ctrl-C: the Solve is reset (RST_STREAM CANCEL) and, at the same instant, the
 /// Session half-closed (its deferred `s.Close()`). Mid-upload, the daemon must see the cancel
 /// first: seen the other way round, it fails the build on the lost session (a different error in
@@ -445,14 +508,7 @@ async fn a_cancel_during_the_context_upload_reaches_the_daemon_before_the_sessio
 /// session end only after that. (A cancelled Solve ends at once, releasing it at once.)
 #[tokio::test(start_paused = true)]
 async fn the_end_of_a_session_waits_up_to_a_second_for_the_solve_that_names_it() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |_| {}).await;
     let client = Client::connect(router.addr).await.expect("connect");
     let end = std::sync::Arc::new(tokio::sync::Notify::new());

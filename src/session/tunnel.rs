@@ -384,7 +384,10 @@ impl Encoder {
         head[1..5].copy_from_slice(&(proto_len as u32).to_be_bytes());
         head[5] = 0x0a;
         head[6..6 + k].copy_from_slice(&varint[..k]);
-        let mut message = self.buf.split().freeze();
+        // The whole buffer goes with the message: a remainder kept for the next message would
+        // keep the allocation (up to 64 KiB after bulk data) alive for as long as the tunnel
+        // lasts, idle or not.
+        let mut message = std::mem::take(&mut self.buf).freeze();
         message.advance(start);
         Some(message)
     }
@@ -567,6 +570,11 @@ where
                 let n = this.ready.len().min(out.remaining());
                 out.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
+                if this.ready.is_empty() {
+                    // An empty slice still holds the body chunk's buffer (the peer
+                    // connection's read buffer): let it go while the tunnel waits.
+                    this.ready = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if !this.raw.is_empty() {
@@ -574,6 +582,9 @@ where
                     Ok(Some(payload)) => this.ready = payload,
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Err(this.malformed(e))),
+                }
+                if this.raw.is_empty() {
+                    this.raw = Bytes::new();
                 }
                 continue;
             }
@@ -867,6 +878,18 @@ mod tests {
         assert!(e.is_full());
     }
 
+    /// A finished message takes its whole buffer: the encoder of an idle tunnel keeps none
+    /// (after bulk data, a kept remainder held the message's 64 KiB allocation).
+    #[test]
+    fn the_encoder_keeps_no_buffer_between_messages() {
+        let mut e = Encoder::default();
+        for n in [20_000, 10] {
+            e.push(&vec![1; n]);
+            assert!(e.finish().is_some());
+            assert_eq!(e.buf.capacity(), 0, "after a message of {n} bytes");
+        }
+    }
+
     type ChunkBody =
         StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 
@@ -912,6 +935,37 @@ mod tests {
         assert!(
             out_rx.recv().await.is_none(),
             "shutdown ends the outbound body"
+        );
+    }
+
+    /// Once its bytes are read, a body chunk is let go though the tunnel stays open: an idle
+    /// tunnel must not keep the buffer its last chunk came in (the peer connection's).
+    #[tokio::test]
+    async fn a_chunk_read_to_its_end_is_released_while_the_tunnel_waits() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        struct Owner(Bytes, Arc<AtomicBool>);
+        impl AsRef<[u8]> for Owner {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Owner {
+            fn drop(&mut self) {
+                self.1.store(true, SeqCst);
+            }
+        }
+        let released = Arc::new(AtomicBool::new(false));
+        let (in_tx, inbound) = body();
+        let (out_tx, _out_rx) = mpsc::channel(OUT_CHANNEL);
+        let (mut io, _handle) = TunnelIo::new(inbound, out_tx, MAX);
+        let chunk = Bytes::from_owner(Owner(Encoder::frame(b"settings"), released.clone()));
+        in_tx.send(Ok(Frame::data(chunk))).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"settings");
+        assert!(
+            released.load(SeqCst),
+            "the chunk read to its end is released"
         );
     }
 

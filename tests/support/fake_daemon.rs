@@ -528,6 +528,16 @@ pub struct FakeDaemon {
 }
 
 impl FakeDaemon {
+    /// A daemon with default options that holds every build after its context upload
+    /// ([`DaemonOpts::hold_builds`]).
+    pub async fn start_holding(name: &str) -> FakeDaemon {
+        let opts = DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        };
+        FakeDaemon::start(name, opts).await
+    }
+
     /// Starts a daemon named `name` on 127.0.0.1:0.
     pub async fn start(name: &str, opts: DaemonOpts) -> FakeDaemon {
         let listener = TcpListener::bind(
@@ -613,6 +623,15 @@ impl FakeDaemon {
         self.state
             .wait_for(Duration::MAX, |s| {
                 (s.held.load(Ordering::SeqCst) >= n).then_some(())
+            })
+            .await;
+    }
+
+    /// Waits until no build is held any more (released, or cancelled by its client).
+    pub async fn wait_none_held(&self) {
+        self.state
+            .wait_for(Duration::MAX, |s| {
+                (s.held.load(Ordering::SeqCst) == 0).then_some(())
             })
             .await;
     }
@@ -1489,11 +1508,19 @@ async fn run_solve(
     job.step();
     // Mid-build: hold here until released, then optionally take some time.
     if !*state.released.borrow() {
+        // Counted while held, also when the build is cancelled meanwhile (the future dropped).
+        struct Holding<'a>(&'a State);
+        impl Drop for Holding<'_> {
+            fn drop(&mut self) {
+                self.0.held.fetch_sub(1, Ordering::SeqCst);
+                self.0.bump();
+            }
+        }
         state.held.fetch_add(1, Ordering::SeqCst);
         state.bump();
+        let _holding = Holding(state);
         let mut rx = state.released.subscribe();
         let _ = rx.wait_for(|r| *r).await;
-        state.held.fetch_sub(1, Ordering::SeqCst);
     }
     if let Some(d) = state.opts.build_duration {
         tokio::time::sleep(d).await;
