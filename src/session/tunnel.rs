@@ -334,12 +334,14 @@ impl Encoder {
         self.buf.len().saturating_sub(HEADER_ROOM)
     }
 
-    /// Appends as much of `data` as fits under [`OUT_MESSAGE_TARGET`]; returns how much.
-    pub fn push(&mut self, data: &[u8]) -> usize {
+    /// Makes room for `coming` more payload bytes: a message that starts small (SETTINGS,
+    /// pings, window updates) gets a small buffer, so an idle tunnel does not keep 64 KiB; once
+    /// bulk data comes, the buffer grows to a whole message at once. Growing by doubling
+    /// (4, 8, 16, 32, 64 KiB) copied the message so far at every step: 14 % of the router's
+    /// instructions in a 256 MiB build (callgrind).
+    pub fn reserve(&mut self, coming: usize) {
         if self.buf.is_empty() {
-            // Room for a whole message when bulk data comes; a small one otherwise, so an
-            // idle tunnel (SETTINGS, pings, window updates) does not keep 64 KiB.
-            let room = if data.len() >= SMALL_MESSAGE {
+            let room = if coming >= SMALL_MESSAGE {
                 OUT_MESSAGE_TARGET
             } else {
                 SMALL_MESSAGE
@@ -347,6 +349,16 @@ impl Encoder {
             self.buf.reserve(HEADER_ROOM + room);
             self.buf.put_bytes(0, HEADER_ROOM);
         }
+        let fits = coming.min(OUT_MESSAGE_TARGET - self.pending());
+        if self.buf.capacity() - self.buf.len() < fits {
+            self.buf
+                .reserve(HEADER_ROOM + OUT_MESSAGE_TARGET - self.buf.len());
+        }
+    }
+
+    /// Appends as much of `data` as fits under [`OUT_MESSAGE_TARGET`]; returns how much.
+    pub fn push(&mut self, data: &[u8]) -> usize {
+        self.reserve(data.len());
         let n = data.len().min(OUT_MESSAGE_TARGET - self.pending());
         self.buf.extend_from_slice(&data[..n]);
         n
@@ -662,6 +674,8 @@ where
             return Poll::Ready(Err(broken_pipe()));
         }
         this.fresh = true;
+        // An HTTP/2 DATA frame comes as its 9-byte header and its payload: room for both.
+        this.encoder.reserve(bufs.iter().map(|b| b.len()).sum());
         let mut written = 0;
         for buf in bufs {
             let n = this.encoder.push(buf);
