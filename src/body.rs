@@ -125,6 +125,14 @@ pub struct BackendBody {
     data_done: bool,
 }
 
+impl fmt::Debug for BackendBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendBody")
+            .field("data_done", &self.data_done)
+            .finish()
+    }
+}
+
 impl BackendBody {
     pub(crate) fn new(recv: h2::RecvStream) -> Self {
         Self {

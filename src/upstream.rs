@@ -218,3 +218,199 @@ async fn pipe(mut body: RequestBody, mut stream: SendStream<Bytes>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    const SETTINGS: Settings = Settings {
+        stream_window: 64 * 1024,
+        connection_window: 64 * 1024,
+        max_frame_size: 16 * 1024,
+        max_send_buffer: 64 * 1024,
+        max_header_list_size: 64 * 1024,
+    };
+
+    /// A client connection to an in-memory h2 server whose connection is returned.
+    async fn connected() -> (
+        Connection,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            h2::server::Builder::new()
+                .initial_window_size(64 * 1024)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .expect("server handshake")
+        });
+        let (connection, drive) = Connection::handshake(client_io, SETTINGS)
+            .await
+            .expect("client handshake");
+        tokio::spawn(drive);
+        (connection, server.await.expect("server task"))
+    }
+
+    fn request(body: RequestBody) -> Request<RequestBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() =
+            http::Uri::from_static("http://backend/moby.buildkit.v1.Control/ListWorkers");
+        request
+    }
+
+    /// Reads a request body to its end on the server side.
+    async fn read_all(body: &mut RecvStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("request data");
+            body.flow_control()
+                .release_capacity(chunk.len())
+                .expect("release");
+            all.extend_from_slice(&chunk);
+        }
+        all
+    }
+
+    use h2::RecvStream;
+
+    #[tokio::test]
+    async fn a_complete_request_and_an_answer_larger_than_the_window_cross_whole() {
+        let (mut connection, mut server) = connected().await;
+        let answer = vec![7u8; 1024 * 1024];
+        let sent = answer.clone();
+        let serve = tokio::spawn(async move {
+            let (request, mut respond) = server.accept().await.expect("a stream").expect("ok");
+            let mut body = request.into_body();
+            let got = read_all(&mut body).await;
+            let mut stream = respond
+                .send_response(Response::new(()), false)
+                .expect("response head");
+            stream.send_data(Bytes::from(sent), false).expect("data");
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            stream.send_trailers(trailers).expect("trailers");
+            // Keep the connection driven until the client has read everything.
+            let _ = std::future::poll_fn(|cx| server.poll_closed(cx)).await;
+            got
+        });
+        connection.ready().await.expect("ready");
+        let response = connection
+            .send(request(RequestBody::full(Bytes::from_static(
+                b"\0\0\0\0\0",
+            ))))
+            .expect("sent")
+            .await
+            .expect("answer");
+        // Without the capacity given back per frame, the backend stalls at 64 KiB.
+        let collected = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .expect("the whole answer within the time limit")
+            .expect("body");
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(
+            collected.to_bytes().len(),
+            answer.len(),
+            "a 1 MiB answer through a 64 KiB window"
+        );
+        assert_eq!(trailers["grpc-status"], "0");
+        drop(connection);
+        assert_eq!(serve.await.expect("server"), b"\0\0\0\0\0");
+    }
+
+    #[tokio::test]
+    async fn a_streaming_body_is_piped_in_order_within_the_backends_window() {
+        let (mut connection, mut server) = connected().await;
+        let serve = tokio::spawn(async move {
+            let (request, mut respond) = server.accept().await.expect("a stream").expect("ok");
+            // The connection must be driven while the body is read (window updates).
+            let driver =
+                tokio::spawn(
+                    async move { std::future::poll_fn(|cx| server.poll_closed(cx)).await },
+                );
+            let mut body = request.into_body();
+            let got = read_all(&mut body).await;
+            respond
+                .send_response(Response::new(()), true)
+                .expect("response");
+            let _ = driver.await;
+            got
+        });
+        let (tx, rx) = mpsc::channel(4);
+        connection.ready().await.expect("ready");
+        let response = connection
+            .send(request(RequestBody::channel(rx)))
+            .expect("sent");
+        // 512 KiB in 32 KiB frames: eight times the backend's window.
+        let mut want = Vec::new();
+        for i in 0..16u8 {
+            let frame = vec![i; 32 * 1024];
+            want.extend_from_slice(&frame);
+            tx.send(Frame::data(Bytes::from(frame)))
+                .await
+                .expect("piped");
+        }
+        drop(tx);
+        tokio::time::timeout(WAIT, response)
+            .await
+            .expect("the whole body within the time limit")
+            .expect("answer");
+        drop(connection);
+        assert_eq!(serve.await.expect("server"), want);
+    }
+
+    #[tokio::test]
+    async fn a_reset_by_the_backend_stops_the_pipe_and_reaches_the_caller() {
+        let (mut connection, mut server) = connected().await;
+        let serve = tokio::spawn(async move {
+            let (_request, mut respond) = server.accept().await.expect("a stream").expect("ok");
+            respond.send_reset(Reason::CANCEL);
+            let _ = std::future::poll_fn(|cx| server.poll_closed(cx)).await;
+        });
+        let (tx, rx) = mpsc::channel(1);
+        connection.ready().await.expect("ready");
+        let response = connection
+            .send(request(RequestBody::channel(rx)))
+            .expect("sent");
+        let error = response.await.expect_err("reset");
+        assert_eq!(error.reason(), Some(Reason::CANCEL));
+        assert!(error.is_remote());
+        // The pipe let go of the client's body: its sender sees the body closed.
+        tokio::time::timeout(std::time::Duration::from_secs(5), tx.closed())
+            .await
+            .expect("the pipe stopped reading the client's body");
+        drop(connection);
+        serve.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_connection_told_to_go_away_refuses_new_streams_and_ends() {
+        let (mut connection, mut server) = connected().await;
+        server.graceful_shutdown();
+        // The client may close the connection before the server's last GOAWAY is written.
+        let serve = tokio::spawn(async move { while let Some(Ok(_)) = server.accept().await {} });
+        // The GOAWAY arrives; after it no new stream may open on this connection.
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if connection.ready().await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "ready() keeps succeeding after GOAWAY");
+        serve.await.expect("server");
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !connection.is_closed() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection is reported closed once its task ends");
+    }
+}
