@@ -430,10 +430,20 @@ impl Body for ResponseBody {
                 }
                 Some(Err(error)) => {
                     let message = context.lost_message(&error);
-                    if let Some(health) = &context.health {
-                        health.connection_failed(&error.to_string());
+                    let build_ref = context.build_ref.as_deref().unwrap_or("-");
+                    match context.health.as_ref().and_then(|h| h.dead_reason()) {
+                        // The router ended the connection itself: the error (a broken pipe)
+                        // says nothing about the backend; the reason does.
+                        Some(reason) => {
+                            tracing::warn!(backend = %context.backend, build_ref, %reason, "stream ended: the backend was declared dead")
+                        }
+                        None => {
+                            if let Some(health) = &context.health {
+                                health.connection_failed(&error.to_string());
+                            }
+                            tracing::warn!(backend = %context.backend, build_ref, %error, "backend connection failed mid-stream");
+                        }
                     }
-                    tracing::warn!(backend = %context.backend, build_ref = context.build_ref.as_deref().unwrap_or("-"), %error, "backend connection failed mid-stream");
                     this.finish(CallEnd::Status(code::UNAVAILABLE));
                     Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
                         code::UNAVAILABLE,
