@@ -173,7 +173,12 @@ pub(super) fn placement_refusal(error: &PlacementError, build: &str, pool: &Pool
 }
 
 pub(super) fn peek_error(what: &str, error: &PeekError) -> Response<ResponseBody> {
-    warn!(%error, "cannot read {what} request");
+    if matches!(error, PeekError::Body(_)) {
+        // The client gave up on its own call (cancel, connection gone): nothing went wrong here.
+        tracing::debug!(%error, "cannot read {what} request");
+    } else {
+        warn!(%error, "cannot read {what} request");
+    }
     forward::status_response(
         error.code(),
         &format!("buildkit-router: cannot read {what} request: {error}"),
