@@ -178,6 +178,21 @@ impl Body for BackendBody {
     }
 }
 
+/// The first error of type `E` in `error`'s source chain (an h2 reset inside a hyper error, an
+/// I/O error inside a connection error), if any.
+pub fn error_source<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut source = Some(error);
+    while let Some(err) = source {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        source = err.source();
+    }
+    None
+}
+
 /// How a call ended, as seen by the router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallEnd {

@@ -141,14 +141,9 @@ impl Future for ResponseFuture {
 /// The HTTP/2 reason to reset a backend stream with when the client's body failed: the
 /// client's own reset reason, else `CANCEL` (its connection went away).
 fn reset_reason(error: &hyper::Error) -> Reason {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason().unwrap_or(Reason::CANCEL);
-        }
-        source = err.source();
-    }
-    Reason::CANCEL
+    crate::body::error_source::<h2::Error>(error)
+        .and_then(h2::Error::reason)
+        .unwrap_or(Reason::CANCEL)
 }
 
 /// What the pipe waits for next.

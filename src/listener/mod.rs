@@ -319,12 +319,6 @@ async fn serve_connection<S>(
 
 /// Whether a connection error is the handshake deadline of [`authority::AuthorityFix`].
 fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        source = err.source();
-    }
-    false
+    crate::body::error_source::<std::io::Error>(error)
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }

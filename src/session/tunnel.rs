@@ -443,16 +443,9 @@ impl ReadEnd {
 
 /// The HTTP/2 reset reason inside a body error, if the peer reset the stream.
 pub fn remote_reset_reason(error: &(dyn StdError + 'static)) -> Option<h2::Reason> {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return (h2.is_reset() && h2.is_remote())
-                .then(|| h2.reason())
-                .flatten();
-        }
-        source = err.source();
-    }
-    None
+    crate::body::error_source::<h2::Error>(error)
+        .filter(|h2| h2.is_reset() && h2.is_remote())
+        .and_then(h2::Error::reason)
 }
 
 /// What the owner of a tunnel keeps: how its inbound side ended, and the unread rest of the
