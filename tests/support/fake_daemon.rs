@@ -1000,9 +1000,13 @@ impl Control for ControlSvc {
             .take_while(|m| std::future::ready(m.is_ok()))
             .map(|m| Bytes::from(m.map(|m| m.data).unwrap_or_default()));
         let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        // As buildkitd's Session handler, the outer stream ends (trailers) only once the
+        // session is unregistered: `run_session` holds a sender until then, even when the inner
+        // connection closed first.
+        let outer_open = out_tx.clone();
         let (io, mut pump) = tunnel::pump(Box::pin(inbound), out_tx);
         let inbound_done = pump.inbound_done.take().expect("fresh pump");
-        tokio::spawn(run_session(state, id, io, pump, inbound_done));
+        tokio::spawn(run_session(state, id, io, (pump, outer_open), inbound_done));
         let out = ReceiverStream::new(out_rx).map(|b| Ok(BytesMessage { data: b.to_vec() }));
         Ok(Response::new(Box::pin(out)))
     }
@@ -1187,7 +1191,7 @@ async fn run_session(
     state: Arc<State>,
     id: String,
     io: tokio::io::DuplexStream,
-    pump: tunnel::Pump,
+    pump: (tunnel::Pump, mpsc::Sender<Bytes>),
     inbound_done: tokio::sync::oneshot::Receiver<()>,
 ) {
     let kill = state.kill.clone();
@@ -1245,8 +1249,8 @@ async fn run_session(
     state.sessions.lock().unwrap().remove(&id);
     state.counters.session_mut(&id, |s| s.ended = true);
     state.bump();
-    // Dropping the channel and the pump closes the inner connection and ends the outer stream
-    // with OK trailers.
+    // Dropping the channel, the pump and the held sender closes the inner connection and ends
+    // the outer stream with OK trailers.
     drop(pump);
 }
 
