@@ -19,6 +19,7 @@ use crate::placement::Placement;
 use crate::pool::{Pool, PoolSettings};
 use crate::registry::{Registry, RegistrySettings};
 use crate::router::{Router, RouterSettings};
+use crate::routing_buffer::RoutingBuffer;
 use crate::runtime::Workers;
 use crate::tls::{self, BackendTlsFiles};
 
@@ -156,6 +157,12 @@ pub async fn start_on(
             state_dir: cfg.state_dir.clone(),
             default_platforms: cfg.default_platforms.clone(),
             content: cfg.content.to_settings(),
+            routing_buffer: RoutingBuffer::new(
+                cfg.routing_buffer,
+                cfg.routing_buffer_wait,
+                metrics.routing_buffer_bytes.clone(),
+                metrics.routing_buffer_refusals_total.clone(),
+            ),
             ..RouterSettings::default()
         },
         admission.clone(),

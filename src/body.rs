@@ -17,10 +17,13 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use crate::grpc::{code, grpc_status_of, status_trailers};
+use crate::routing_buffer::BufferShare;
 
 /// The body of a request the router sends to a backend.
 pub struct RequestBody {
     prefix: Option<Bytes>,
+    /// The prefix's share of the routing buffer, given back once the prefix is handed on.
+    prefix_share: Option<BufferShare>,
     inner: Option<Incoming>,
     /// Frames the router produces as it goes (the Session relay's side of the tunnel).
     channel: Option<mpsc::Receiver<Frame<Bytes>>>,
@@ -31,6 +34,7 @@ impl RequestBody {
     pub fn incoming(inner: Incoming) -> Self {
         Self {
             prefix: None,
+            prefix_share: None,
             inner: Some(inner),
             channel: None,
         }
@@ -40,15 +44,23 @@ impl RequestBody {
     pub fn prefixed(prefix: Bytes, inner: Incoming) -> Self {
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
+            prefix_share: None,
             inner: Some(inner),
             channel: None,
         }
+    }
+
+    /// Keeps the routing-buffer share of the bytes put back in front until they are handed on.
+    pub fn holding(mut self, share: Option<BufferShare>) -> Self {
+        self.prefix_share = share;
+        self
     }
 
     /// A complete body the router made.
     pub fn full(data: Bytes) -> Self {
         Self {
             prefix: (!data.is_empty()).then_some(data),
+            prefix_share: None,
             inner: None,
             channel: None,
         }
@@ -60,6 +72,7 @@ impl RequestBody {
         if self.channel.is_some() || self.inner.as_ref().is_some_and(|i| !i.is_end_stream()) {
             return None;
         }
+        self.prefix_share = None;
         Some(self.prefix.take())
     }
 
@@ -67,6 +80,7 @@ impl RequestBody {
     pub fn channel(rx: mpsc::Receiver<Frame<Bytes>>) -> Self {
         Self {
             prefix: None,
+            prefix_share: None,
             inner: None,
             channel: Some(rx),
         }
@@ -82,6 +96,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if let Some(prefix) = self.prefix.take() {
+            self.prefix_share = None;
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         if let Some(rx) = self.channel.as_mut() {

@@ -134,6 +134,16 @@ pub struct RunConfig {
     /// Largest gRPC message the router reads to route a call (BuildKit allows 16 MiB each way).
     #[arg(long, default_value_t = 16 * 1024 * 1024 + 64 * 1024, env = "BUILDKIT_ROUTER_MAX_MESSAGE_SIZE")]
     pub max_message_size: usize,
+    /// Bytes shared by the first messages larger than 64 KiB that the router reads to route
+    /// calls (Solve, Status, ListWorkers, Info, history): the bound on that memory across every
+    /// connection. A message waits for room first; a message larger than this waits until it
+    /// is the only one.
+    #[arg(long, default_value_t = crate::routing_buffer::DEFAULT_ROUTING_BUFFER, env = "BUILDKIT_ROUTER_ROUTING_BUFFER")]
+    pub routing_buffer: usize,
+    /// How long a message waits for room under --routing-buffer before its call is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", env = "BUILDKIT_ROUTER_ROUTING_BUFFER_WAIT")]
+    pub routing_buffer_wait: Duration,
 
     /// How long a Control/Session waits for a Solve that names it before it is placed on its own.
     /// The router answers the session's inner connection itself while it waits, so this is not

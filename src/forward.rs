@@ -18,6 +18,7 @@ use crate::body::{RequestBody, ResponseBody, StreamContext};
 pub use crate::grpc::code;
 use crate::grpc::{grpc_message_of, grpc_status_of, status_trailers};
 use crate::pool::{Backend, ConnectError};
+use crate::routing_buffer::{BufferFull, BufferShare, RoutingBuffer};
 use crate::wire::{self, MessageSplitter, WireError, GRPC_PREFIX_LEN};
 
 /// Why a call could not be handed to a backend.
@@ -228,13 +229,17 @@ pub enum PeekError {
     Incomplete { got: usize },
     #[error("the client's request stream failed: {0}")]
     Body(#[source] hyper::Error),
+    #[error(transparent)]
+    Full(#[from] BufferFull),
 }
 
 impl PeekError {
     /// The gRPC status a client gets for this error.
     pub fn code(&self) -> u32 {
         match self {
-            PeekError::Wire(WireError::TooLarge { .. }) => code::RESOURCE_EXHAUSTED,
+            PeekError::Wire(WireError::TooLarge { .. }) | PeekError::Full(_) => {
+                code::RESOURCE_EXHAUSTED
+            }
             PeekError::Wire(WireError::Compressed) => code::UNIMPLEMENTED,
             PeekError::Wire(_) | PeekError::Incomplete { .. } => code::INVALID_ARGUMENT,
             PeekError::Body(_) => code::CANCELLED,
@@ -250,6 +255,9 @@ pub struct Peeked {
     pub buffered: Bytes,
     /// Where the first message's payload lies in `buffered`.
     pub message: Range<usize>,
+    /// The message's share of the routing buffer (large messages only): hand it on with
+    /// `buffered` ([`RequestBody::holding`]), or drop it when `buffered` is dropped.
+    pub share: Option<BufferShare>,
 }
 
 impl Peeked {
@@ -258,9 +266,18 @@ impl Peeked {
     }
 }
 
-/// Reads the request body until its first gRPC message is complete.
-pub async fn read_first_message(body: &mut Incoming, max_len: usize) -> Result<Peeked, PeekError> {
+/// Reads the request body until its first gRPC message is complete. A message larger than
+/// [`RoutingBuffer::FREE`] first waits for its share of `buffer`.
+///
+/// Errors: the message is malformed, compressed or over `max_len` bytes ([`PeekError::Wire`]),
+/// the body ends or fails first, or no share came in time ([`PeekError::Full`]).
+pub async fn read_first_message(
+    body: &mut Incoming,
+    max_len: usize,
+    buffer: &RoutingBuffer,
+) -> Result<Peeked, PeekError> {
     let mut buf = BytesMut::new();
+    let mut share = None;
     loop {
         if let Some(header) = wire::parse_frame_header(&buf, max_len)? {
             if header.compressed {
@@ -271,7 +288,11 @@ pub async fn read_first_message(body: &mut Incoming, max_len: usize) -> Result<P
                 return Ok(Peeked {
                     buffered: buf.freeze(),
                     message: GRPC_PREFIX_LEN..end,
+                    share,
                 });
+            }
+            if share.is_none() && buf.capacity() < end {
+                share = buffer.share(end).await?;
             }
             buf.reserve(end - buf.len());
         }

@@ -26,6 +26,7 @@ pub mod proto;
 pub mod queue;
 pub mod registry;
 pub mod router;
+pub mod routing_buffer;
 pub mod runtime;
 pub mod scaler;
 pub mod session;

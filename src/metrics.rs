@@ -37,6 +37,10 @@ pub struct Metrics {
     pub queued_total: IntGauge,
     pub queue_wait_seconds: Histogram,
     pub queue_timeouts_total: prometheus::IntCounter,
+    /// Bytes of first messages being read to route calls (`crate::routing_buffer`).
+    pub routing_buffer_bytes: IntGauge,
+    /// Messages refused because the routing buffer had no room within its wait.
+    pub routing_buffer_refusals_total: prometheus::IntCounter,
     pub connections_active: IntGauge,
     pub connections_total: IntCounterVec,
     pub placement: PlacementMetrics,
@@ -124,6 +128,20 @@ impl Metrics {
                 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             ]),
         )?;
+        let routing_buffer_bytes = IntGauge::with_opts(
+            Opts::new(
+                "routing_buffer_bytes",
+                "Bytes of first messages larger than 64 KiB being read to route calls (bounded by --routing-buffer)",
+            )
+            .namespace(PREFIX),
+        )?;
+        let routing_buffer_refusals_total = prometheus::IntCounter::with_opts(
+            Opts::new(
+                "routing_buffer_refusals_total",
+                "Calls refused with RESOURCE_EXHAUSTED because --routing-buffer had no room within --routing-buffer-wait",
+            )
+            .namespace(PREFIX),
+        )?;
         let connections_active = IntGauge::with_opts(
             Opts::new("connections_active", "Client connections open").namespace(PREFIX),
         )?;
@@ -143,6 +161,8 @@ impl Metrics {
         registry.register(Box::new(builds_queued.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(queue_timeouts_total.clone()))?;
+        registry.register(Box::new(routing_buffer_bytes.clone()))?;
+        registry.register(Box::new(routing_buffer_refusals_total.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(PoolCollector::new(
@@ -171,6 +191,8 @@ impl Metrics {
             queued_total,
             queue_wait_seconds,
             queue_timeouts_total,
+            routing_buffer_bytes,
+            routing_buffer_refusals_total,
             connections_active,
             connections_total,
             placement,

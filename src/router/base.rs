@@ -20,6 +20,7 @@ use crate::placement::{Placement, PlacementError};
 use crate::pool::{Backend, BackendState, Pool};
 use crate::queue::TenantFrom;
 use crate::registry::Registry;
+use crate::routing_buffer::{RoutingBuffer, DEFAULT_ROUTING_BUFFER, DEFAULT_ROUTING_BUFFER_WAIT};
 use crate::wire;
 use crate::workers::OfflineAnswers;
 
@@ -42,6 +43,8 @@ pub struct RouterSettings {
     pub default_platforms: Vec<String>,
     /// Bounds of the Dockerfile read for the content key.
     pub content: ContentSettings,
+    /// The memory shared by the first messages read to route calls (`--routing-buffer`).
+    pub routing_buffer: RoutingBuffer,
 }
 
 impl Default for RouterSettings {
@@ -55,6 +58,10 @@ impl Default for RouterSettings {
             state_dir: None,
             default_platforms: Vec::new(),
             content: ContentSettings::default(),
+            routing_buffer: RoutingBuffer::unmetered(
+                DEFAULT_ROUTING_BUFFER,
+                DEFAULT_ROUTING_BUFFER_WAIT,
+            ),
         }
     }
 }
@@ -262,7 +269,8 @@ impl Router {
         request: Request<Incoming>,
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
         let (parts, mut body) = request.into_parts();
-        match forward::read_first_message(&mut body, self.settings.max_message_size).await {
+        let max = self.settings.max_message_size;
+        match forward::read_first_message(&mut body, max, &self.settings.routing_buffer).await {
             Ok(peeked) => Ok((parts, body, peeked)),
             Err(error) => Err(peek_error(parts.uri.path(), &error)),
         }

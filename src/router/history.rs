@@ -57,7 +57,7 @@ impl Router {
                         &backend,
                         Some(&build_ref),
                         parts,
-                        RequestBody::prefixed(peeked.buffered, body),
+                        RequestBody::prefixed(peeked.buffered, body).holding(peeked.share),
                     )
                     .await;
             }

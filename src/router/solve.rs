@@ -311,7 +311,7 @@ impl Router {
                 &backend,
                 Some(&build_ref),
                 parts,
-                RequestBody::prefixed(peeked.buffered, body),
+                RequestBody::prefixed(peeked.buffered, body).holding(peeked.share),
             )
             .await;
         response.map(|body| body.with_hook(EndHook::new(move |end| build_end.finish(end))))
