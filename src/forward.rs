@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
@@ -38,6 +39,10 @@ pub enum ForwardError {
     /// `Backend::dead_reason`); its connection was ended on purpose.
     #[error("{reason}")]
     Dead { backend: Arc<str>, reason: Arc<str> },
+    /// The call was sent but no answer began within the time given (a frozen daemon, before
+    /// its health checks declare it dead); the stream was reset (CANCEL).
+    #[error("no answer within {within:?} (the daemon may be frozen or overloaded)")]
+    NoAnswer { backend: Arc<str>, within: Duration },
 }
 
 impl ForwardError {
@@ -127,7 +132,7 @@ pub async fn send(
         parts.headers,
         body,
     );
-    send_request(backend, request).await
+    send_request(backend, request, None).await
 }
 
 /// Sends a router-made copy of a call (`head` + one complete request body) to `backend`.
@@ -143,12 +148,33 @@ pub async fn send_copy(
         head.headers.clone(),
         RequestBody::full(body),
     );
-    send_request(backend, request).await
+    send_request(backend, request, None).await
+}
+
+/// [`send_copy`] whose answer must begin (response headers) within `within` of the call being
+/// sent; connecting is bounded by `--connect-timeout` as always.
+///
+/// Errors: [`ForwardError::NoAnswer`] when it does not; nothing is retried here.
+pub async fn send_copy_answered_within(
+    backend: &Arc<Backend>,
+    head: &Head,
+    body: Bytes,
+    within: Duration,
+) -> Result<Response<BackendBody>, ForwardError> {
+    let request = prepare(
+        backend,
+        head.method.clone(),
+        head.path_and_query.clone(),
+        head.headers.clone(),
+        RequestBody::full(body),
+    );
+    send_request(backend, request, Some(within)).await
 }
 
 async fn send_request(
     backend: &Arc<Backend>,
     request: Request<RequestBody>,
+    answer_within: Option<Duration>,
 ) -> Result<Response<BackendBody>, ForwardError> {
     // A call that failed because the router ended a dead backend's connection says why.
     let send_error = |source| match backend.dead_reason() {
@@ -170,11 +196,17 @@ async fn send_request(
         connection = backend.sender().await?;
         connection.ready().await.map_err(send_error)?;
     }
-    connection
-        .send(request)
-        .map_err(send_error)?
-        .await
-        .map_err(send_error)
+    let answer = connection.send(request).map_err(send_error)?;
+    match answer_within {
+        None => answer.await.map_err(send_error),
+        Some(within) => match tokio::time::timeout(within, answer).await {
+            Ok(answer) => answer.map_err(send_error),
+            Err(_) => Err(ForwardError::NoAnswer {
+                backend: backend.identity().clone(),
+                within,
+            }),
+        },
+    }
 }
 
 /// Turns a backend's response into the client's, passing every frame through.

@@ -1050,6 +1050,13 @@ pub struct Pool {
     events: Arc<PoolEvents>,
 }
 
+impl Pool {
+    /// The settings of its backends' connections.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+}
+
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")

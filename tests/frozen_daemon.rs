@@ -152,6 +152,53 @@ async fn a_frozen_daemon_ends_its_builds_with_unavailable_and_the_pool_routes_ar
         .contains(&lost.build_ref));
 }
 
+/// ListWorkers and Info on a connection whose daemon just froze are answered by the other
+/// daemon after one health-check timeout (2 s), not after the seconds its health checks take to
+/// declare it dead; with no other daemon, from the last known answer.
+#[tokio::test(start_paused = true)]
+async fn list_workers_moves_on_from_a_frozen_daemon_after_one_health_check_timeout() {
+    let d0 = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let d1 = FakeDaemon::start("bk1", DaemonOpts::default()).await;
+    let ds = [&d0, &d1];
+    let router = router_over(&ds, |_| {}).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    // (The router asks daemons for their workers itself too: count what this client adds.)
+    let asked = |d: &FakeDaemon| d.counters().calls("ListWorkers");
+    let before = asked(&d0);
+    client.list_workers().await.expect("ListWorkers");
+    let first = if asked(&d0) > before { 0 } else { 1 };
+    let other = 1 - first;
+
+    // The connection's daemon freezes: the next ListWorkers asks it first, then the other.
+    ds[first].freeze();
+    let before = asked(ds[other]);
+    let started = Instant::now();
+    let answer = client
+        .list_workers()
+        .await
+        .expect("answered by the live daemon");
+    let waited = started.elapsed();
+    assert!(!answer.record.is_empty());
+    assert!(asked(ds[other]) > before, "the live daemon answered");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+        "answered {waited:?} after the call"
+    );
+    // Info the same way, from the daemon this connection now uses: no wait at all.
+    let started = Instant::now();
+    client.info().await.expect("Info");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Both frozen: the last known answer, after one timeout per daemon asked.
+    ds[other].freeze();
+    let started = Instant::now();
+    let cached = client.list_workers().await.expect("the last known answer");
+    assert_eq!(cached.record.len(), answer.record.len());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    d0.thaw();
+    d1.thaw();
+}
+
 /// A build that prints nothing for ten minutes on a daemon that answers its health checks is
 /// never cut, and in all that time the router sends the daemon no HTTP/2 PING (buildkitd's
 /// keepalive enforcement would answer pings with GOAWAY ENHANCE_YOUR_CALM).

@@ -63,13 +63,23 @@ impl Router {
             Err(answer) => return answer,
         };
         let head = Head::from_owned(parts);
+        // buildkitd answers these in milliseconds. A daemon silent for as long as a health
+        // check may take is likely frozen: ask the next one rather than wait seconds for its
+        // health checks to declare it dead.
+        let answer_within = self.pool.settings().health_timeout;
         let mut response = None;
         let candidates = first
             .clone()
             .into_iter()
             .chain(first.as_ref().into_iter().flat_map(others));
         for backend in candidates {
-            match forward::send_copy(&backend, &head, peeked.buffered.clone()).await {
+            let answer = forward::send_copy_answered_within(
+                &backend,
+                &head,
+                peeked.buffered.clone(),
+                answer_within,
+            );
+            match answer.await {
                 Ok(answer) => {
                     tracing::Span::current().record("backend", &**backend.identity());
                     conn.used(&backend);
