@@ -141,14 +141,7 @@ pub async fn send_copy(
     head: &Head,
     body: Bytes,
 ) -> Result<Response<BackendBody>, ForwardError> {
-    let request = prepare(
-        backend,
-        head.method.clone(),
-        head.path_and_query.clone(),
-        head.headers.clone(),
-        RequestBody::full(body),
-    );
-    send_request(backend, request, None).await
+    send_request(backend, copy_request(backend, head, body), None).await
 }
 
 /// [`send_copy`] whose answer must begin (response headers) within `within` of the call being
@@ -161,14 +154,17 @@ pub async fn send_copy_answered_within(
     body: Bytes,
     within: Duration,
 ) -> Result<Response<BackendBody>, ForwardError> {
-    let request = prepare(
+    send_request(backend, copy_request(backend, head, body), Some(within)).await
+}
+
+fn copy_request(backend: &Arc<Backend>, head: &Head, body: Bytes) -> Request<RequestBody> {
+    prepare(
         backend,
         head.method.clone(),
         head.path_and_query.clone(),
         head.headers.clone(),
         RequestBody::full(body),
-    );
-    send_request(backend, request, Some(within)).await
+    )
 }
 
 async fn send_request(
