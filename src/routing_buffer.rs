@@ -120,7 +120,9 @@ impl RoutingBuffer {
                 self.refusals.inc();
                 Err(BufferFull {
                     len,
-                    in_use: self.limit - self.room.available_permits().min(self.limit),
+                    // Granted bytes only: the semaphore's free permits also exclude those
+                    // set aside for the waiter at the head of the queue.
+                    in_use: usize::try_from(self.in_use.get()).unwrap_or(0),
                     limit: self.limit,
                     wait: self.wait,
                 })
@@ -175,5 +177,22 @@ mod tests {
         assert!(!big.is_finished());
         drop(other);
         assert_eq!(big.await.unwrap(), Ok(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_reports_the_bytes_granted_not_those_set_aside_for_other_waiters() {
+        let buffer = RoutingBuffer::unmetered(1 << 20, Duration::from_secs(30));
+        let _held = buffer.share(700 << 10).await.unwrap();
+        // The first waiter is set aside the 324 KiB left while it waits for the rest.
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let buffer = buffer.clone();
+                tokio::spawn(async move { buffer.share(400 << 10).await.unwrap_err() })
+            })
+            .collect();
+        for waiter in waiters {
+            let refused = waiter.await.unwrap();
+            assert_eq!(refused.in_use, 700 << 10, "{refused}");
+        }
     }
 }
