@@ -160,6 +160,8 @@ pub async fn start_on(
             routing_buffer: RoutingBuffer::new(
                 cfg.routing_buffer,
                 cfg.routing_buffer_wait,
+                // What HTTP/2 may hold of a waiting message's body.
+                Limits::default().stream_window as usize,
                 metrics.routing_buffer_bytes.clone(),
                 metrics.routing_buffer_refusals_total.clone(),
             ),

@@ -22,7 +22,8 @@ use crate::routing_buffer::BufferShare;
 /// The body of a request the router sends to a backend.
 pub struct RequestBody {
     prefix: Option<Bytes>,
-    /// The prefix's share of the routing buffer, given back once the prefix is handed on.
+    /// The prefix's share of the routing buffer, kept until the frame after the prefix is
+    /// asked for: the pipe asks only once the prefix went out within the backend's window.
     prefix_share: Option<BufferShare>,
     inner: Option<Incoming>,
     /// Frames the router produces as it goes (the Session relay's side of the tunnel).
@@ -50,7 +51,8 @@ impl RequestBody {
         }
     }
 
-    /// Keeps the routing-buffer share of the bytes put back in front until they are handed on.
+    /// Keeps the routing-buffer share of the bytes put back in front until they are sent (see
+    /// `upstream::pipe`): a body holding one is never taken whole by [`Self::take_complete`].
     pub fn holding(mut self, share: Option<BufferShare>) -> Self {
         self.prefix_share = share;
         self
@@ -69,10 +71,12 @@ impl RequestBody {
     /// The whole body, when nothing more will come from the client: `Some(None)` when empty,
     /// `Some(Some(bytes))` with all of it (taken); `None` while it is still streaming.
     pub fn take_complete(&mut self) -> Option<Option<Bytes>> {
-        if self.channel.is_some() || self.inner.as_ref().is_some_and(|i| !i.is_end_stream()) {
+        if self.channel.is_some()
+            || self.prefix_share.is_some()
+            || self.inner.as_ref().is_some_and(|i| !i.is_end_stream())
+        {
             return None;
         }
-        self.prefix_share = None;
         Some(self.prefix.take())
     }
 
@@ -96,9 +100,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if let Some(prefix) = self.prefix.take() {
-            self.prefix_share = None;
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
+        // The prefix went out (see `prefix_share`): its share of the routing buffer is free.
+        self.prefix_share = None;
         if let Some(rx) = self.channel.as_mut() {
             return rx.poll_recv(cx).map(|frame| frame.map(Ok));
         }

@@ -135,9 +135,11 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 16 * 1024 * 1024 + 64 * 1024, env = "BUILDKIT_ROUTER_MAX_MESSAGE_SIZE")]
     pub max_message_size: usize,
     /// Bytes shared by the first messages larger than 64 KiB that the router reads to route
-    /// calls (Solve, Status, ListWorkers, Info, history): the bound on that memory across every
-    /// connection. A message waits for room first; a message larger than this waits until it
-    /// is the only one.
+    /// calls (Solve, Status, ListWorkers, Info, history), across every connection, until the
+    /// backend's window takes them. A message waits for room first (one larger than this waits
+    /// until it is alone); as many may wait as this holds 2 MiB client stream windows (at least
+    /// one), and the next is refused at once: such messages hold at most twice this. 0 is taken
+    /// as 1 byte: every large message alone.
     #[arg(long, default_value_t = crate::routing_buffer::DEFAULT_ROUTING_BUFFER, env = "BUILDKIT_ROUTER_ROUTING_BUFFER")]
     pub routing_buffer: usize,
     /// How long a message waits for room under --routing-buffer before its call is refused with

@@ -146,6 +146,52 @@ fn reset_reason(error: &hyper::Error) -> Reason {
         .unwrap_or(Reason::CANCEL)
 }
 
+/// Beyond the backend's window, h2 queues at most this much of one frame. Frames of a bulk
+/// transfer (64 KiB Session messages, client DATA frames up to 256 KiB) go whole, as before;
+/// a large routed first message (up to 16 MiB) goes in pieces as the window opens, so a frozen
+/// backend cannot make the router hold it twice (see `crate::routing_buffer`).
+const QUEUE_BEYOND_WINDOW: usize = 256 * 1024;
+
+/// Hands `data` to h2 no faster than the backend's window opens (plus
+/// [`QUEUE_BEYOND_WINDOW`] once). An error means the stream is gone; the response side
+/// reports it.
+async fn send_within_window(
+    stream: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    let first = stream.capacity().max(QUEUE_BEYOND_WINDOW);
+    if data.len() <= first {
+        return stream.send_data(data, end);
+    }
+    stream.send_data(data.split_to(first), false)?;
+    // The rest only as the window opens (h2's capacity excludes what it already holds).
+    loop {
+        let room = stream.capacity();
+        if data.len() <= room {
+            return stream.send_data(data, end);
+        }
+        if room > 0 {
+            stream.send_data(data.split_to(room), false)?;
+        }
+        stream.reserve_capacity(data.len());
+        let opened = poll_fn(|cx| {
+            if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            match stream.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => Poll::Ready(true),
+                Poll::Ready(Some(Err(_)) | None) => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        if !opened {
+            return Ok(());
+        }
+    }
+}
+
 /// What the pipe waits for next.
 enum Step {
     Frame(Option<Result<Frame<Bytes>, hyper::Error>>),
@@ -186,7 +232,7 @@ async fn pipe(mut body: RequestBody, mut stream: SendStream<Bytes>) {
             Step::Frame(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     let end = body.is_end_stream();
-                    let sent = stream.send_data(data, end);
+                    let sent = send_within_window(&mut stream, data, end).await;
                     if end {
                         return;
                     }
@@ -273,6 +319,21 @@ mod tests {
 
     use h2::RecvStream;
 
+    /// The server's first stream; the connection is driven meanwhile (window updates) by the
+    /// task returned.
+    async fn accept_driven(
+        mut server: h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) -> (
+        Request<RecvStream>,
+        h2::server::SendResponse<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ) {
+        let (request, respond) = server.accept().await.expect("a stream").expect("ok");
+        let driver =
+            tokio::spawn(async move { std::future::poll_fn(|cx| server.poll_closed(cx)).await });
+        (request, respond, driver)
+    }
+
     #[tokio::test]
     async fn a_complete_request_and_an_answer_larger_than_the_window_cross_whole() {
         let (mut connection, mut server) = connected().await;
@@ -319,14 +380,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_streaming_body_is_piped_in_order_within_the_backends_window() {
-        let (mut connection, mut server) = connected().await;
+        let (mut connection, server) = connected().await;
         let serve = tokio::spawn(async move {
-            let (request, mut respond) = server.accept().await.expect("a stream").expect("ok");
-            // The connection must be driven while the body is read (window updates).
-            let driver =
-                tokio::spawn(
-                    async move { std::future::poll_fn(|cx| server.poll_closed(cx)).await },
-                );
+            let (request, mut respond, driver) = accept_driven(server).await;
             let mut body = request.into_body();
             let got = read_all(&mut body).await;
             respond
@@ -356,6 +412,62 @@ mod tests {
             .expect("answer");
         drop(connection);
         assert_eq!(serve.await.expect("server"), want);
+    }
+
+    /// A large routed first message keeps its share of the routing buffer until the backend's
+    /// window has taken it: a backend that stops reading cannot make the router hold the
+    /// message beyond the budget. Every byte arrives, in order, once it reads.
+    #[tokio::test]
+    async fn a_large_first_message_keeps_its_routing_buffer_share_until_the_window_takes_it() {
+        use crate::routing_buffer::RoutingBuffer;
+        let buffer = RoutingBuffer::unmetered(64 << 20, WAIT, 64 * 1024);
+        let (mut connection, server) = connected().await;
+        let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = tokio::spawn(async move {
+            let (request, mut respond, driver) = accept_driven(server).await;
+            let mut body = request.into_body();
+            // Take (most of) the first window without giving capacity back: the backend stalls
+            // (the connection window is 65 535 bytes).
+            let mut got = Vec::new();
+            while got.len() < 60 * 1024 {
+                got.extend_from_slice(&body.data().await.expect("data").expect("ok"));
+            }
+            let _ = stalled_tx.send(());
+            go_rx.await.expect("go");
+            body.flow_control()
+                .release_capacity(got.len())
+                .expect("release");
+            got.extend(read_all(&mut body).await);
+            respond
+                .send_response(Response::new(()), true)
+                .expect("response");
+            let _ = driver.await;
+            got
+        });
+        let message: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let share = buffer.share(message.len()).await.expect("room");
+        assert!(share.is_some());
+        connection.ready().await.expect("ready");
+        let response = connection
+            .send(request(
+                RequestBody::full(Bytes::from(message.clone())).holding(share),
+            ))
+            .expect("sent");
+        stalled_rx.await.expect("the backend stalled");
+        assert_eq!(
+            buffer.in_use(),
+            message.len(),
+            "the share is kept while the backend's window holds the message back"
+        );
+        go_tx.send(()).expect("go");
+        tokio::time::timeout(WAIT, response)
+            .await
+            .expect("the whole message within the time limit")
+            .expect("answer");
+        assert_eq!(buffer.in_use(), 0);
+        drop(connection);
+        assert_eq!(serve.await.expect("server"), message);
     }
 
     #[tokio::test]

@@ -61,6 +61,8 @@ impl Default for RouterSettings {
             routing_buffer: RoutingBuffer::unmetered(
                 DEFAULT_ROUTING_BUFFER,
                 DEFAULT_ROUTING_BUFFER_WAIT,
+                // The listener's default client stream window.
+                2 * 1024 * 1024,
             ),
         }
     }
