@@ -167,29 +167,32 @@ async fn send_within_window(
     stream.send_data(data.split_to(first), false)?;
     // The rest only as the window opens (h2's capacity excludes what it already holds).
     loop {
+        stream.reserve_capacity(data.len());
+        if !poll_fn(|cx| poll_window(stream, cx)).await {
+            return Ok(());
+        }
         let room = stream.capacity();
         if data.len() <= room {
             return stream.send_data(data, end);
         }
-        if room > 0 {
-            stream.send_data(data.split_to(room), false)?;
-        }
-        stream.reserve_capacity(data.len());
-        let opened = poll_fn(|cx| {
-            if stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            match stream.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(_))) => Poll::Ready(true),
-                Poll::Ready(Some(Err(_)) | None) => Poll::Ready(false),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        if !opened {
-            return Ok(());
+        stream.send_data(data.split_to(room), false)?;
+    }
+}
+
+/// Ready(true) once the stream has send capacity (reserve it first), Ready(false) when the
+/// backend reset the stream or the connection is gone.
+fn poll_window(stream: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<bool> {
+    if stream.poll_reset(cx).is_ready() {
+        return Poll::Ready(false);
+    }
+    // Capacity assigned may be taken at once by data h2 already holds: poll until it shows.
+    while stream.capacity() == 0 {
+        match ready!(stream.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Poll::Ready(false),
         }
     }
+    Poll::Ready(true)
 }
 
 /// What the pipe waits for next.
@@ -207,18 +210,8 @@ async fn pipe(mut body: RequestBody, mut stream: SendStream<Bytes>) {
         // Capacity first: the client's next frame is only read when the backend can take it.
         stream.reserve_capacity(1);
         let step = poll_fn(|cx| {
-            if stream.poll_reset(cx).is_ready() {
+            if !ready!(poll_window(&mut stream, cx)) {
                 return Poll::Ready(Step::Reset);
-            }
-            if stream.capacity() == 0 {
-                match stream.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(_))) => {}
-                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Step::Reset),
-                    Poll::Pending => return Poll::Pending,
-                }
-                if stream.capacity() == 0 {
-                    return Poll::Pending;
-                }
             }
             Pin::new(&mut body).poll_frame(cx).map(Step::Frame)
         })
