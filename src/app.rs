@@ -144,6 +144,14 @@ pub async fn start_on(
             metrics.clone(),
         )
     });
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        max_header_list_size: cfg.max_header_list_size,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        tls_handshake_timeout: cfg.handshake_timeout,
+        ..Limits::default()
+    };
     let router = Router::new(
         pool.clone(),
         registry.clone(),
@@ -161,7 +169,7 @@ pub async fn start_on(
                 cfg.routing_buffer,
                 cfg.routing_buffer_wait,
                 // What HTTP/2 may hold of a waiting message's body.
-                Limits::default().stream_window as usize,
+                limits.stream_window as usize,
                 metrics.routing_buffer_bytes.clone(),
                 metrics.routing_buffer_refusals_total.clone(),
             ),
@@ -234,14 +242,6 @@ pub async fn start_on(
     )));
 
     let listener = bind(cfg.listen).await?;
-    let limits = Limits {
-        max_connections: cfg.max_connections,
-        max_concurrent_streams: cfg.max_concurrent_streams,
-        max_header_list_size: cfg.max_header_list_size,
-        max_connections_per_ip: cfg.max_connections_per_ip,
-        tls_handshake_timeout: cfg.handshake_timeout,
-        ..Limits::default()
-    };
     let server = Server::new(
         listener,
         server_tls.clone(),

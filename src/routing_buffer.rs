@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 /// `--routing-buffer`, bytes: room for 16 messages of BuildKit's 16 MiB limit at once.
 pub const DEFAULT_ROUTING_BUFFER: usize = 256 * 1024 * 1024;
@@ -40,16 +40,16 @@ pub struct RoutingBuffer {
 
 #[derive(Debug)]
 struct Shared {
-    room: Arc<Semaphore>,
+    /// Bytes free. Permits granted are forgotten and added back by [`BufferShare`]'s drop.
+    room: Semaphore,
     /// In bytes, as `--routing-buffer` (0 is taken as 1).
     limit: usize,
     wait: Duration,
-    /// Bytes granted now (the semaphore's free permits also exclude those set aside for the
-    /// waiter at the head of its queue).
-    granted: AtomicUsize,
     /// Messages waiting for room now, and how many may.
     waiting: AtomicUsize,
     max_waiting: usize,
+    /// Bytes granted now: the one count of them (the semaphore's free permits also exclude
+    /// those set aside for the waiter at the head of its queue).
     in_use: IntGauge,
     refusals: IntCounter,
 }
@@ -85,15 +85,14 @@ pub enum BufferFull {
 /// One message's share of the budget, given back when dropped.
 #[derive(Debug)]
 pub struct BufferShare {
-    _permit: OwnedSemaphorePermit,
     bytes: usize,
     shared: Arc<Shared>,
 }
 
 impl Drop for BufferShare {
     fn drop(&mut self) {
-        self.shared.granted.fetch_sub(self.bytes, Ordering::Relaxed);
         self.shared.in_use.sub(self.bytes as i64);
+        self.shared.room.add_permits(self.bytes);
     }
 }
 
@@ -126,10 +125,9 @@ impl RoutingBuffer {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             shared: Arc::new(Shared {
-                room: Arc::new(Semaphore::new(limit)),
+                room: Semaphore::new(limit),
                 limit,
                 wait,
-                granted: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 max_waiting: (limit / unread_per_waiter.max(1)).max(1),
                 in_use,
@@ -151,7 +149,7 @@ impl RoutingBuffer {
 
     /// Bytes granted now.
     pub fn in_use(&self) -> usize {
-        self.shared.granted.load(Ordering::Relaxed)
+        usize::try_from(self.shared.in_use.get()).unwrap_or(0)
     }
 
     /// The share for a message of `len` bytes (gRPC prefix included): `None` for a small one,
@@ -167,12 +165,16 @@ impl RoutingBuffer {
         // A message larger than the whole budget waits until it is alone. Semaphore grants at
         // most u32::MAX permits at once.
         let bytes = len.min(shared.limit).min(u32::MAX as usize);
-        if let Ok(permit) = shared.room.clone().try_acquire_many_owned(bytes as u32) {
-            return Ok(Some(self.grant(permit, bytes)));
+        if let Ok(permit) = shared.room.try_acquire_many(bytes as u32) {
+            permit.forget();
+            return Ok(Some(self.grant(bytes)));
         }
-        let waiting = shared.waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting(&shared.waiting);
-        if waiting >= shared.max_waiting {
+        let joined = shared
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < shared.max_waiting).then_some(n + 1)
+            });
+        if let Err(waiting) = joined {
             shared.refusals.inc();
             return Err(BufferFull::TooManyWaiting {
                 len,
@@ -181,9 +183,12 @@ impl RoutingBuffer {
                 waiting,
             });
         }
-        let acquire = shared.room.clone().acquire_many_owned(bytes as u32);
-        match tokio::time::timeout(shared.wait, acquire).await {
-            Ok(Ok(permit)) => Ok(Some(self.grant(permit, bytes))),
+        let _waiting = Waiting(&shared.waiting);
+        match tokio::time::timeout(shared.wait, shared.room.acquire_many(bytes as u32)).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(Some(self.grant(bytes)))
+            }
             // The semaphore is never closed; treat it as full all the same.
             Ok(Err(_)) | Err(_) => {
                 shared.refusals.inc();
@@ -197,11 +202,9 @@ impl RoutingBuffer {
         }
     }
 
-    fn grant(&self, permit: OwnedSemaphorePermit, bytes: usize) -> BufferShare {
-        self.shared.granted.fetch_add(bytes, Ordering::Relaxed);
+    fn grant(&self, bytes: usize) -> BufferShare {
         self.shared.in_use.add(bytes as i64);
         BufferShare {
-            _permit: permit,
             bytes,
             shared: self.shared.clone(),
         }
