@@ -209,7 +209,7 @@ pub fn session_inner_h2(data: &[u8]) {
         let drain = tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
         let (io, _handle) = TunnelIo::new(body, out_tx, MAX_MESSAGE);
         let serve = async {
-            let Ok(mut conn) = crate::session::relay::server_builder()
+            let Ok(mut conn) = crate::session::inner::server_builder()
                 .handshake::<_, Bytes>(io)
                 .await
             else {

@@ -7,110 +7,28 @@
 //! `wait` future takes (the bind window today, a queue tomorrow) without the client noticing.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{debug, field, info, Instrument};
 
-use super::directory::{Directory, Registration, METHOD_HEADER};
+use super::directory::{Directory, METHOD_HEADER};
+use super::held::{Held, Open, Placed};
 use super::relay;
-use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
-use crate::body::{BackendBody, RequestBody, ResponseBody};
-use crate::grpc::status_trailers;
-use crate::pool::Backend;
-
-/// gRPC codes this module produces.
-pub(crate) mod code {
-    pub const OK: u32 = 0;
-    pub const CANCELLED: u32 = 1;
-    pub const UNKNOWN: u32 = 2;
-    pub const INVALID_ARGUMENT: u32 = 3;
-    pub const INTERNAL: u32 = 13;
-    pub const UNAVAILABLE: u32 = 14;
-}
-
-/// How long the router gives the client's side of the inner connection to take its GOAWAY and
-/// close, when the router ends it, before it sends the outer trailers anyway.
-const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Where a held session goes, and what keeps its routing state alive while it is relayed.
-pub struct Placed {
-    pub backend: Arc<Backend>,
-    /// The registry pin of the session, dropped when the relay ends. Also tells the relay when
-    /// the Solves naming the session have ended (see `relay::SOLVE_END_GRACE`).
-    pub keep: Option<crate::registry::Pin>,
-}
+use super::tunnel::OUT_CHANNEL;
+use crate::body::ResponseBody;
+use crate::grpc::{code, status_trailers};
 
 /// Why a held session was not placed: the gRPC status its client gets.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub code: u32,
     pub message: String,
-}
-
-/// Opens the Session on a backend: sends the client's request head with `body` as the outgoing
-/// tunnel, and returns the backend's response head (or why it could not, for the client).
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Response<BackendBody>, String>> + Send>>;
-pub type Open =
-    Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
-
-/// What the end of the client's outer Session stream waits for, when set (see
-/// `relay::SOLVE_END_GRACE`). Shared by [`Held`] and the [`ClientBody`] it reads.
-#[derive(Clone, Default)]
-struct EndGate(Arc<std::sync::Mutex<Option<GateFuture>>>);
-
-type GateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The client's outer Session body, passed through, except that its end (the last frame, an
-/// error) is held back while the [`EndGate`] is set and pending.
-pub(crate) struct ClientBody {
-    inner: Incoming,
-    gate: EndGate,
-    /// The end, read from `inner`, waiting for the gate.
-    end: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
-}
-
-impl http_body::Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if this.end.is_none() {
-            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
-                end => this.end = Some(end),
-            }
-        }
-        {
-            let mut gate = this.gate.0.lock().expect("end gate lock");
-            if let Some(wait) = gate.as_mut() {
-                std::task::ready!(wait.as_mut().poll(cx));
-                *gate = None;
-            }
-        }
-        Poll::Ready(this.end.take().flatten())
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.end.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// Gauges of sessions by phase (held before placement, relayed to a backend).
@@ -239,142 +157,4 @@ async fn run<W>(
     // state, and a session held idle for as long as its build waits should not carry the
     // relay's or the handshake's (release build: the task was 17.6 KiB, now 3.7 KiB).
     Box::pin(relay::run(held, placed, parts, open, &uuid, max_message)).await;
-}
-
-/// The client's side of a held session: the router's inner HTTP/2 client connection to the
-/// build client, running in its own task.
-pub(crate) struct Held {
-    /// Opens inner streams toward the client. Dropping every clone lets the connection close
-    /// with a GOAWAY once its streams are done.
-    pub(crate) send: Option<h2::client::SendRequest<Bytes>>,
-    /// The session's entry in the directory of inner clients (dropped with `send`).
-    listing: Option<Registration>,
-    conn: JoinHandle<Result<(), h2::Error>>,
-    conn_end: Option<Result<(), String>>,
-    handle: TunnelHandle<ClientBody>,
-    /// What the client's end of the outer stream waits for once set ([`ClientBody`]).
-    end_gate: EndGate,
-    /// The outer response: the router's trailers go out on it at the end.
-    out: mpsc::Sender<Frame<Bytes>>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.conn.abort();
-    }
-}
-
-impl Held {
-    /// Starts the inner connection: the HTTP/2 preface and SETTINGS go out right away.
-    async fn start(
-        body: Incoming,
-        out: mpsc::Sender<Frame<Bytes>>,
-        max_message: usize,
-    ) -> Result<Held, h2::Error> {
-        let end_gate = EndGate::default();
-        let body = ClientBody {
-            inner: body,
-            gate: end_gate.clone(),
-            end: None,
-        };
-        let (io, handle) = TunnelIo::new(body, out.clone(), max_message);
-        let (send, conn) = relay::client_builder().handshake(io).await?;
-        let conn = tokio::spawn(conn.in_current_span());
-        Ok(Held {
-            send: Some(send),
-            listing: None,
-            conn,
-            conn_end: None,
-            handle,
-            end_gate,
-            out,
-        })
-    }
-
-    /// From now on, when the client ends its outer stream (half-close, reset, loss), that end
-    /// is passed on only once `gate` resolves.
-    pub(crate) fn hold_end_until(&self, gate: impl Future<Output = bool> + Send + 'static) {
-        *self.end_gate.0.lock().expect("end gate lock") = Some(Box::pin(async move {
-            if !gate.await {
-                debug!("a Solve naming the session still runs after the client ended it");
-            }
-        }));
-    }
-
-    /// Runs `fut` while the client's side lasts. `None`: the client's side ended first (the
-    /// client half-closed, reset or vanished); `fut` is dropped.
-    pub(crate) async fn until<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        if self.conn_end.is_some() {
-            return None;
-        }
-        tokio::select! {
-            out = fut => Some(out),
-            end = &mut self.conn => {
-                self.record_end(end);
-                None
-            }
-        }
-    }
-
-    /// Waits for the client's side to end.
-    pub(crate) async fn ended(&mut self) {
-        if self.conn_end.is_none() {
-            let end = (&mut self.conn).await;
-            self.record_end(end);
-        }
-    }
-
-    pub(crate) fn is_ended(&self) -> bool {
-        self.conn_end.is_some()
-    }
-
-    fn record_end(&mut self, end: Result<Result<(), h2::Error>, tokio::task::JoinError>) {
-        let end = match end {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        debug!(?end, read = ?self.handle.end(), "the client's side of the tunnel ended");
-        self.conn_end = Some(end);
-    }
-
-    /// True when the client is gone: its outer stream was reset or lost, or nobody reads our
-    /// answer any more. (A half-close is not gone: the client waits for our trailers.)
-    pub(crate) fn client_gone(&self) -> bool {
-        self.out.is_closed() || matches!(self.handle.end(), ReadEnd::Reset(_) | ReadEnd::Lost(_))
-    }
-
-    /// The status for a client whose Session stream was not a Session stream.
-    pub(crate) fn malformed_status(&self) -> Option<HeaderMap> {
-        match self.handle.end() {
-            ReadEnd::Malformed(error) => Some(status_trailers(
-                code::INVALID_ARGUMENT,
-                &format!("buildkit-router: malformed Control/Session stream: {error}"),
-            )),
-            _ => None,
-        }
-    }
-
-    /// Ends the session toward the client: closes the inner connection (GOAWAY once its streams
-    /// are done), then ends the outer stream with `trailers` (OK when `None`).
-    pub(crate) async fn finish(mut self, trailers: Option<HeaderMap>) {
-        self.send = None;
-        self.listing = None;
-        if !self.is_ended()
-            && tokio::time::timeout(CLIENT_CLOSE_GRACE, self.ended())
-                .await
-                .is_err()
-        {
-            debug!("the client's side of the tunnel did not close in time; ending it");
-            self.conn.abort();
-        }
-        if self.client_gone() {
-            return;
-        }
-        let trailers = trailers
-            .or_else(|| self.malformed_status())
-            .unwrap_or_else(|| status_trailers(code::OK, ""));
-        let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, self.out.send(Frame::trailers(trailers)))
-            .await;
-    }
 }

@@ -14,11 +14,14 @@
 
 pub mod bind;
 pub mod directory;
+pub mod held;
 pub mod hold;
+pub mod inner;
 pub mod relay;
 pub mod tunnel;
 
 pub use bind::{bind, BindHow, Bound, SHARED_KEY_HEADER, UUID_HEADER};
 pub use directory::{Directory, InnerClient};
-pub use hold::{serve, Gauges, Open, OpenFuture, Placed, Refusal, SessionCall};
+pub use held::{Open, OpenFuture, Placed};
+pub use hold::{serve, Gauges, Refusal, SessionCall};
 pub use tunnel::{TunnelError, TunnelIo};

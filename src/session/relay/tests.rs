@@ -9,7 +9,8 @@ use h2::{Reason, RecvStream};
 use http::{Request, Response};
 use tokio::sync::mpsc;
 
-use super::{client_builder, relay_stream, server_builder};
+use super::relay_stream;
+use crate::session::inner::{client_builder, server_builder};
 
 /// A stream the build client's inner server accepted, as its handler sees it.
 type Accepted = (Request<RecvStream>, h2::server::SendResponse<Bytes>);
