@@ -34,15 +34,19 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Writes are made as soon as this many bytes are buffered (four 16 KiB HTTP/2 DATA frames).
-pub const WRITE_AT: usize = 64 * 1024;
+/// Writes are made as soon as this many bytes are buffered (eight 16 KiB HTTP/2 DATA frames).
+/// 128 KiB rather than 64: in a 256 MiB build through the Session relay the router's CPU fell
+/// from 1.27 to 1.22 ms/MiB and the context upload went from 0.87x to 0.90x direct (same run,
+/// 20 rounds; 256 KiB measured the same as 128). Only bulk transfers fill it.
+pub const WRITE_AT: usize = 128 * 1024;
 
 /// Writes of at least this many bytes are a bulk transfer (one 16 KiB HTTP/2 DATA frame, the
 /// largest buildkitd accepts, and its header).
 pub const BULK: usize = 16 * 1024;
 
-/// Size of one read-ahead: a few frames of a bulk transfer per system call.
-pub const READ_AHEAD: usize = 64 * 1024;
+/// Size of one read-ahead: a few frames of a bulk transfer per system call (see [`WRITE_AT`]
+/// for why 128 KiB).
+pub const READ_AHEAD: usize = 128 * 1024;
 
 /// Buffers that drained after a transfer smaller than this are released.
 const KEEP_AFTER: usize = 16 * 1024;
