@@ -303,18 +303,40 @@ pub async fn read_first_message(
     body: &mut Incoming,
     max_len: usize,
     buffer: &RoutingBuffer,
-) -> Result<Peeked, PeekError> {
+) -> Result<Peeked, PeekFailure> {
     let mut buf = BytesMut::new();
+    read_into(body, max_len, buffer, &mut buf)
+        .await
+        .map_err(|error| PeekFailure {
+            error,
+            read: buf.freeze(),
+        })
+}
+
+/// A first message that could not be read, and the bytes read before that (the gRPC prefix and
+/// the start of the message, if they came).
+#[derive(Debug)]
+pub struct PeekFailure {
+    pub error: PeekError,
+    pub read: Bytes,
+}
+
+async fn read_into(
+    body: &mut Incoming,
+    max_len: usize,
+    buffer: &RoutingBuffer,
+    buf: &mut BytesMut,
+) -> Result<Peeked, PeekError> {
     let mut share = None;
     loop {
-        if let Some(header) = wire::parse_frame_header(&buf, max_len)? {
+        if let Some(header) = wire::parse_frame_header(buf, max_len)? {
             if header.compressed {
                 return Err(WireError::Compressed.into());
             }
             let end = GRPC_PREFIX_LEN + header.len;
             if buf.len() >= end {
                 return Ok(Peeked {
-                    buffered: buf.freeze(),
+                    buffered: std::mem::take(buf).freeze(),
                     message: GRPC_PREFIX_LEN..end,
                     share,
                 });

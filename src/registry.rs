@@ -33,6 +33,16 @@ struct Slot {
     unpinned: tokio::sync::Notify,
     /// When an unpinned slot may be swept.
     expires: Mutex<Instant>,
+    /// Set when the router refused the build itself (its Solve never reached a daemon): calls
+    /// waiting for the ref end at once instead of waiting for a Solve that will not come.
+    refused: std::sync::OnceLock<Refused>,
+}
+
+/// How the router refused a build: the gRPC status its Solve got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: u32,
+    pub message: Arc<str>,
 }
 
 impl Slot {
@@ -43,6 +53,7 @@ impl Slot {
             pins: AtomicUsize::new(0),
             unpinned: tokio::sync::Notify::new(),
             expires: Mutex::new(expires),
+            refused: std::sync::OnceLock::new(),
         })
     }
 
@@ -197,7 +208,8 @@ impl Registry {
         self.map(kind).get(key).and_then(|slot| slot.bound())
     }
 
-    /// Waits up to `timeout` for `key` to be bound.
+    /// Waits up to `timeout` for `key` to be bound. `None` as soon as it is refused
+    /// ([`Registry::refuse`]).
     pub async fn wait_bound(
         &self,
         kind: KeyKind,
@@ -206,11 +218,39 @@ impl Registry {
     ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
         let mut rx = slot.backend.subscribe();
-        let result = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        let settled =
+            |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refused.get().is_some();
+        let result = tokio::time::timeout(timeout, rx.wait_for(settled)).await;
         match result {
             Ok(Ok(bound)) => bound.clone(),
             _ => None,
         }
+    }
+
+    /// Records that the router refused the build `build_ref` itself (its Solve got `code` and
+    /// `message` and reached no daemon): calls waiting for the ref are woken and see
+    /// [`Registry::refusal`]. The first refusal of a ref stands; the entry is swept like any
+    /// unbound one (`unbound_expiry`).
+    pub fn refuse(&self, build_ref: &str, code: u32, message: &str) {
+        let slot = self.slot(KeyKind::Ref, build_ref);
+        if slot.bound().is_some() {
+            return;
+        }
+        let _ = slot.refused.set(Refused {
+            code,
+            message: Arc::from(message),
+        });
+        // Wakes `wait_bound` (the value is unchanged; its waiters check the refusal too).
+        slot.backend.send_modify(|_| {});
+    }
+
+    /// How the router refused `build_ref`, if it did and no Solve bound the ref since.
+    pub fn refusal(&self, build_ref: &str) -> Option<Refused> {
+        let slot = self.refs.get(build_ref)?;
+        if slot.bound().is_some() {
+            return None;
+        }
+        slot.refused.get().cloned()
     }
 
     /// Whether a Solve naming `build_ref` and `sessions` is already tied to a backend.
@@ -413,6 +453,43 @@ mod tests {
             .await
             .is_none());
         assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_waiting_for_a_refused_solve_ends_at_once() {
+        let registry = Registry::new(RegistrySettings::default());
+        let waiter = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let bound = registry
+                    .wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5))
+                    .await;
+                (bound.is_none(), started.elapsed())
+            })
+        };
+        tokio::task::yield_now().await;
+        registry.refuse("r1", 8, "too large");
+        let (unbound, waited) = waiter.await.expect("join");
+        assert!(unbound);
+        assert_eq!(
+            waited,
+            Duration::ZERO,
+            "woken by the refusal, not the timeout"
+        );
+        let refused = registry.refusal("r1").expect("refusal recorded");
+        assert_eq!((refused.code, &*refused.message), (8, "too large"));
+        // A later call waiting for the same ref does not wait either.
+        let started = Instant::now();
+        assert!(registry
+            .wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5))
+            .await
+            .is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // A Solve that binds the ref after all wins over the refusal.
+        registry.bind_solve("r1", &[], backends(1)[0].clone());
+        assert!(registry.refusal("r1").is_none());
+        assert!(registry.refusal("never-seen").is_none());
     }
 
     #[test]

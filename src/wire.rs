@@ -295,6 +295,18 @@ fn single_string<'a>(msg: &'a [u8], number: u32, name: &'static str) -> Result<&
     Ok(out)
 }
 
+/// The `Ref` (field 1) of a `SolveRequest` of which only the first bytes were read (`read`: the
+/// gRPC prefix and the start of the message, as far as it got). Go's protobuf writes fields in
+/// number order, so a Solve from buildctl or buildx starts with its ref; `None` when the ref is
+/// not first, not whole in `read`, or not UTF-8.
+pub fn leading_solve_ref(read: &[u8]) -> Option<&str> {
+    let message = read.get(GRPC_PREFIX_LEN..)?;
+    match Fields::new(message).next_field() {
+        Ok(Some((1, Value::Len(b)))) if !b.is_empty() => std::str::from_utf8(b).ok(),
+        _ => None,
+    }
+}
+
 /// `StatusRequest.Ref` (field 1).
 pub fn decode_status_ref(msg: &[u8]) -> Result<&str, WireError> {
     single_string(msg, 1, "StatusRequest.Ref")
@@ -702,6 +714,20 @@ mod tests {
             }))
         );
         assert_eq!(&encode_frame(b"")[..], &[0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_ref_of_a_solve_read_only_in_part() {
+        let framed = encode_frame(&[str_field(1, "ref1"), str_field(5, "sess1")].concat());
+        // The whole message, and only its first bytes (the prefix, the tag, the length, "ref1").
+        assert_eq!(leading_solve_ref(&framed), Some("ref1"));
+        assert_eq!(leading_solve_ref(&framed[..5 + 2 + 4]), Some("ref1"));
+        // The ref cut short, only the prefix, nothing at all.
+        assert_eq!(leading_solve_ref(&framed[..5 + 2 + 3]), None);
+        assert_eq!(leading_solve_ref(&framed[..5]), None);
+        assert_eq!(leading_solve_ref(&[]), None);
+        // A message that does not start with field 1.
+        assert_eq!(leading_solve_ref(&encode_frame(&full_solve())), None);
     }
 
     #[test]

@@ -1502,6 +1502,39 @@ async fn the_demo_script_runs_a_build_and_stops_cleanly() {
 /// The fake daemon must answer as the real one does: the same requests to both give the same
 /// gRPC code and message (a ref in a message is normalised to `<ref>`). Where they differ, the
 /// real daemon is right.
+/// A build the router refuses itself (here a Solve over `--max-message-size`) fails at once
+/// with the router's reason. buildctl used to exit 5-8 s later: its Status call waited out
+/// `--ref-wait` for a Solve that never came, and buildctl then waited for the Status to go quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_the_router_refuses_fails_at_once_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let Some(pool) = Pool::start(1, &["--max-message-size", "65536"]) else {
+        return;
+    };
+    let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let huge = format!("build-arg:HUGE={}", "x".repeat(100_000));
+    let started = std::time::Instant::now();
+    let (o, _) = pool
+        .buildctl_build(&ctx, &out.path().join("refused"), &["--opt", &huge])
+        .await;
+    let took = started.elapsed();
+    assert!(!o.status.success(), "the build is refused: {}", o.stderr);
+    assert!(
+        o.stderr.contains("ResourceExhausted") && o.stderr.contains("65536"),
+        "buildctl shows the router's reason: {}",
+        o.stderr
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "buildctl took {took:?} to exit"
+    );
+    assert!(
+        pool.clients.histories(&pool.daemons[0]).await.is_empty(),
+        "nothing reached the daemon"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fake_daemon_answers_errors_as_the_real_one_does() {
     use buildkit_router::proto::control as pb;

@@ -143,6 +143,52 @@ async fn an_oversized_solve_gets_resource_exhausted_naming_the_limit() {
     still_serves(&router).await;
 }
 
+/// A Solve the router refuses itself ends the rest of its build at once. buildctl's Status
+/// waits for the Solve's ref (up to `--ref-wait`, 5 s), and after a failed Solve buildctl waits up
+/// to 5 s more for the Status to go quiet: a refused build took 5-8 s to exit. Now its Status
+/// ends with OK (buildctl reports the Solve's own error) and its gateway calls get the refusal.
+#[tokio::test(start_paused = true)]
+async fn a_refused_solve_ends_its_builds_status_and_gateway_calls_at_once() {
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&daemon, |cfg| cfg.max_message_size = 4096).await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildctl();
+    opts.frontend_attrs
+        .insert("build-arg:HUGE".into(), "x".repeat(10_000));
+    let started = tokio::time::Instant::now();
+    let result = client.build(opts).await;
+    let took = started.elapsed();
+    assert_eq!(
+        result.solve.code,
+        Code::ResourceExhausted,
+        "{:?}",
+        result.solve
+    );
+    assert_eq!(result.status.code, Code::Ok, "{:?}", result.status);
+    assert_eq!(result.status_messages, 0);
+    assert_eq!(
+        result.ping.code,
+        Code::ResourceExhausted,
+        "{:?}",
+        result.ping
+    );
+    assert_eq!(
+        result.ping.message, result.solve.message,
+        "the Solve's own reason"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the build took {took:?} to end"
+    );
+    for call in ["Solve", "Status", "Ping"] {
+        assert_eq!(
+            daemon.counters().calls(call),
+            0,
+            "{call} reached the daemon"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_and_truncated_requests_get_clear_errors() {
     let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -270,11 +271,23 @@ impl Router {
         &self,
         request: Request<Incoming>,
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
+        self.peek_keeping_read(request)
+            .await
+            .map_err(|(answer, _)| answer)
+    }
+
+    /// [`Router::peek`], giving on failure the bytes read as well (a refused Solve's ref is
+    /// in them).
+    pub(super) async fn peek_keeping_read(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(http::request::Parts, Incoming, forward::Peeked), (Response<ResponseBody>, Bytes)>
+    {
         let (parts, mut body) = request.into_parts();
         let max = self.settings.max_message_size;
         match forward::read_first_message(&mut body, max, &self.settings.routing_buffer).await {
             Ok(peeked) => Ok((parts, body, peeked)),
-            Err(error) => Err(peek_error(parts.uri.path(), &error)),
+            Err(failure) => Err((peek_error(parts.uri.path(), &failure.error), failure.read)),
         }
     }
 

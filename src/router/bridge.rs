@@ -89,6 +89,8 @@ impl Router {
                 Ok(backend) => Some(backend),
                 Err(answer) => return answer,
             },
+            // The Solve's own refusal (it names the build and why).
+            RefState::Refused(refused) => return error(refused.code, &*refused.message),
             RefState::Unknown => None,
         };
         if let (Some(backend), true) = (&found, is_ping) {

@@ -14,7 +14,7 @@ use crate::admission::Progress;
 use crate::body::ResponseBody;
 use crate::forward::{self, code, Head};
 use crate::pool::Backend;
-use crate::registry::KeyKind;
+use crate::registry::{KeyKind, Refused};
 use crate::wire;
 
 pub(super) const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
@@ -25,6 +25,8 @@ pub(super) const LOCATE_AFTER: Duration = Duration::from_secs(1);
 pub(super) enum RefState {
     Bound(Arc<Backend>),
     Queued(tokio::sync::watch::Receiver<Progress>),
+    /// The router refused its Solve itself: no daemon will ever know it.
+    Refused(Refused),
     Unknown,
 }
 
@@ -56,7 +58,7 @@ impl Router {
         let Some(admission) = &self.admission else {
             return match self.backend_of(build_ref).await {
                 Some(backend) => RefState::Bound(backend),
-                None => RefState::Unknown,
+                None => self.unbound(build_ref),
             };
         };
         let deadline = Instant::now() + self.settings.ref_wait;
@@ -72,15 +74,22 @@ impl Router {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return RefState::Unknown;
+                return self.unbound(build_ref);
             }
             tokio::select! {
                 bound = self.registry.wait_bound(KeyKind::Ref, build_ref, remaining) => {
-                    return bound.map_or(RefState::Unknown, RefState::Bound);
+                    return bound.map_or_else(|| self.unbound(build_ref), RefState::Bound);
                 }
                 _ = arrived => {}
             }
         }
+    }
+
+    /// A ref no Solve bound (yet): refused by the router, or unknown.
+    fn unbound(&self, build_ref: &str) -> RefState {
+        self.registry
+            .refusal(build_ref)
+            .map_or(RefState::Unknown, RefState::Refused)
     }
 
     /// The backend whose build history holds `build_ref` (a build another replica placed, or

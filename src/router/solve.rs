@@ -147,18 +147,52 @@ impl Router {
         }
     }
 
+    /// A Solve the router answers itself, before any daemon saw it: the calls of its build
+    /// that wait for it (buildctl's Status waits for the Solve's ref, and then up to 5 s more
+    /// for progress) end at once, instead of after `--ref-wait`. `build_ref` is `None` when
+    /// it could not be read.
+    fn refused_solve(
+        &self,
+        build_ref: Option<&str>,
+        answer: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        let Some(build_ref) = build_ref else {
+            return answer;
+        };
+        let headers = answer.headers();
+        let status = crate::grpc::grpc_status_of(headers).unwrap_or(code::UNKNOWN);
+        if status == code::OK {
+            return answer;
+        }
+        info!(build_ref, status, "build refused before reaching a daemon");
+        let message = crate::grpc::grpc_message_of(headers);
+        let (registry, build_ref) = (self.registry.clone(), build_ref.to_owned());
+        // Recorded once the answer is handed to HTTP/2, so the client has the Solve's own
+        // error before its other calls end (buildx reports whichever error comes first).
+        answer.map(|body| {
+            body.with_hook(EndHook::new(move |_| {
+                registry.refuse(&build_ref, status, &message)
+            }))
+        })
+    }
+
     pub(super) async fn solve(
         self: &Arc<Self>,
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let (parts, body, peeked) = match self.peek(request).await {
+        let (parts, body, peeked) = match self.peek_keeping_read(request).await {
             Ok(peeked) => peeked,
-            Err(answer) => return answer,
+            Err((answer, read)) => {
+                return self.refused_solve(wire::leading_solve_ref(&read), answer)
+            }
         };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
-            Err(error) => return error_response_invalid("Control/Solve", &error),
+            Err(error) => {
+                let answer = error_response_invalid("Control/Solve", &error);
+                return self.refused_solve(wire::leading_solve_ref(&peeked.buffered), answer);
+            }
         };
         let build_ref: Arc<str> = if solve.build_ref.is_empty() {
             // buildkitd names such a build itself; give it a private registry key so unrelated
@@ -215,25 +249,24 @@ impl Router {
                                 found
                             }
                             Ok(Admit::Pinned(backend)) => pinned(backend),
-                            Err(answer) => return answer,
+                            Err(answer) => return self.refused_solve(Some(&build_ref), answer),
                         }
                     }
                     _ => match self.place(&traits, &excluded) {
                         Ok(found) => found,
                         Err(error) => {
                             // Every candidate failed to connect: say which and why.
-                            if let Some((backend, connect_error)) = last_failure {
-                                return unavailable_backend(
-                                    &backend,
-                                    Some(&build_ref),
-                                    connect_error,
-                                );
-                            }
-                            return placement_error(
-                                &error,
-                                &format!("build {build_ref}"),
-                                &self.pool,
-                            );
+                            let answer = match last_failure {
+                                Some((backend, connect_error)) => {
+                                    unavailable_backend(&backend, Some(&build_ref), connect_error)
+                                }
+                                None => placement_error(
+                                    &error,
+                                    &format!("build {build_ref}"),
+                                    &self.pool,
+                                ),
+                            };
+                            return self.refused_solve(Some(&build_ref), answer);
                         }
                     },
                 },
@@ -249,7 +282,8 @@ impl Router {
                     last_failure = Some((candidate, error));
                     continue;
                 }
-                return unavailable_backend(&candidate, Some(&build_ref), error);
+                let answer = unavailable_backend(&candidate, Some(&build_ref), error);
+                return self.refused_solve(Some(&build_ref), answer);
             }
             let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
             let choice = if bound.pinned_by_session {

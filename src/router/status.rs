@@ -54,6 +54,11 @@ impl Router {
                     }
                 }
             }
+            // buildctl reports the Solve's own error; an ended progress stream adds nothing.
+            RefState::Refused(refused) => {
+                info!(build_ref = %build_ref, code = refused.code, "the router refused this build's Solve; ending its Status");
+                return forward::ok_response(None, Bytes::new());
+            }
             RefState::Unknown => None,
         };
         if let Some(backend) = backend {

@@ -609,9 +609,15 @@ impl Client {
                             || f.2.as_ref().is_some_and(|c| !c.is_ok());
                         frontend_result = Some(f);
                         if failed {
-                            // As buildctl: a failed frontend cancels the Solve.
-                            solve_task.abort();
-                            break Err(Status::cancelled("cancelled by the client: frontend failed"));
+                            // As buildctl (client/solve.go): a failed frontend waits up to 5 s
+                            // for the Solve to end by itself, then cancels it.
+                            match tokio::time::timeout(Duration::from_secs(5), &mut solve_task).await {
+                                Ok(r) => break r.unwrap_or_else(|e| Err(Status::cancelled(e.to_string()))),
+                                Err(_) => {
+                                    solve_task.abort();
+                                    break Err(Status::cancelled("cancelled by the client: frontend failed"));
+                                }
+                            }
                         }
                     }
                     _ = &mut end_session, if close_tx.is_some() => {
