@@ -35,7 +35,8 @@ struct Slot {
     expires: Mutex<Instant>,
     /// Set when the router refused the build itself (its Solve never reached a daemon): calls
     /// waiting for the ref end at once instead of waiting for a Solve that will not come.
-    refused: std::sync::OnceLock<Refused>,
+    /// Cleared when a Solve naming the ref arrives again. Never held across an await.
+    refused: Mutex<Option<Refused>>,
 }
 
 /// How the router refused a build: the gRPC status its Solve got.
@@ -53,12 +54,16 @@ impl Slot {
             pins: AtomicUsize::new(0),
             unpinned: tokio::sync::Notify::new(),
             expires: Mutex::new(expires),
-            refused: std::sync::OnceLock::new(),
+            refused: Mutex::new(None),
         })
     }
 
     fn bound(&self) -> Option<Arc<Backend>> {
         self.backend.borrow().clone()
+    }
+
+    fn refusal(&self) -> Option<Refused> {
+        self.refused.lock().expect("refusal lock").clone()
     }
 }
 
@@ -218,8 +223,7 @@ impl Registry {
     ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
         let mut rx = slot.backend.subscribe();
-        let settled =
-            |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refused.get().is_some();
+        let settled = |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refusal().is_some();
         let result = tokio::time::timeout(timeout, rx.wait_for(settled)).await;
         match result {
             Ok(Ok(bound)) => bound.clone(),
@@ -229,14 +233,15 @@ impl Registry {
 
     /// Records that the router refused the build `build_ref` itself (its Solve got `code` and
     /// `message` and reached no daemon): calls waiting for the ref are woken and see
-    /// [`Registry::refusal`]. The first refusal of a ref stands; the entry is swept like any
-    /// unbound one (`unbound_expiry`).
+    /// [`Registry::refusal`], until a Solve naming the ref arrives again
+    /// ([`Registry::solve_arrived`]) or binds it. The entry is swept like any unbound one
+    /// (`unbound_expiry`).
     pub fn refuse(&self, build_ref: &str, code: u32, message: &str) {
         let slot = self.slot(KeyKind::Ref, build_ref);
         if slot.bound().is_some() {
             return;
         }
-        let _ = slot.refused.set(Refused {
+        *slot.refused.lock().expect("refusal lock") = Some(Refused {
             code,
             message: Arc::from(message),
         });
@@ -244,13 +249,34 @@ impl Registry {
         slot.backend.send_modify(|_| {});
     }
 
-    /// How the router refused `build_ref`, if it did and no Solve bound the ref since.
+    /// A Solve naming `build_ref` was read: a refusal of an earlier Solve with the same ref no
+    /// longer speaks for the build (a client that retries with the same request).
+    pub fn solve_arrived(&self, build_ref: &str) {
+        if let Some(slot) = self.refs.get(build_ref) {
+            if slot.refused.lock().expect("refusal lock").take().is_some() {
+                // Wakes `wait_refusal_cleared`.
+                slot.backend.send_modify(|_| {});
+            }
+        }
+    }
+
+    /// Waits up to `within` for a refusal of `build_ref` to be cleared by a Solve naming the
+    /// ref ([`Registry::solve_arrived`]) or binding it. True when it was (or there is none).
+    pub async fn wait_refusal_cleared(&self, build_ref: &str, within: Duration) -> bool {
+        let slot = self.slot(KeyKind::Ref, build_ref);
+        let mut rx = slot.backend.subscribe();
+        let cleared = |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refusal().is_none();
+        let waited = tokio::time::timeout(within, rx.wait_for(cleared)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// How the router refused `build_ref`, if it did and no Solve named or bound the ref since.
     pub fn refusal(&self, build_ref: &str) -> Option<Refused> {
         let slot = self.refs.get(build_ref)?;
         if slot.bound().is_some() {
             return None;
         }
-        slot.refused.get().cloned()
+        slot.refusal()
     }
 
     /// Whether a Solve naming `build_ref` and `sessions` is already tied to a backend.
@@ -486,7 +512,35 @@ mod tests {
             .await
             .is_none());
         assert_eq!(started.elapsed(), Duration::ZERO);
-        // A Solve that binds the ref after all wins over the refusal.
+        // A refusal stands until a Solve naming the ref again clears it (a client retrying the
+        // same request); then calls wait for that Solve as for any other.
+        let started = Instant::now();
+        assert!(
+            !registry
+                .wait_refusal_cleared("r1", Duration::from_millis(250))
+                .await
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        let retry = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                registry
+                    .wait_refusal_cleared("r1", Duration::from_millis(250))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        registry.solve_arrived("r1");
+        assert!(retry.await.expect("join"), "woken by the new Solve");
+        assert!(registry.refusal("r1").is_none());
+        let started = Instant::now();
+        assert!(registry
+            .wait_bound(KeyKind::Ref, "r1", Duration::from_secs(5))
+            .await
+            .is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // A Solve that binds the ref after all wins over a refusal.
+        registry.refuse("r1", 8, "too large");
         registry.bind_solve("r1", &[], backends(1)[0].clone());
         assert!(registry.refusal("r1").is_none());
         assert!(registry.refusal("never-seen").is_none());

@@ -187,6 +187,14 @@ async fn a_refused_solve_ends_its_builds_status_and_gateway_calls_at_once() {
             "{call} reached the daemon"
         );
     }
+
+    // The same request again, smaller, with the same ref (a client retrying): the refusal no
+    // longer speaks for the build, whose Status shows the daemon's progress.
+    let mut retry = BuildOpts::buildctl();
+    retry.build_ref = result.build_ref.clone();
+    let again = client.build(retry).await;
+    assert!(again.ok(), "{:#?}", again.errors());
+    assert!(again.status_messages > 0, "the retried build's progress");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,9 @@ use crate::wire;
 pub(super) const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
 /// How long a call for an unknown ref waits for its Solve before daemons' histories are asked.
 pub(super) const LOCATE_AFTER: Duration = Duration::from_secs(1);
+/// How long a call that finds its build already refused waits for a new Solve naming the ref
+/// (a client that retries with the same ref sends both at once) before it ends.
+pub(super) const REFUSAL_GRACE: Duration = Duration::from_millis(250);
 
 /// Where a build's calls go.
 pub(super) enum RefState {
@@ -55,6 +58,17 @@ impl Router {
     /// Where the build `build_ref` is: bound to a backend, waiting in the queue, or unknown
     /// after the ref wait (its Solve never came to this router).
     pub(super) async fn resolve_ref(&self, build_ref: &str) -> RefState {
+        // A refusal recorded before this call may be an earlier attempt's: a client retrying
+        // the same request sends its new Solve at the same moment, and that clears it.
+        if let Some(refused) = self.registry.refusal(build_ref) {
+            if !self
+                .registry
+                .wait_refusal_cleared(build_ref, REFUSAL_GRACE)
+                .await
+            {
+                return RefState::Refused(refused);
+            }
+        }
         let Some(admission) = &self.admission else {
             return match self.backend_of(build_ref).await {
                 Some(backend) => RefState::Bound(backend),

@@ -161,10 +161,11 @@ impl Router {
         };
         let headers = answer.headers();
         let status = crate::grpc::grpc_status_of(headers).unwrap_or(code::UNKNOWN);
-        if status == code::OK {
+        // A client that gave up on its own Solve (CANCELLED) was not refused.
+        if status == code::OK || status == code::CANCELLED {
             return answer;
         }
-        info!(build_ref, status, "build refused before reaching a daemon");
+        info!(build_ref = %build_ref, status, "build refused before reaching a daemon");
         let message = crate::grpc::grpc_message_of(headers);
         let (registry, build_ref) = (self.registry.clone(), build_ref.to_owned());
         // Recorded once the answer is handed to HTTP/2, so the client has the Solve's own
@@ -202,6 +203,7 @@ impl Router {
             Arc::from(solve.build_ref)
         };
         tracing::Span::current().record("build_ref", &*build_ref);
+        self.registry.solve_arrived(&build_ref);
         let sessions = solve.session_ids();
         // Keyless builds may be keyed by their Dockerfile, read through their held Session.
         let pinned = matches!(
