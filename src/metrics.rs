@@ -25,6 +25,9 @@ pub struct Metrics {
     pub registry: PromRegistry,
     pub requests_total: IntCounterVec,
     pub builds_total: IntCounterVec,
+    /// Builds whose Solve the router answered itself, by grpc-status code name (never counted
+    /// in `builds_total`: no daemon saw them).
+    pub builds_refused_total: IntCounterVec,
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
     /// Control/Session streams open, by phase: `held` (answered by the router, no backend
@@ -70,6 +73,14 @@ impl Metrics {
             )
             .namespace(PREFIX),
             &["backend", "outcome"],
+        )?;
+        let builds_refused_total = IntCounterVec::new(
+            Opts::new(
+                "builds_refused_total",
+                "Builds (Control/Solve calls) the router refused before any daemon saw them, by grpc-status code name",
+            )
+            .namespace(PREFIX),
+            &["code"],
         )?;
         let build_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -155,6 +166,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;
+        registry.register(Box::new(builds_refused_total.clone()))?;
         registry.register(Box::new(build_duration_seconds.clone()))?;
         registry.register(Box::new(session_bind_seconds.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
@@ -184,6 +196,7 @@ impl Metrics {
             registry,
             requests_total,
             builds_total,
+            builds_refused_total,
             build_duration_seconds,
             session_bind_seconds,
             sessions,

@@ -23,6 +23,7 @@ const ROUTER_METRICS: &[(&str, MetricKind)] = &[
     ("buildkit_router_builds_queued", MetricKind::Gauge),
     ("buildkit_router_queue_wait_seconds", MetricKind::Histogram),
     ("buildkit_router_builds_total", MetricKind::Counter),
+    ("buildkit_router_builds_refused_total", MetricKind::Counter),
     (
         "buildkit_router_build_duration_seconds",
         MetricKind::Histogram,

@@ -188,6 +188,23 @@ async fn a_refused_solve_ends_its_builds_status_and_gateway_calls_at_once() {
         );
     }
 
+    let metrics = router.metrics.registry.gather();
+    let refused = metrics
+        .iter()
+        .find(|m| m.name() == "buildkit_router_builds_refused_total")
+        .expect("builds_refused_total");
+    let counted: Vec<(String, f64)> = refused
+        .get_metric()
+        .iter()
+        .map(|m| {
+            (
+                m.get_label()[0].value().to_owned(),
+                m.get_counter().get_value(),
+            )
+        })
+        .collect();
+    assert_eq!(counted, [("RESOURCE_EXHAUSTED".to_owned(), 1.0)]);
+
     // The same request again, smaller, with the same ref (a client retrying): the refusal no
     // longer speaks for the build, whose Status shows the daemon's progress.
     let mut retry = BuildOpts::buildctl();

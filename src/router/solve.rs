@@ -166,6 +166,10 @@ impl Router {
             return answer;
         }
         info!(build_ref = %build_ref, status, "build refused before reaching a daemon");
+        self.metrics
+            .builds_refused_total
+            .with_label_values(&[crate::metrics::code_name(status)])
+            .inc();
         let message = crate::grpc::grpc_message_of(headers);
         let (registry, build_ref) = (self.registry.clone(), build_ref.to_owned());
         // Recorded once the answer is handed to HTTP/2, so the client has the Solve's own
