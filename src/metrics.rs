@@ -167,6 +167,15 @@ impl Metrics {
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(builds_refused_total.clone()))?;
+        // Zero series for the codes refusals carry, so the metric exists before the first one.
+        for code in [
+            "RESOURCE_EXHAUSTED",
+            "UNAVAILABLE",
+            "INVALID_ARGUMENT",
+            "FAILED_PRECONDITION",
+        ] {
+            builds_refused_total.with_label_values(&[code]);
+        }
         registry.register(Box::new(build_duration_seconds.clone()))?;
         registry.register(Box::new(session_bind_seconds.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
