@@ -65,6 +65,26 @@ impl Slot {
     fn refusal(&self) -> Option<Refused> {
         self.refused.lock().expect("refusal lock").clone()
     }
+
+    fn is_refused(&self) -> bool {
+        self.refused.lock().expect("refusal lock").is_some()
+    }
+
+    /// Waits up to `within` until `settled` holds, checked against the binding whenever the
+    /// binding or the refusal changes (both notify the binding's watch). The binding then;
+    /// `None` on timeout.
+    async fn wait_until(
+        &self,
+        within: Duration,
+        settled: impl FnMut(&Option<Arc<Backend>>) -> bool,
+    ) -> Option<Option<Arc<Backend>>> {
+        let mut rx = self.backend.subscribe();
+        let waited = tokio::time::timeout(within, rx.wait_for(settled)).await;
+        match waited {
+            Ok(Ok(bound)) => Some(bound.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Keeps a ref or session slot alive while a stream uses it.
@@ -222,13 +242,9 @@ impl Registry {
         timeout: Duration,
     ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
-        let mut rx = slot.backend.subscribe();
-        let settled = |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refusal().is_some();
-        let result = tokio::time::timeout(timeout, rx.wait_for(settled)).await;
-        match result {
-            Ok(Ok(bound)) => bound.clone(),
-            _ => None,
-        }
+        slot.wait_until(timeout, |bound| bound.is_some() || slot.is_refused())
+            .await
+            .flatten()
     }
 
     /// Records that the router refused the build `build_ref` itself (its Solve got `code` and
@@ -264,10 +280,9 @@ impl Registry {
     /// ref ([`Registry::solve_arrived`]) or binding it. True when it was (or there is none).
     pub async fn wait_refusal_cleared(&self, build_ref: &str, within: Duration) -> bool {
         let slot = self.slot(KeyKind::Ref, build_ref);
-        let mut rx = slot.backend.subscribe();
-        let cleared = |bound: &Option<Arc<Backend>>| bound.is_some() || slot.refusal().is_none();
-        let waited = tokio::time::timeout(within, rx.wait_for(cleared)).await;
-        matches!(waited, Ok(Ok(_)))
+        slot.wait_until(within, |bound| bound.is_some() || !slot.is_refused())
+            .await
+            .is_some()
     }
 
     /// How the router refused `build_ref`, if it did and no Solve named or bound the ref since.
