@@ -18,15 +18,16 @@
 # call of the proxy process and of buildkitd.
 #
 # Part "build": a real `buildctl build` of `FROM scratch` + `COPY . /ctx` with a CONTEXT_MIB
-# context of incompressible files, direct and through the router, in rotating rounds; `buildctl prune --all` before each, so every build uploads the whole context
-# and copies it. Reports the median wall time, direct/router ratios (>= 0.95 is the target),
-# the time of the "load build context" step (the upload itself, from buildctl's rawjson
+# context of incompressible files, direct, through the router and through HAProxy
+# (BUILD_PEERS=0: without it), in rotating rounds; `buildctl prune --all` before each, so every
+# build uploads the whole context and copies it. Reports the median wall time, direct/router
+# ratios (>= 0.95 is the target), the time of the "load build context" step (the upload itself, from buildctl's rawjson
 # progress), and the router's CPU per MiB.
 #
 # Usage: benches/real.sh [unary|build|all]   (from the repository root, as root: buildkitd
 #        needs it; installs nghttp2-client, haproxy and nginx when missing)
 # Env:   BUILDKIT_PEERS_BIN (.peers/bin)  ROUNDS (5)  REQUESTS_1 (3000)  REQUESTS_64 (20000)
-#        CONTEXT_MIB (512)  BUILD_ROUNDS (3)  ROUTER_BIN (built here)  ROUTER_ARGS ()
+#        CONTEXT_MIB (512)  BUILD_ROUNDS (3)  BUILD_KEY (bench; empty: keyless)  ROUTER_BIN (built here)  ROUTER_ARGS ()
 #        ROUTER_VARIANTS ()  KEEP_WORKDIR
 set -euo pipefail
 
@@ -245,15 +246,25 @@ EOF
 build() {
     local targets=(direct router) ctx name round k order t0 t1 p0 p1 secs csecs
     targets+=("${VARIANTS[@]}")
+    # HAProxy carries the same build (one daemon, so stream-level forwarding works): what a
+    # generic balancer that does not terminate the Session costs a build on this machine.
+    # BUILD_PEERS=0 leaves it out. nginx (grpc_pass) cannot carry a build: the Session's context
+    # upload is cancelled after about 1 MB.
+    [[ ${BUILD_PEERS:-1} == 0 ]] || targets+=(haproxy)
     log "making a $CONTEXT_MIB MiB context"
     ctx=$(make_context)
     declare -A WALL CTX PCPU
     local bctl=("$PEERS/buildctl")
+    # BUILD_KEY names the build's project (an affinity key, as buildx's vcs:source does for a
+    # build in a git checkout, the usual CI build): such a build is placed at once and its
+    # Session passed through. BUILD_KEY= (empty) builds keyless: the router reads the Dockerfile
+    # through the Session for the content key, so the Session is held and relayed.
+    local opts=(--frontend dockerfile.v0 --local "context=$ctx" --local "dockerfile=$ctx")
+    [[ -z ${BUILD_KEY-bench} ]] || opts+=(--opt "build-arg:BUILDKIT_ROUTER_KEY=${BUILD_KEY-bench}")
     # Warm-up (also checks every path builds).
     for name in "${targets[@]}"; do
         "${bctl[@]}" --addr "tcp://127.0.0.1:$B" prune --all >/dev/null
-        timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build \
-            --frontend dockerfile.v0 --local "context=$ctx" --local "dockerfile=$ctx" \
+        timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build "${opts[@]}" \
             --progress plain >"$WORK/warm.$name.log" 2>&1 || { log "$name: build failed"; cat "$WORK/warm.$name.log" >&2; exit 1; }
     done
     for round in $(seq 1 "$BUILD_ROUNDS"); do
@@ -265,8 +276,7 @@ build() {
             # shellcheck disable=SC2086
             p0=$(ticks ${PROXY_PID[$name]})
             t0=$(date +%s.%N)
-            timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build \
-                --frontend dockerfile.v0 --local "context=$ctx" --local "dockerfile=$ctx" \
+            timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build "${opts[@]}" \
                 --progress rawjson 2>"$WORK/build.$name.$round.json" || {
                 log "$name: build failed"
                 tail -5 "$WORK/build.$name.$round.json" >&2

@@ -159,6 +159,7 @@ pub async fn start_on(
         metrics.clone(),
         RouterSettings {
             session_bind_window: cfg.session_bind_window,
+            session_passthrough_window: cfg.session_passthrough_window,
             ref_wait: cfg.ref_wait,
             max_message_size: cfg.max_message_size,
             tenant_from: cfg.queue.tenant_from,

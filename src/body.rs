@@ -7,6 +7,7 @@
 //! naming it, while a reset by the backend (e.g. CANCEL) stays a reset.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -28,7 +29,15 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     /// Frames the router produces as it goes (the Session relay's side of the tunnel).
     channel: Option<mpsc::Receiver<Frame<Bytes>>>,
+    /// While set and pending, the end of `inner` (its END_STREAM, trailers or error) is held
+    /// back: a Session passed through ends only after the Solves naming it (`session::held`).
+    end_gate: Option<EndGate>,
+    /// The end read from `inner`, waiting for `end_gate`.
+    held_end: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
 }
+
+/// What the end of a request body waits for ([`RequestBody::ending_after`]).
+pub type EndGate = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl RequestBody {
     /// The client's body, untouched.
@@ -38,6 +47,8 @@ impl RequestBody {
             prefix_share: None,
             inner: Some(inner),
             channel: None,
+            end_gate: None,
+            held_end: None,
         }
     }
 
@@ -48,7 +59,16 @@ impl RequestBody {
             prefix_share: None,
             inner: Some(inner),
             channel: None,
+            end_gate: None,
+            held_end: None,
         }
+    }
+
+    /// Holds back the end of the client's body (END_STREAM, trailers, or the error of a reset
+    /// or lost stream) until `gate` resolves; frames before the end pass at once.
+    pub fn ending_after(mut self, gate: EndGate) -> Self {
+        self.end_gate = Some(gate);
+        self
     }
 
     /// Keeps the routing-buffer share of the bytes put back in front until they are sent (see
@@ -65,6 +85,8 @@ impl RequestBody {
             prefix_share: None,
             inner: None,
             channel: None,
+            end_gate: None,
+            held_end: None,
         }
     }
 
@@ -73,6 +95,7 @@ impl RequestBody {
     pub fn take_complete(&mut self) -> Option<Option<Bytes>> {
         if self.channel.is_some()
             || self.prefix_share.is_some()
+            || self.end_gate.is_some()
             || self.inner.as_ref().is_some_and(|i| !i.is_end_stream())
         {
             return None;
@@ -87,6 +110,8 @@ impl RequestBody {
             prefix_share: None,
             inner: None,
             channel: Some(rx),
+            end_gate: None,
+            held_end: None,
         }
     }
 }
@@ -107,15 +132,28 @@ impl Body for RequestBody {
         if let Some(rx) = self.channel.as_mut() {
             return rx.poll_recv(cx).map(|frame| frame.map(Ok));
         }
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-            None => Poll::Ready(None),
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let Some(gate) = this.end_gate.as_mut() else {
+            return Pin::new(inner).poll_frame(cx);
+        };
+        if this.held_end.is_none() {
+            match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
+                end => this.held_end = Some(end),
+            }
         }
+        ready!(gate.as_mut().poll(cx));
+        this.end_gate = None;
+        Poll::Ready(this.held_end.take().flatten())
     }
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none()
             && self.channel.is_none()
+            && self.end_gate.is_none()
             && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
@@ -279,6 +317,8 @@ pub trait ConnectionHealth: Send + Sync {
 pub struct StreamContext {
     pub backend: std::sync::Arc<str>,
     pub build_ref: Option<std::sync::Arc<str>>,
+    /// What `build_ref` names in errors: `"build"`, or `"session"` for a Session's uuid.
+    pub subject: &'static str,
     pub health: Option<std::sync::Arc<dyn ConnectionHealth>>,
 }
 
@@ -296,8 +336,8 @@ impl StreamContext {
         if let Some(reason) = self.health.as_ref().and_then(|h| h.dead_reason()) {
             return match &self.build_ref {
                 Some(r) => format!(
-                    "buildkit-router: buildkitd backend {} is unavailable for build {r}: {reason}",
-                    self.backend
+                    "buildkit-router: buildkitd backend {} is unavailable for {} {r}: {reason}",
+                    self.backend, self.subject
                 ),
                 None => format!(
                     "buildkit-router: buildkitd backend {} is unavailable: {reason}",
@@ -307,8 +347,8 @@ impl StreamContext {
         }
         match &self.build_ref {
             Some(r) => format!(
-                "buildkit-router: lost buildkitd backend {} during build {r}: {error}",
-                self.backend
+                "buildkit-router: lost buildkitd backend {} during {} {r}: {error}",
+                self.backend, self.subject
             ),
             None => format!(
                 "buildkit-router: lost buildkitd backend {}: {error}",

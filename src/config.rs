@@ -8,6 +8,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::duration::parse_duration;
 
+/// Longest `--session-passthrough-window`: half the client's 10 s inner preface timeout
+/// (x/net `http2.Server`), so a session held after it still gets the router's preface in time.
+pub const MAX_PASSTHROUGH_WINDOW: Duration = Duration::from_secs(5);
+
+fn parse_passthrough_window(text: &str) -> Result<Duration, String> {
+    let window = parse_duration(text)?;
+    if window > MAX_PASSTHROUGH_WINDOW {
+        return Err(format!(
+            "{text:?} is longer than {MAX_PASSTHROUGH_WINDOW:?}: the client gives up on a Session whose inner HTTP/2 preface is 10 s late"
+        ));
+    }
+    Ok(window)
+}
+
 /// A stateful gRPC proxy in front of a pool of buildkitd daemons.
 #[derive(Debug, Parser)]
 #[command(name = "buildkit-router", version, about, long_about = None)]
@@ -152,6 +166,14 @@ pub struct RunConfig {
     /// bounded by the client's 10 s preface timeout (docs/session-relay.md).
     #[arg(long, value_parser = parse_duration, default_value = "3s", env = "BUILDKIT_ROUTER_SESSION_BIND_WINDOW")]
     pub session_bind_window: Duration,
+    /// How long a Control/Session may wait to be placed and still be passed through to its
+    /// backend as it came (the router out of the inner connection: the cheapest path for the
+    /// context upload). A session unplaced after this is answered and held by the router, then
+    /// relayed. Must stay well below the client's 10 s inner preface timeout (at most 5s); 0
+    /// holds every session. Off (0) when `content` is an affinity key source: the content key
+    /// reads the Dockerfile through a held session.
+    #[arg(long, value_parser = parse_passthrough_window, default_value = "1s", env = "BUILDKIT_ROUTER_SESSION_PASSTHROUGH_WINDOW")]
+    pub session_passthrough_window: Duration,
     /// How long a Status or LLBBridge call for an unknown build ref waits for its Solve.
     #[arg(long, value_parser = parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_REF_WAIT")]
     pub ref_wait: Duration,
@@ -288,8 +310,21 @@ mod tests {
     fn defaults_match_the_documented_values() {
         let cfg = Cli::parse_from(["buildkit-router"]).run;
         assert_eq!(cfg.session_bind_window, Duration::from_secs(3));
+        assert_eq!(cfg.session_passthrough_window, Duration::from_secs(1));
         assert_eq!(cfg.listen.port(), 1234);
         assert_eq!(cfg.placement.balance_factor, 1.25);
         assert!(cfg.max_message_size > 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_passthrough_window_the_clients_preface_timer_cannot_cover_is_refused() {
+        let window = |w: &str| {
+            Cli::try_parse_from(["buildkit-router", "--session-passthrough-window", w])
+                .map(|cli| cli.run.session_passthrough_window)
+        };
+        assert_eq!(window("0s").unwrap(), Duration::ZERO);
+        assert_eq!(window("5s").unwrap(), Duration::from_secs(5));
+        let error = window("6s").unwrap_err().to_string();
+        assert!(error.contains("10 s late"), "{error}");
     }
 }

@@ -31,7 +31,8 @@ pub struct Metrics {
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
     /// Control/Session streams open, by phase: `held` (answered by the router, no backend
-    /// yet) or `relayed` (tunnel relayed to a backend).
+    /// yet), `relayed` (held, then its tunnel relayed to a backend) or `passed_through`
+    /// (placed within `--session-passthrough-window`: forwarded as it came).
     pub sessions: IntGaugeVec,
     /// Builds waiting, by tenant (at most `queue::DEFAULT_TENANT_LABELS` tenants named, the rest
     /// as `other`; `default` always present).
@@ -104,12 +105,12 @@ impl Metrics {
         let sessions = IntGaugeVec::new(
             Opts::new(
                 "sessions",
-                "Control/Session streams open, by phase (held: no backend yet; relayed)",
+                "Control/Session streams open, by phase (held: no backend yet; relayed after being held; passed_through: placed at once, forwarded as it came)",
             )
             .namespace(PREFIX),
             &["phase"],
         )?;
-        for phase in ["held", "relayed"] {
+        for phase in ["held", "relayed", "passed_through"] {
             sessions.with_label_values(&[phase]);
         }
         let builds_queued = IntGaugeVec::new(

@@ -176,14 +176,28 @@ async fn buildctl_builds_sequential_and_sixteen_concurrent_each_on_one_daemon() 
     let ctx = Context::new(&pool.peers, &numbered_dockerfile(), &[]);
     let out = tempfile::tempdir().unwrap();
 
+    // Sequential builds naming their project (an explicit affinity key, as a CI build's
+    // vcs:source would): placed at once, so their Sessions pass through the router as they came.
     for i in 0..3 {
         let dest = out.path().join(format!("seq{i}"));
         let n = format!("build-arg:N={i}");
-        let (o, r) = pool.buildctl_build(&ctx, &dest, &["--opt", &n]).await;
+        let (o, r) = pool
+            .buildctl_build(
+                &ctx,
+                &dest,
+                &["--opt", &n, "--opt", "build-arg:BUILDKIT_ROUTER_KEY=seq"],
+            )
+            .await;
         o.assert_ok();
         assert_eq!(read(dest.join("out/n")), format!("n={i}\n"));
         pool.holder(&r).await;
     }
+    let passed_through = |log: &str| log.matches("session passed through to its backend").count();
+    assert_eq!(
+        passed_through(&pool.router.log()),
+        3,
+        "each keyed build's Session passed through"
+    );
 
     let builds = (0..16).map(|i| {
         let pool = &pool;
@@ -218,6 +232,13 @@ async fn buildctl_builds_sequential_and_sixteen_concurrent_each_on_one_daemon() 
         per_daemon[holders[0]] += 1;
     }
     assert_eq!(per_daemon.iter().sum::<usize>(), 16);
+    // Keyless: the router read each Dockerfile through the Session for the content key, so
+    // those Sessions were held and relayed, never passed through.
+    assert_eq!(
+        passed_through(&pool.router.log()),
+        3,
+        "keyless builds' Sessions are relayed"
+    );
     assert!(
         per_daemon.iter().filter(|&&n| n > 0).count() >= 2,
         "16 concurrent keyless builds spread over the pool: {per_daemon:?}"

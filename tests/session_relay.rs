@@ -14,6 +14,33 @@ use support::fake_daemon::{DaemonOpts, FakeDaemon};
 use support::router_over;
 use tonic::Code;
 
+/// How a placed session crosses the router: passed through as it came (placed within
+/// `--session-passthrough-window`, the default for a build placed at once), or relayed (held
+/// first: the router terminates the inner connection). Each scenario runs both ways.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    PassedThrough,
+    Relayed,
+}
+
+const BOTH: [Path; 2] = [Path::PassedThrough, Path::Relayed];
+
+impl Path {
+    fn configure(self, cfg: &mut buildkit_router::config::RunConfig) {
+        if let Path::Relayed = self {
+            cfg.session_passthrough_window = Duration::ZERO;
+        }
+    }
+
+    /// The `buildkit_router_sessions` phase of such a session once placed.
+    fn phase(self) -> &'static str {
+        match self {
+            Path::PassedThrough => "passed_through",
+            Path::Relayed => "relayed",
+        }
+    }
+}
+
 fn sessions(router: &Running, phase: &str) -> i64 {
     router.metrics.sessions.with_label_values(&[phase]).get()
 }
@@ -29,12 +56,16 @@ async fn eventually(what: &str, limit: Duration, f: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("{what} within {limit:?}"));
 }
 
-/// Every session task is gone once its streams ended: nothing held, nothing relayed.
+/// Every session task is gone once its streams ended: nothing held, relayed or passed through.
 async fn assert_no_sessions_left(router: &Running) {
     eventually(
-        "no session left held or relayed",
+        "no session left held, relayed or passed through",
         Duration::from_secs(10),
-        || sessions(router, "held") == 0 && sessions(router, "relayed") == 0,
+        || {
+            sessions(router, "held") == 0
+                && sessions(router, "relayed") == 0
+                && sessions(router, "passed_through") == 0
+        },
     )
     .await;
 }
@@ -91,26 +122,29 @@ async fn a_session_held_five_minutes_completes_its_build_with_every_context_byte
 /// check is a new inner stream the router opens toward the client.
 #[tokio::test(start_paused = true)]
 async fn the_daemons_health_checks_cross_the_relay() {
-    let daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let opts = BuildOpts::buildctl();
-    let session_id = opts.session_id.clone();
-    let build = tokio::spawn(async move { client.build(opts).await });
-    daemon.wait_held(1).await;
-    // 30 s of (virtual) build time: six periodic checks on top of the Solve's own.
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        daemon.wait_health_checks(&session_id, 7),
-    )
-    .await
-    .expect("health checks pass through the relay");
-    daemon.release_builds();
-    let result = build.await.expect("join");
-    assert!(result.ok(), "{:#?}", result.errors());
-    let info = daemon.counters().session(&session_id).expect("session");
-    assert_eq!(info.health_checks_failed, 0);
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let opts = BuildOpts::buildctl();
+        let session_id = opts.session_id.clone();
+        let build = tokio::spawn(async move { client.build(opts).await });
+        daemon.wait_held(1).await;
+        // 30 s of (virtual) build time: six periodic checks on top of the Solve's own.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            daemon.wait_health_checks(&session_id, 7),
+        )
+        .await
+        .expect("health checks pass through the relay");
+        daemon.release_builds();
+        let result = build.await.expect("join");
+        assert!(result.ok(), "{:#?}", result.errors());
+        let info = daemon.counters().session(&session_id).expect("session");
+        assert_eq!(info.health_checks_failed, 0);
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// A 256 MiB context upload (client to daemon, FileSync) and a 256 MiB export (daemon to client,
@@ -118,30 +152,33 @@ async fn the_daemons_health_checks_cross_the_relay() {
 /// a large build context and of a large image exported with `--output type=local`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transfers_cross_the_relay_byte_exact_both_ways() {
-    const SIZE: usize = 256 << 20;
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            export_size: SIZE,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let mut opts = BuildOpts::buildx();
-    opts.context_size = SIZE;
-    let session_id = opts.session_id.clone();
-    let result = client.build(opts).await;
-    assert!(result.ok(), "{:#?}", result.errors());
-    // The context, plus the Dockerfile the frontend read first.
-    assert!(result.tunnel.bytes_uploaded >= SIZE as u64);
-    assert_eq!(result.tunnel.bytes_exported, SIZE as u64);
-    assert_eq!(result.tunnel.corrupt_packets, 0, "export bytes intact");
-    let info = daemon.counters().session(&session_id).expect("session");
-    assert_eq!(info.bytes_uploaded, result.tunnel.bytes_uploaded);
-    assert_eq!(info.corrupt_packets, 0, "context bytes intact");
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        const SIZE: usize = 256 << 20;
+        let daemon = FakeDaemon::start(
+            "bk0",
+            DaemonOpts {
+                export_size: SIZE,
+                ..DaemonOpts::default()
+            },
+        )
+        .await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let mut opts = BuildOpts::buildx();
+        opts.context_size = SIZE;
+        let session_id = opts.session_id.clone();
+        let result = client.build(opts).await;
+        assert!(result.ok(), "{:#?}", result.errors());
+        // The context, plus the Dockerfile the frontend read first.
+        assert!(result.tunnel.bytes_uploaded >= SIZE as u64);
+        assert_eq!(result.tunnel.bytes_exported, SIZE as u64);
+        assert_eq!(result.tunnel.corrupt_packets, 0, "export bytes intact");
+        let info = daemon.counters().session(&session_id).expect("session");
+        assert_eq!(info.bytes_uploaded, result.tunnel.bytes_uploaded);
+        assert_eq!(info.corrupt_packets, 0, "context bytes intact");
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// The daemon gives up on an inner call (it drops FileSync mid-upload, as buildkitd does when
@@ -149,39 +186,42 @@ async fn large_transfers_cross_the_relay_byte_exact_both_ways() {
 /// through the relay while the session is still open (the build is then held on the daemon).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inner_reset_from_the_daemon_reaches_the_client() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            abort_context_after: Some(1 << 20),
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let mut opts = BuildOpts::buildctl();
-    opts.context_size = 32 << 20;
-    let cut = std::sync::Arc::new(tokio::sync::Notify::new());
-    opts.filesync_cut = Some(cut.clone());
-    let build = tokio::spawn(async move { client.build(opts).await });
-    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
-        .await
-        .expect("the build runs");
-    // The session stays open while the build is held: only the relayed reset can cut the
-    // client's FileSync answer now.
-    tokio::time::timeout(Duration::from_secs(10), cut.notified())
-        .await
-        .expect("the daemon's RST_STREAM reached the client's FileSync call");
-    daemon.release_builds();
-    let result = build.await.expect("join");
-    assert!(result.ok(), "{:#?}", result.errors());
-    assert_eq!(result.tunnel.filesync_resets, 1);
-    assert!(
-        result.tunnel.bytes_uploaded < 32 << 20,
-        "the upload stopped early"
-    );
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start(
+            "bk0",
+            DaemonOpts {
+                abort_context_after: Some(1 << 20),
+                hold_builds: true,
+                ..DaemonOpts::default()
+            },
+        )
+        .await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let mut opts = BuildOpts::buildctl();
+        opts.context_size = 32 << 20;
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        opts.filesync_cut = Some(cut.clone());
+        let build = tokio::spawn(async move { client.build(opts).await });
+        tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+            .await
+            .expect("the build runs");
+        // The session stays open while the build is held: only the relayed reset can cut the
+        // client's FileSync answer now.
+        tokio::time::timeout(Duration::from_secs(10), cut.notified())
+            .await
+            .expect("the daemon's RST_STREAM reached the client's FileSync call");
+        daemon.release_builds();
+        let result = build.await.expect("join");
+        assert!(result.ok(), "{:#?}", result.errors());
+        assert_eq!(result.tunnel.filesync_resets, 1);
+        assert!(
+            result.tunnel.bytes_uploaded < 32 << 20,
+            "the upload stopped early"
+        );
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// The client answers an inner call early (its FileSend handler refuses the export while the
@@ -189,145 +229,157 @@ async fn an_inner_reset_from_the_daemon_reaches_the_client() {
 /// must reach the daemon before that reset, and the daemon must stop sending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_from_the_client_reaches_the_daemon_before_its_reset() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            export_size: 32 << 20,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let mut opts = BuildOpts::buildx();
-    opts.reject_export_after = Some(1 << 20);
-    let result = client.build(opts).await;
-    assert_eq!(result.solve.code, Code::Unknown, "{:#?}", result.solve);
-    assert!(
-        result.solve.message.contains("no space left on device"),
-        "the daemon got the client's own status: {}",
-        result.solve.message
-    );
-    assert!(result.tunnel.bytes_exported < 32 << 20);
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start(
+            "bk0",
+            DaemonOpts {
+                export_size: 32 << 20,
+                ..DaemonOpts::default()
+            },
+        )
+        .await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let mut opts = BuildOpts::buildx();
+        opts.reject_export_after = Some(1 << 20);
+        let result = client.build(opts).await;
+        assert_eq!(result.solve.code, Code::Unknown, "{:#?}", result.solve);
+        assert!(
+            result.solve.message.contains("no space left on device"),
+            "the daemon got the client's own status: {}",
+            result.solve.message
+        );
+        assert!(result.tunnel.bytes_exported < 32 << 20);
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// The daemon dies mid-build: the client's Session ends with UNAVAILABLE naming the backend and
 /// the session, not with a hang or an anonymous reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_tunnel_ends_the_session_with_unavailable_naming_it() {
-    let mut daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let opts = BuildOpts::buildctl();
-    let session_id = opts.session_id.clone();
-    let build = tokio::spawn(async move { client.build(opts).await });
-    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
-        .await
-        .expect("the build runs");
-    let addr = daemon.addr().to_string();
-    daemon.kill();
-    let result = tokio::time::timeout(Duration::from_secs(20), build)
-        .await
-        .expect("no hang")
-        .expect("join");
-    let session = result.session.expect("session result");
-    assert_eq!(session.code, Code::Unavailable, "{session:#?}");
-    assert!(
-        session.message.contains(&addr),
-        "names the backend: {}",
-        session.message
-    );
-    assert!(
-        session.message.contains(&session_id),
-        "names the session: {}",
-        session.message
-    );
-    assert_eq!(result.solve.code, Code::Unavailable, "{:#?}", result.solve);
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let mut daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let opts = BuildOpts::buildctl();
+        let session_id = opts.session_id.clone();
+        let build = tokio::spawn(async move { client.build(opts).await });
+        tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+            .await
+            .expect("the build runs");
+        let addr = daemon.addr().to_string();
+        daemon.kill();
+        let result = tokio::time::timeout(Duration::from_secs(20), build)
+            .await
+            .expect("no hang")
+            .expect("join");
+        let session = result.session.expect("session result");
+        assert_eq!(session.code, Code::Unavailable, "{session:#?}");
+        assert!(
+            session.message.contains(&addr),
+            "names the backend: {}",
+            session.message
+        );
+        assert!(
+            session.message.contains(&session_id),
+            "names the session: {}",
+            session.message
+        );
+        assert_eq!(result.solve.code, Code::Unavailable, "{:#?}", result.solve);
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// Normal end and cancel, as in the captures: the client half-closes its Session; the daemon
 /// sees its inner connection end and ends the Session with status 0, which the client gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_end_and_cancel_end_the_session_with_the_daemons_status() {
-    let daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
 
-    // Cancel: RST CANCEL on the Solve, END_STREAM on the Session.
-    let mut opts = BuildOpts::buildctl();
-    let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
-    opts.cancel = Some(CancelAt::Signal(cancel.clone()));
-    let session_id = opts.session_id.clone();
-    let build = tokio::spawn({
-        let client = client.clone();
-        async move { client.build(opts).await }
-    });
-    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+        // Cancel: RST CANCEL on the Solve, END_STREAM on the Session.
+        let mut opts = BuildOpts::buildctl();
+        let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+        opts.cancel = Some(CancelAt::Signal(cancel.clone()));
+        let session_id = opts.session_id.clone();
+        let build = tokio::spawn({
+            let client = client.clone();
+            async move { client.build(opts).await }
+        });
+        tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+            .await
+            .expect("the build runs");
+        cancel.notify_one();
+        let result = build.await.expect("join");
+        assert!(result.cancelled);
+        let session = result.session.expect("session result");
+        assert_eq!(session.code, Code::Ok, "{session:#?}");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
+        )
         .await
-        .expect("the build runs");
-    cancel.notify_one();
-    let result = build.await.expect("join");
-    assert!(result.cancelled);
-    let session = result.session.expect("session result");
-    assert_eq!(session.code, Code::Ok, "{session:#?}");
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
-    )
-    .await
-    .expect("the daemon's session ended");
+        .expect("the daemon's session ended");
 
-    // Normal end.
-    daemon.release_builds();
-    let opts = BuildOpts::buildctl();
-    let session_id = opts.session_id.clone();
-    let result = client.build(opts).await;
-    assert!(result.ok(), "{:#?}", result.errors());
-    assert_eq!(result.session.expect("session").code, Code::Ok);
-    assert!(
-        daemon
-            .counters()
-            .session(&session_id)
-            .expect("session")
-            .ended
-    );
-    assert_no_sessions_left(&router).await;
+        // Normal end.
+        daemon.release_builds();
+        let opts = BuildOpts::buildctl();
+        let session_id = opts.session_id.clone();
+        let result = client.build(opts).await;
+        assert!(result.ok(), "{:#?}", result.errors());
+        assert_eq!(result.session.expect("session").code, Code::Ok);
+        assert!(
+            daemon
+                .counters()
+                .session(&session_id)
+                .expect("session")
+                .ended
+        );
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// A client that vanishes mid-build takes its relay with it: the daemon's session ends and the
 /// router keeps no task for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanishing_client_ends_the_daemons_session_and_leaves_nothing_behind() {
-    let daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let addr = router.addr;
-    let opts = BuildOpts::buildctl();
-    let session_id = opts.session_id.clone();
-    // The client runs on its own runtime; shutting it down drops its TCP connection without
-    // any HTTP/2 goodbye, like a CI job killed mid-build.
-    let client_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("rt");
-    client_runtime.spawn(async move {
-        let client = Client::connect(addr).await.expect("connect");
-        client.build(opts).await
-    });
-    tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let addr = router.addr;
+        let opts = BuildOpts::buildctl();
+        let session_id = opts.session_id.clone();
+        // The client runs on its own runtime; shutting it down drops its TCP connection without
+        // any HTTP/2 goodbye, like a CI job killed mid-build.
+        let client_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("rt");
+        client_runtime.spawn(async move {
+            let client = Client::connect(addr).await.expect("connect");
+            client.build(opts).await
+        });
+        tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
+            .await
+            .expect("the build runs");
+        assert_eq!(sessions(&router, path.phase()), 1);
+        client_runtime.shutdown_background();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
+        )
         .await
-        .expect("the build runs");
-    assert_eq!(sessions(&router, "relayed"), 1);
-    client_runtime.shutdown_background();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        daemon.wait_until(|k| k.session(&session_id).is_some_and(|s| s.ended)),
-    )
-    .await
-    .expect("the daemon's session ended");
-    assert_no_sessions_left(&router).await;
+        .expect("the daemon's session ended");
+        assert_no_sessions_left(&router).await;
+    }
 }
 
 /// A client that goes away while its session is held (no Solve has named it yet): the hold ends
@@ -369,89 +421,93 @@ async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
 /// and connection ends, and the daemon sees every held build cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_vanishing_at_once_leave_no_session_build_or_connection() {
-    const IDLE: usize = 30;
-    const RUNNING: usize = 30;
-    const QUEUED: usize = 20;
-    let daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |cfg| {
-        cfg.session_bind_window = Duration::from_secs(3600);
-        cfg.placement.max_builds_per_backend = Some(RUNNING);
-    })
-    .await;
-    let addr = router.addr;
-    let active = || {
-        router
-            .pool
-            .snapshot()
-            .backends
-            .iter()
-            .map(|b| b.active_builds())
-            .sum::<usize>()
-    };
-    let queued = || {
-        let text = String::from_utf8(router.metrics.render().expect("render")).expect("utf8");
-        text.lines()
-            .filter(|l| l.starts_with("buildkit_router_builds_queued{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as usize
-    };
-    // All on one runtime: shutting it down closes every connection at once, without any
-    // HTTP/2 goodbye.
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("rt");
-    let start = |opts: BuildOpts| {
-        clients.spawn(async move {
-            let client = Client::connect(addr).await.expect("connect");
-            client.build(opts).await
-        });
-    };
-    for _ in 0..IDLE {
-        let mut opts = BuildOpts::buildctl();
-        opts.calls_after = Some(Duration::from_secs(3600));
-        start(opts);
-    }
-    for _ in 0..RUNNING {
-        let mut opts = BuildOpts::buildctl();
-        opts.context_size = 64 << 10;
-        start(opts);
-    }
-    tokio::time::timeout(Duration::from_secs(60), daemon.wait_held(RUNNING as u64))
-        .await
-        .expect("the running builds are held by the daemon");
-    for _ in 0..QUEUED {
-        start(BuildOpts::buildctl());
-    }
-    eventually(
-        "every session held or relayed, the last builds queued",
-        Duration::from_secs(60),
-        || {
-            sessions(&router, "held") == (IDLE + QUEUED) as i64
-                && sessions(&router, "relayed") == RUNNING as i64
-                && queued() == QUEUED
-        },
-    )
-    .await;
-    assert_eq!(active(), RUNNING);
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        const IDLE: usize = 30;
+        const RUNNING: usize = 30;
+        const QUEUED: usize = 20;
+        let daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| {
+            path.configure(cfg);
+            cfg.session_bind_window = Duration::from_secs(3600);
+            cfg.placement.max_builds_per_backend = Some(RUNNING);
+        })
+        .await;
+        let addr = router.addr;
+        let active = || {
+            router
+                .pool
+                .snapshot()
+                .backends
+                .iter()
+                .map(|b| b.active_builds())
+                .sum::<usize>()
+        };
+        let queued = || {
+            let text = String::from_utf8(router.metrics.render().expect("render")).expect("utf8");
+            text.lines()
+                .filter(|l| l.starts_with("buildkit_router_builds_queued{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as usize
+        };
+        // All on one runtime: shutting it down closes every connection at once, without any
+        // HTTP/2 goodbye.
+        let clients = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("rt");
+        let start = |opts: BuildOpts| {
+            clients.spawn(async move {
+                let client = Client::connect(addr).await.expect("connect");
+                client.build(opts).await
+            });
+        };
+        for _ in 0..IDLE {
+            let mut opts = BuildOpts::buildctl();
+            opts.calls_after = Some(Duration::from_secs(3600));
+            start(opts);
+        }
+        for _ in 0..RUNNING {
+            let mut opts = BuildOpts::buildctl();
+            opts.context_size = 64 << 10;
+            start(opts);
+        }
+        tokio::time::timeout(Duration::from_secs(60), daemon.wait_held(RUNNING as u64))
+            .await
+            .expect("the running builds are held by the daemon");
+        for _ in 0..QUEUED {
+            start(BuildOpts::buildctl());
+        }
+        eventually(
+            "every session held or relayed, the last builds queued",
+            Duration::from_secs(60),
+            || {
+                sessions(&router, "held") == (IDLE + QUEUED) as i64
+                    && sessions(&router, path.phase()) == RUNNING as i64
+                    && queued() == QUEUED
+            },
+        )
+        .await;
+        assert_eq!(active(), RUNNING);
 
-    clients.shutdown_background();
-    eventually(
-        "no session, build, queued build or client connection left",
-        Duration::from_secs(20),
-        || {
-            sessions(&router, "held") == 0
-                && sessions(&router, "relayed") == 0
-                && queued() == 0
-                && active() == 0
-                && router.metrics.connections_active.get() == 0
-        },
-    )
-    .await;
-    tokio::time::timeout(Duration::from_secs(20), daemon.wait_none_held())
-        .await
-        .expect("the daemon saw every running build cancelled");
+        clients.shutdown_background();
+        eventually(
+            "no session, build, queued build or client connection left",
+            Duration::from_secs(20),
+            || {
+                sessions(&router, "held") == 0
+                    && sessions(&router, path.phase()) == 0
+                    && queued() == 0
+                    && active() == 0
+                    && router.metrics.connections_active.get() == 0
+            },
+        )
+        .await;
+        tokio::time::timeout(Duration::from_secs(20), daemon.wait_none_held())
+            .await
+            .expect("the daemon saw every running build cancelled");
+    }
 }
 
 /// buildctl's Ctrl-C: the Solve is reset (RST_STREAM CANCEL) and, at the same instant, the
@@ -460,47 +516,50 @@ async fn many_clients_vanishing_at_once_leave_no_session_build_or_connection() {
 /// its history) before the cancel arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_the_context_upload_reaches_the_daemon_before_the_sessions_end() {
-    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    for round in 0..10 {
-        let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
-        let mut opts = BuildOpts::buildctl();
-        opts.context_size = 64 << 20;
-        opts.cancel = Some(CancelAt::Signal(cancel.clone()));
-        let (build_ref, session_id) = (opts.build_ref.clone(), opts.session_id.clone());
-        let build = tokio::spawn({
-            let client = client.clone();
-            async move { client.build(opts).await }
-        });
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            daemon.wait_until(|c| {
-                c.session(&session_id)
-                    .is_some_and(|s| s.bytes_uploaded > 1 << 20)
-            }),
-        )
-        .await
-        .expect("the upload starts");
-        cancel.notify_one();
-        let result = build.await.expect("join");
-        assert!(result.cancelled);
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            daemon.wait_until(|c| {
-                c.cancelled_refs().contains(&build_ref)
-                    || c.failed_refs().iter().any(|(r, _)| *r == build_ref)
-            }),
-        )
-        .await
-        .expect("the daemon ends the build");
-        assert!(
-            daemon.counters().cancelled_refs().contains(&build_ref),
-            "round {round}: the daemon failed the build before it saw the cancel: {:?}",
-            daemon.counters().failed_refs()
-        );
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        for round in 0..10 {
+            let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+            let mut opts = BuildOpts::buildctl();
+            opts.context_size = 64 << 20;
+            opts.cancel = Some(CancelAt::Signal(cancel.clone()));
+            let (build_ref, session_id) = (opts.build_ref.clone(), opts.session_id.clone());
+            let build = tokio::spawn({
+                let client = client.clone();
+                async move { client.build(opts).await }
+            });
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                daemon.wait_until(|c| {
+                    c.session(&session_id)
+                        .is_some_and(|s| s.bytes_uploaded > 1 << 20)
+                }),
+            )
+            .await
+            .expect("the upload starts");
+            cancel.notify_one();
+            let result = build.await.expect("join");
+            assert!(result.cancelled);
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                daemon.wait_until(|c| {
+                    c.cancelled_refs().contains(&build_ref)
+                        || c.failed_refs().iter().any(|(r, _)| *r == build_ref)
+                }),
+            )
+            .await
+            .expect("the daemon ends the build");
+            assert!(
+                daemon.counters().cancelled_refs().contains(&build_ref),
+                "round {round}: the daemon failed the build before it saw the cancel: {:?}",
+                daemon.counters().failed_refs()
+            );
+        }
+        assert_no_sessions_left(&router).await;
     }
-    assert_no_sessions_left(&router).await;
 }
 
 /// The mechanism behind the ordering above: while a Solve naming the session still runs in the
@@ -508,26 +567,29 @@ async fn a_cancel_during_the_context_upload_reaches_the_daemon_before_the_sessio
 /// session end only after that. (A cancelled Solve ends at once, releasing it at once.)
 #[tokio::test(start_paused = true)]
 async fn the_end_of_a_session_waits_up_to_a_second_for_the_solve_that_names_it() {
-    let daemon = FakeDaemon::start_holding("bk0").await;
-    let router = router_over(&[&daemon], |_| {}).await;
-    let client = Client::connect(router.addr).await.expect("connect");
-    let end = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut opts = BuildOpts::buildctl();
-    opts.end_session = Some(end.clone());
-    let session_id = opts.session_id.clone();
-    let build = tokio::spawn(async move { client.build(opts).await });
-    daemon.wait_held(1).await;
-    let ended_at = tokio::time::Instant::now();
-    end.notify_one();
-    daemon
-        .wait_until(|c| c.session(&session_id).is_some_and(|s| s.ended))
-        .await;
-    let held_back = ended_at.elapsed();
-    assert!(
-        held_back >= Duration::from_secs(1) && held_back < Duration::from_secs(2),
-        "the session's end reached the daemon {held_back:?} after the client's"
-    );
-    daemon.release_builds();
-    let _ = build.await.expect("join");
-    assert_no_sessions_left(&router).await;
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let daemon = FakeDaemon::start_holding("bk0").await;
+        let router = router_over(&[&daemon], |cfg| path.configure(cfg)).await;
+        let client = Client::connect(router.addr).await.expect("connect");
+        let end = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut opts = BuildOpts::buildctl();
+        opts.end_session = Some(end.clone());
+        let session_id = opts.session_id.clone();
+        let build = tokio::spawn(async move { client.build(opts).await });
+        daemon.wait_held(1).await;
+        let ended_at = tokio::time::Instant::now();
+        end.notify_one();
+        daemon
+            .wait_until(|c| c.session(&session_id).is_some_and(|s| s.ended))
+            .await;
+        let held_back = ended_at.elapsed();
+        assert!(
+            held_back >= Duration::from_secs(1) && held_back < Duration::from_secs(2),
+            "the session's end reached the daemon {held_back:?} after the client's"
+        );
+        daemon.release_builds();
+        let _ = build.await.expect("join");
+        assert_no_sessions_left(&router).await;
+    }
 }

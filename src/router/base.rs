@@ -32,6 +32,9 @@ pub const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
     pub session_bind_window: Duration,
+    /// How long a Session waits to be placed before the router holds it; one placed sooner is
+    /// passed through as it came (`--session-passthrough-window`; zero: every session is held).
+    pub session_passthrough_window: Duration,
     pub ref_wait: Duration,
     pub max_message_size: usize,
     /// How many backends a new build may try when connecting fails before anything was sent.
@@ -52,6 +55,7 @@ impl Default for RouterSettings {
     fn default() -> Self {
         Self {
             session_bind_window: Duration::from_secs(3),
+            session_passthrough_window: Duration::from_secs(1),
             ref_wait: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024 + 64 * 1024,
             connect_attempts: 3,
@@ -343,6 +347,7 @@ pub(super) fn stream_context(backend: &Arc<Backend>, build_ref: Option<&str>) ->
     StreamContext {
         backend: backend.identity().clone(),
         build_ref: build_ref.map(Arc::from),
+        subject: "build",
         health: Some(backend.clone() as Arc<dyn crate::body::ConnectionHealth>),
     }
 }

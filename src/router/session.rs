@@ -14,13 +14,16 @@ use super::refs::settled;
 use crate::admission::{Admission, Progress};
 use crate::body::ResponseBody;
 use crate::forward::{self, ForwardError};
+use crate::grpc::code;
 use crate::registry::KeyKind;
 use crate::session;
 
 impl Router {
-    /// Control/Session: answered at once and held by the router (its inner HTTP/2 connection
-    /// to the client keeps the client's timers satisfied) until a Solve names it or the bind
-    /// window places it, then relayed to that backend. The tunnel work is in `session`.
+    /// Control/Session: passed through to its backend as it came when placed within
+    /// `--session-passthrough-window` (a Solve names it, a backend has room); otherwise answered
+    /// and held by the router (its inner HTTP/2 connection to the client keeps the client's
+    /// timers satisfied) until a Solve names it, the queue places its build or the bind window
+    /// places it, then relayed to that backend. The tunnel work is in `session`.
     pub(super) async fn session(
         self: &Arc<Self>,
         conn: &Arc<ConnState>,
@@ -105,11 +108,44 @@ impl Router {
         let gauges = session::Gauges {
             held: self.metrics.sessions.with_label_values(&["held"]),
             relayed: self.metrics.sessions.with_label_values(&["relayed"]),
+            passed_through: self.metrics.sessions.with_label_values(&["passed_through"]),
+        };
+        let (parts, mut body) = request.into_parts();
+        let (wait, read) = match session::first_look(
+            &mut body,
+            Box::pin(wait),
+            self.settings.session_passthrough_window,
+            self.sessions.wanted(&uuid),
+        )
+        .await
+        {
+            session::FirstLook::Placed { placed, read } => {
+                tracing::Span::current().record("backend", &**placed.backend.identity());
+                return session::pass_through(
+                    placed,
+                    parts,
+                    body,
+                    read,
+                    open,
+                    &uuid,
+                    &gauges.passed_through,
+                )
+                .await;
+            }
+            session::FirstLook::Refused(refusal) => {
+                return forward::status_response(refusal.code, &refusal.message)
+            }
+            session::FirstLook::ClientEnded { .. } => {
+                tracing::info!("the client ended the session before it was placed");
+                return forward::status_response(code::OK, "");
+            }
+            session::FirstLook::Waiting { wait, read } => (wait, read),
         };
         session::serve(
             session::SessionCall {
                 uuid,
-                request,
+                request: Request::from_parts(parts, body),
+                read,
                 // The tunnel carries whole inner connections: BuildKit's own message limit
                 // applies there, whatever limit the router reads routed calls with.
                 max_message: self

@@ -45,6 +45,28 @@ pub struct Directory {
     entries: DashMap<String, Entry>,
     generation: AtomicU64,
     arrived: Notify,
+    /// Sessions someone waits for ([`Self::wait`]), with how many wait: a session still in its
+    /// pass-through window is held at once when wanted ([`Self::wanted`]), since only a held
+    /// session has an inner client the router can use.
+    waiting_for: DashMap<String, usize>,
+    wanted: Notify,
+}
+
+/// Counts one waiter for a session while alive.
+struct Want<'a> {
+    directory: &'a Directory,
+    uuid: &'a str,
+}
+
+impl Drop for Want<'_> {
+    fn drop(&mut self) {
+        self.directory
+            .waiting_for
+            .remove_if_mut(self.uuid, |_, waiters| {
+                *waiters -= 1;
+                *waiters == 0
+            });
+    }
 }
 
 /// Keeps a session listed while alive.
@@ -102,6 +124,15 @@ impl Directory {
     /// The session's inner client, waiting until `deadline` for the session to arrive (a Solve
     /// can reach the router before the Session it names).
     pub async fn wait(&self, uuid: &str, deadline: Instant) -> Option<InnerClient> {
+        if let Some(client) = self.get(uuid) {
+            return Some(client);
+        }
+        *self.waiting_for.entry(uuid.to_owned()).or_default() += 1;
+        let _want = Want {
+            directory: self,
+            uuid,
+        };
+        self.wanted.notify_waiters();
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
@@ -113,6 +144,19 @@ impl Directory {
                 _ = arrived => {}
                 _ = tokio::time::sleep_until(deadline) => return None,
             }
+        }
+    }
+
+    /// Resolves once something waits for the session `uuid`'s inner client ([`Self::wait`]).
+    pub async fn wanted(&self, uuid: &str) {
+        loop {
+            let wanted = self.wanted.notified();
+            tokio::pin!(wanted);
+            wanted.as_mut().enable();
+            if self.waiting_for.contains_key(uuid) {
+                return;
+            }
+            wanted.await;
         }
     }
 
@@ -175,5 +219,38 @@ mod tests {
             .await
             .is_none());
         assert_eq!(started.elapsed(), Duration::from_millis(300));
+        assert!(
+            directory.waiting_for.is_empty(),
+            "the want ends with the wait"
+        );
+    }
+
+    /// A session deciding whether to pass through learns that its inner client is wanted,
+    /// whether the wait began before or after it asked.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_session_is_seen_by_the_session_whenever_it_began() {
+        let directory = Directory::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let later = {
+            let directory = directory.clone();
+            tokio::spawn(async move { directory.wanted("s1").await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!later.is_finished());
+        let waiting = {
+            let directory = directory.clone();
+            tokio::spawn(async move { directory.wait("s1", deadline).await.is_none() })
+        };
+        later.await.expect("the session learns it is wanted");
+        // Already wanted: seen at once.
+        directory.wanted("s1").await;
+        assert!(waiting.await.unwrap());
+        assert!(directory.waiting_for.is_empty());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), directory.wanted("s1"))
+                .await
+                .is_err(),
+            "nobody waits any more"
+        );
     }
 }

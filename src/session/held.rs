@@ -26,11 +26,27 @@ use crate::pool::Backend;
 /// close, when the router ends it, before it sends the outer trailers anyway.
 const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// When the client ends its Session (half-close or reset) while a Solve naming it still runs
+/// in the router, how long that end is held back, waiting for the Solve to end, before it
+/// reaches the daemon (through the relay, or passed through).
+///
+/// buildctl's Ctrl-C resets the Solve (grpc-go queues the RST_STREAM CANCEL before `Invoke`
+/// returns) and then half-closes the Session (the Solve goroutine's deferred `s.Close()`): on
+/// the wire the cancel comes first, and a daemon reached directly sees it first and records the
+/// build as cancelled. The router handles the two streams in separate tasks, so without this
+/// wait the session's end could reach the daemon first (its inner streams reset, the inner
+/// connection closed): mid-upload, the daemon would then fail the build on its lost session
+/// (`diffcopy ...`) before the cancel arrived. A Solve's reset is queued on the backend
+/// connection when the router drops it, which is when it gives up its pin on the session. A
+/// client that ends the Session of a Solve it keeps running (no BuildKit client does) only
+/// delays the session's end by this much.
+pub(crate) const SOLVE_END_GRACE: Duration = Duration::from_secs(1);
+
 /// Where a held session goes, and what keeps its routing state alive while it is relayed.
 pub struct Placed {
     pub backend: Arc<Backend>,
     /// The registry pin of the session, dropped when the relay ends. Also tells the relay when
-    /// the Solves naming the session have ended (see `relay::SOLVE_END_GRACE`).
+    /// the Solves naming the session have ended (see [`SOLVE_END_GRACE`]).
     pub keep: Option<crate::registry::Pin>,
 }
 
@@ -41,7 +57,7 @@ pub type Open =
     Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
 
 /// What the end of the client's outer Session stream waits for, when set (see
-/// `relay::SOLVE_END_GRACE`). Shared by [`Held`] and the [`ClientBody`] it reads.
+/// [`SOLVE_END_GRACE`]). Shared by [`Held`] and the [`ClientBody`] it reads.
 #[derive(Clone, Default)]
 struct EndGate(Arc<std::sync::Mutex<Option<GateFuture>>>);
 
@@ -50,6 +66,8 @@ type GateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The client's outer Session body, passed through, except that its end (the last frame, an
 /// error) is held back while the [`EndGate`] is set and pending.
 pub(crate) struct ClientBody {
+    /// Bytes of the client's body read before it was held ([`super::passthrough`]).
+    read: Option<Bytes>,
     inner: Incoming,
     gate: EndGate,
     /// The end, read from `inner`, waiting for the gate.
@@ -66,6 +84,9 @@ impl http_body::Body for ClientBody {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         use std::task::Poll;
         let this = &mut *self;
+        if let Some(read) = this.read.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
         if this.end.is_none() {
             match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
@@ -83,7 +104,7 @@ impl http_body::Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.end.is_none() && self.inner.is_end_stream()
+        self.read.is_none() && self.end.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -115,14 +136,17 @@ impl Drop for Held {
 }
 
 impl Held {
-    /// Starts the inner connection: the HTTP/2 preface and SETTINGS go out right away.
+    /// Starts the inner connection: the HTTP/2 preface and SETTINGS go out right away. `read`
+    /// is what was already read of the client's `body`.
     pub(crate) async fn start(
+        read: Bytes,
         body: Incoming,
         out: mpsc::Sender<Frame<Bytes>>,
         max_message: usize,
     ) -> Result<Held, h2::Error> {
         let end_gate = EndGate::default();
         let body = ClientBody {
+            read: (!read.is_empty()).then_some(read),
             inner: body,
             gate: end_gate.clone(),
             end: None,

@@ -31,11 +31,13 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// Gauges of sessions by phase (held before placement, relayed to a backend).
+/// Gauges of sessions by phase (held before placement, relayed to a backend, or passed
+/// through to it without being held).
 #[derive(Clone)]
 pub struct Gauges {
     pub held: IntGauge,
     pub relayed: IntGauge,
+    pub passed_through: IntGauge,
 }
 
 /// Counts one session in a phase while alive.
@@ -60,6 +62,8 @@ pub struct SessionCall {
     pub uuid: String,
     /// The client's request: its head goes to the daemon unchanged, its body is the tunnel.
     pub request: Request<Incoming>,
+    /// What was already read of the request's body ([`super::passthrough::first_look`]).
+    pub read: Bytes,
     /// Largest outer message accepted.
     pub max_message: usize,
     pub gauges: Gauges,
@@ -82,6 +86,7 @@ where
         run(
             call.uuid,
             parts,
+            call.read,
             body,
             out_tx,
             call.max_message,
@@ -104,6 +109,7 @@ where
 async fn run<W>(
     uuid: String,
     parts: http::request::Parts,
+    read: Bytes,
     body: Incoming,
     out: mpsc::Sender<Frame<Bytes>>,
     max_message: usize,
@@ -115,7 +121,7 @@ async fn run<W>(
     W: Future<Output = Result<Placed, Refusal>> + Send + 'static,
 {
     let held_gauge = GaugeGuard::new(&gauges.held);
-    let mut held = match Box::pin(Held::start(body, out.clone(), max_message)).await {
+    let mut held = match Box::pin(Held::start(read, body, out.clone(), max_message)).await {
         Ok(held) => held,
         Err(error) => {
             info!(%error, "the client's side of the Session tunnel failed before it started");

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use super::held::{Held, Open, Placed};
+use super::held::{Held, Open, Placed, SOLVE_END_GRACE};
 use super::inner;
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
 use crate::body::{BackendBody, RequestBody};
@@ -33,22 +33,6 @@ const DAEMON_END_GRACE: Duration = Duration::from_secs(10);
 /// How long inner streams still running get to finish when the daemon closed its inner
 /// connection gracefully (their last bytes may still be on their way to the client).
 const STREAM_DRAIN_GRACE: Duration = Duration::from_secs(5);
-
-/// When the client ends its Session (half-close or reset) while a Solve naming it still runs
-/// in the router, how long that end is held back, waiting for the Solve to end, before it
-/// reaches the relay (and, through it, the daemon).
-///
-/// buildctl's Ctrl-C resets the Solve (grpc-go queues the RST_STREAM CANCEL before `Invoke`
-/// returns) and then half-closes the Session (the Solve goroutine's deferred `s.Close()`): on
-/// the wire the cancel comes first, and a daemon reached directly sees it first and records the
-/// build as cancelled. The router handles the two streams in separate tasks, so without this
-/// wait the session's end could reach the daemon first (its inner streams reset, the inner
-/// connection closed): mid-upload, the daemon would then fail the build on its lost session
-/// (`diffcopy ...`) before the cancel arrived. A Solve's reset is queued on the backend
-/// connection when the router drops it, which is when it gives up its pin on the session. A
-/// client that ends the Session of a Solve it keeps running (no BuildKit client does) only
-/// delays the session's end by this much.
-const SOLVE_END_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the relay loop stopped.
 enum Stop {

@@ -970,11 +970,30 @@ async fn run_session(
     let server = tokio::spawn(tunnel::serve_routes(io, routes));
     let _guards = (AbortOnDrop(server), pump);
 
-    // The daemon's preface must arrive within the timeout of the stream opening.
+    let mut close = close.fuse();
+    let mut half_close_tx = Some(half_close_tx);
+    // The daemon's preface must arrive within the timeout of the stream opening. As grpc-go's
+    // client stream, the half-close does not wait for the answer's headers: a session closed
+    // before its daemon answered (its Solve was refused) leaves at once.
     let opened = tokio::time::timeout(cfg.preface_timeout, async {
-        let mut inbound = control.session(req).await?.into_inner();
+        let call = control.session(req);
+        tokio::pin!(call);
+        let response = tokio::select! {
+            response = &mut call => response,
+            _ = &mut close => {
+                if cfg.rst {
+                    // Dropping the call resets the outer stream (RST_STREAM CANCEL).
+                    return Ok(None);
+                }
+                if let Some(tx) = half_close_tx.take() {
+                    let _ = tx.send(());
+                }
+                call.await
+            }
+        };
+        let mut inbound = response?.into_inner();
         let first = inbound.message().await?;
-        Ok::<_, Status>((inbound, first))
+        Ok::<_, Status>(Some((inbound, first)))
     })
     .await;
     let (mut inbound, first) = match opened {
@@ -989,14 +1008,17 @@ async fn run_session(
             }
         }
         Ok(Err(s)) => return CallResult::from_status(M, &s),
-        Ok(Ok((_, None))) => {
+        Ok(Ok(None)) => return CallResult::ok(M),
+        // Closed by the client before any daemon answered: it ended as asked.
+        Ok(Ok(Some((_, None)))) if half_close_tx.is_none() => return CallResult::ok(M),
+        Ok(Ok(Some((_, None)))) => {
             return CallResult {
                 method: M.into(),
                 code: Code::Unavailable,
                 message: format!("session {}: ended before the daemon's preface", cfg.id),
             }
         }
-        Ok(Ok((inbound, Some(first)))) => (inbound, first),
+        Ok(Ok(Some((inbound, Some(first))))) => (inbound, first),
     };
     stats.preface.fetch_add(1, Ordering::SeqCst);
     if in_tx.send(Bytes::from(first.data)).await.is_err() {
@@ -1006,8 +1028,6 @@ async fn run_session(
             message: "tunnel server gone".into(),
         };
     }
-    let mut close = close.fuse();
-    let mut half_close_tx = Some(half_close_tx);
     loop {
         tokio::select! {
             m = inbound.message() => match m {
