@@ -31,6 +31,9 @@ use tokio::sync::Semaphore;
 pub const DEFAULT_ROUTING_BUFFER: usize = 256 * 1024 * 1024;
 /// `--routing-buffer-wait`.
 pub const DEFAULT_ROUTING_BUFFER_WAIT: Duration = Duration::from_secs(30);
+/// The listener's HTTP/2 initial stream window toward clients, bytes: what a client may send
+/// on one call before the router reads it, hence the unit of the routing buffer's waiting room.
+pub const DEFAULT_CLIENT_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 
 /// The budget shared by every connection of one router.
 #[derive(Debug, Clone)]

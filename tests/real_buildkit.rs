@@ -1536,10 +1536,22 @@ async fn a_build_the_router_refuses_fails_at_once_with_the_reason() {
     let out = tempfile::tempdir().unwrap();
     let huge = format!("build-arg:HUGE={}", "x".repeat(100_000));
     let started = std::time::Instant::now();
-    let (o, _) = pool
+    let (o, build_ref) = pool
         .buildctl_build(&ctx, &out.path().join("refused"), &["--opt", &huge])
         .await;
     let took = started.elapsed();
+    // The log line of the refusal names the build (its ref is read from the message's first
+    // bytes, although the message is too large to read).
+    let log = pool.router.log();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("cannot read /moby.buildkit.v1.Control/Solve request"))
+        .unwrap_or_else(|| panic!("the refusal is logged: {log}"));
+    assert!(!build_ref.is_empty(), "buildctl wrote its ref");
+    assert!(
+        warned.contains(&build_ref),
+        "the refusal's log line names build {build_ref}: {warned}"
+    );
     assert!(!o.status.success(), "the build is refused: {}", o.stderr);
     assert!(
         o.stderr.contains("ResourceExhausted") && o.stderr.contains("65536"),

@@ -60,7 +60,7 @@ impl Default for Limits {
             max_connections: 4096,
             max_concurrent_streams: 1024,
             max_header_list_size: 64 * 1024,
-            stream_window: 2 * 1024 * 1024,
+            stream_window: crate::routing_buffer::DEFAULT_CLIENT_STREAM_WINDOW,
             connection_window: 8 * 1024 * 1024,
             max_frame_size: 256 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),

@@ -21,7 +21,10 @@ use crate::placement::{Placement, PlacementError};
 use crate::pool::{Backend, BackendState, Pool};
 use crate::queue::TenantFrom;
 use crate::registry::Registry;
-use crate::routing_buffer::{RoutingBuffer, DEFAULT_ROUTING_BUFFER, DEFAULT_ROUTING_BUFFER_WAIT};
+use crate::routing_buffer::{
+    RoutingBuffer, DEFAULT_CLIENT_STREAM_WINDOW, DEFAULT_ROUTING_BUFFER,
+    DEFAULT_ROUTING_BUFFER_WAIT,
+};
 use crate::wire;
 use crate::workers::OfflineAnswers;
 
@@ -66,8 +69,7 @@ impl Default for RouterSettings {
             routing_buffer: RoutingBuffer::unmetered(
                 DEFAULT_ROUTING_BUFFER,
                 DEFAULT_ROUTING_BUFFER_WAIT,
-                // The listener's default client stream window.
-                2 * 1024 * 1024,
+                DEFAULT_CLIENT_STREAM_WINDOW as usize,
             ),
         }
     }
@@ -275,23 +277,28 @@ impl Router {
         &self,
         request: Request<Incoming>,
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
-        self.peek_keeping_read(request)
+        self.peek_keeping_read(request, |_| {})
             .await
             .map_err(|(answer, _)| answer)
     }
 
     /// [`Router::peek`], giving on failure the bytes read as well (a refused Solve's ref is
-    /// in them).
+    /// in them). `on_failure` sees those bytes before the failure is logged (to name the
+    /// build in the log line).
     pub(super) async fn peek_keeping_read(
         &self,
         request: Request<Incoming>,
+        on_failure: impl FnOnce(&Bytes),
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), (Response<ResponseBody>, Bytes)>
     {
         let (parts, mut body) = request.into_parts();
         let max = self.settings.max_message_size;
         match forward::read_first_message(&mut body, max, &self.settings.routing_buffer).await {
             Ok(peeked) => Ok((parts, body, peeked)),
-            Err(failure) => Err((peek_error(parts.uri.path(), &failure.error), failure.read)),
+            Err(failure) => {
+                on_failure(&failure.read);
+                Err((peek_error(parts.uri.path(), &failure.error), failure.read))
+            }
         }
     }
 

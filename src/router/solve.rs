@@ -186,7 +186,13 @@ impl Router {
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let (parts, body, peeked) = match self.peek_keeping_read(request).await {
+        // A Solve too large to read still names its build in the log (Go writes the ref first).
+        let name_build = |read: &bytes::Bytes| {
+            if let Some(build_ref) = wire::leading_solve_ref(read) {
+                tracing::Span::current().record("build_ref", build_ref);
+            }
+        };
+        let (parts, body, peeked) = match self.peek_keeping_read(request, name_build).await {
             Ok(peeked) => peeked,
             Err((answer, read)) => {
                 return self.refused_solve(wire::leading_solve_ref(&read), answer)
