@@ -83,7 +83,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 trap 'exit 141' PIPE
 
-need_tools h2load=nghttp2-client nghttp=nghttp2-client haproxy=haproxy nginx=nginx
+need_tools h2load=nghttp2-client nghttp=nghttp2-client haproxy=haproxy nginx=nginx time=time
 
 if [[ -z ${ROUTER_BIN:-} ]]; then
     log "building the router (release)"
@@ -244,7 +244,7 @@ EOF
 }
 
 build() {
-    local targets=(direct router) ctx name round k order t0 t1 p0 p1 secs csecs
+    local targets=(direct router) ctx name round k order t0 t1 p0 p1 b0 b1 secs csecs
     targets+=("${VARIANTS[@]}")
     # HAProxy carries the same build (one daemon, so stream-level forwarding works): what a
     # generic balancer that does not terminate the Session costs a build on this machine.
@@ -253,7 +253,8 @@ build() {
     [[ ${BUILD_PEERS:-1} == 0 ]] || targets+=(haproxy)
     log "making a $CONTEXT_MIB MiB context"
     ctx=$(make_context)
-    declare -A WALL CTX PCPU
+    # BCPU: buildkitd's and buildctl's own CPU (ticks), to tell how busy the two cores were.
+    declare -A WALL CTX PCPU BCPU WSUM
     local bctl=("$PEERS/buildctl")
     # BUILD_KEY names the build's project (an affinity key, as buildx's vcs:source does for a
     # build in a git checkout, the usual CI build): such a build is placed at once and its
@@ -274,9 +275,10 @@ build() {
             "${bctl[@]}" --addr "tcp://127.0.0.1:$B" prune --all >/dev/null
             sync
             # shellcheck disable=SC2086
-            p0=$(ticks ${PROXY_PID[$name]})
+            p0=$(ticks ${PROXY_PID[$name]}) b0=$(ticks "$BK_PID")
             t0=$(date +%s.%N)
-            timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build "${opts[@]}" \
+            /usr/bin/time -f '%U %S' -o "$WORK/buildctl.cpu" \
+                timeout "$RUN_TIMEOUT" "${bctl[@]}" --addr "tcp://127.0.0.1:${PORT[$name]}" build "${opts[@]}" \
                 --progress rawjson 2>"$WORK/build.$name.$round.json" || {
                 log "$name: build failed"
                 tail -5 "$WORK/build.$name.$round.json" >&2
@@ -284,10 +286,13 @@ build() {
             }
             t1=$(date +%s.%N)
             # shellcheck disable=SC2086
-            p1=$(ticks ${PROXY_PID[$name]})
+            p1=$(ticks ${PROXY_PID[$name]}) b1=$(ticks "$BK_PID")
+            BCPU[$name]=$((${BCPU[$name]:-0} + b1 - b0 + $(awk -v tick="$TICK_US" \
+                '{ printf "%d", ($1 + $2) * 1000000 / tick }' "$WORK/buildctl.cpu")))
             secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
             csecs=$(context_seconds "$WORK/build.$name.$round.json")
             WALL[$name]="${WALL[$name]:-} $secs"
+            WSUM[$name]=$(awk -v a="${WSUM[$name]:-0}" -v b="$secs" 'BEGIN { print a + b }')
             CTX[$name]="${CTX[$name]:-} $csecs"
             PCPU[$name]=$((${PCPU[$name]:-0} + p1 - p0))
             log "build round $round: $name ${secs}s (context ${csecs}s)"
@@ -296,16 +301,20 @@ build() {
     echo
     echo "== build: buildctl build, FROM scratch + COPY of a $CONTEXT_MIB MiB context, $BUILD_ROUNDS rotating rounds, prune before each"
     echo "$HOST_LINE"
-    printf '%-8s %10s %16s %12s %16s %14s\n' target "wall s" "direct/target" "context s" "direct/target" "proxy CPU ms/MiB"
+    # "cores busy": CPU of buildctl, buildkitd and the proxy over the builds' wall time (2 means
+    # the machine had no core to spare: every ms of proxy CPU then lengthens the build).
+    printf '%-8s %10s %16s %12s %16s %14s %18s %11s\n' target "wall s" "direct/target" "context s" \
+        "direct/target" "proxy CPU ms/MiB" "client+daemon CPU s" "cores busy"
     local dw dc
     dw=$(median <<<"${WALL[direct]}")
     dc=$(median <<<"${CTX[direct]}")
     for name in "${targets[@]}"; do
         awk -v t="$name" -v w="$(median <<<"${WALL[$name]}")" -v c="$(median <<<"${CTX[$name]}")" \
             -v dw="$dw" -v dc="$dc" -v pc="${PCPU[$name]}" -v tick="$TICK_US" -v mib="$CONTEXT_MIB" \
-            -v n="$BUILD_ROUNDS" \
-            'BEGIN { printf "%-8s %10.2f %15.3fx %12.2f %15.3fx %14s\n", t, w, dw / w, c, dc / c,
-                (t == "direct" ? "-" : sprintf("%.3f", pc * tick / 1000 / (mib * n))) }'
+            -v n="$BUILD_ROUNDS" -v bc="${BCPU[$name]}" -v ws="${WSUM[$name]}" \
+            'BEGIN { printf "%-8s %10.2f %15.3fx %12.2f %15.3fx %14s %18.2f %11.2f\n", t, w, dw / w, c, dc / c,
+                (t == "direct" ? "-" : sprintf("%.3f", pc * tick / 1000 / (mib * n))),
+                bc * tick / 1e6 / n, (bc + pc) * tick / 1e6 / ws }'
     done
     echo "wall s per round:"
     for name in "${targets[@]}"; do
