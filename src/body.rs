@@ -332,6 +332,21 @@ impl fmt::Debug for StreamContext {
 }
 
 impl StreamContext {
+    /// The `build_ref` log field: the ref, or `session:<uuid>` as the Session's own span has it.
+    fn logged_ref(&self) -> impl fmt::Display + '_ {
+        struct Logged<'a>(&'a StreamContext);
+        impl fmt::Display for Logged<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match (self.0.subject, self.0.build_ref.as_deref()) {
+                    (_, None) => f.write_str("-"),
+                    ("build", Some(r)) => f.write_str(r),
+                    (subject, Some(r)) => write!(f, "{subject}:{r}"),
+                }
+            }
+        }
+        Logged(self)
+    }
+
     fn lost_message(&self, error: &h2::Error) -> String {
         if let Some(reason) = self.health.as_ref().and_then(|h| h.dead_reason()) {
             return match &self.build_ref {
@@ -499,24 +514,24 @@ impl Body for ResponseBody {
                 }
                 Some(Err(error)) if is_stream_reset(&error) => {
                     // The backend reset the stream: hand the reset on to the client.
-                    tracing::debug!(backend = %context.backend, build_ref = context.build_ref.as_deref().unwrap_or("-"), %error, "backend reset the stream");
+                    tracing::debug!(backend = %context.backend, build_ref = %context.logged_ref(), %error, "backend reset the stream");
                     this.finish(CallEnd::Cancelled);
                     Poll::Ready(Some(Err(error)))
                 }
                 Some(Err(error)) => {
                     let message = context.lost_message(&error);
-                    let build_ref = context.build_ref.as_deref().unwrap_or("-");
+                    let build_ref = context.logged_ref().to_string();
                     match context.health.as_ref().and_then(|h| h.dead_reason()) {
                         // The router ended the connection itself: the error (a broken pipe)
                         // says nothing about the backend; the reason does.
                         Some(reason) => {
-                            tracing::warn!(backend = %context.backend, build_ref, %reason, "stream ended: the backend was declared dead")
+                            tracing::warn!(backend = %context.backend, %build_ref, %reason, "stream ended: the backend was declared dead")
                         }
                         None => {
                             if let Some(health) = &context.health {
                                 health.connection_failed(&error.to_string());
                             }
-                            tracing::warn!(backend = %context.backend, build_ref, %error, "backend connection failed mid-stream");
+                            tracing::warn!(backend = %context.backend, %build_ref, %error, "backend connection failed mid-stream");
                         }
                     }
                     this.finish(CallEnd::Status(code::UNAVAILABLE));

@@ -170,8 +170,8 @@ pub struct RunConfig {
     /// backend as it came (the router out of the inner connection: the cheapest path for the
     /// context upload). A session unplaced after this is answered and held by the router, then
     /// relayed. Must stay well below the client's 10 s inner preface timeout (at most 5s); 0
-    /// holds every session. Off (0) when `content` is an affinity key source: the content key
-    /// reads the Dockerfile through a held session.
+    /// holds every session. A session whose Dockerfile the router reads for the content key
+    /// (a keyless build) is held at once, whatever the window.
     #[arg(long, value_parser = parse_passthrough_window, default_value = "1s", env = "BUILDKIT_ROUTER_SESSION_PASSTHROUGH_WINDOW")]
     pub session_passthrough_window: Duration,
     /// How long a Status or LLBBridge call for an unknown build ref waits for its Solve.

@@ -71,7 +71,12 @@ fn init_logging(cfg: &RunConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
+        .with_target(false)
+        // A log line that cannot be written (the reader of stderr is gone: a dead log shipper,
+        // `| head`) is dropped. By default tracing-subscriber reports the failure with
+        // `eprintln!` on the same closed stderr, which panics the task that logged: every call
+        // that logs would fail, and the signal task would die before draining.
+        .log_internal_errors(false);
     match cfg.log_format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder

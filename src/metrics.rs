@@ -34,6 +34,9 @@ pub struct Metrics {
     /// yet), `relayed` (held, then its tunnel relayed to a backend) or `passed_through`
     /// (placed within `--session-passthrough-window`: forwarded as it came).
     pub sessions: IntGaugeVec,
+    /// Sessions placed on a backend, by how they crossed the router: `passed_through` or
+    /// `relayed` (held first).
+    pub sessions_placed_total: IntCounterVec,
     /// Builds waiting, by tenant (at most `queue::DEFAULT_TENANT_LABELS` tenants named, the rest
     /// as `other`; `default` always present).
     pub builds_queued: IntGaugeVec,
@@ -113,6 +116,17 @@ impl Metrics {
         for phase in ["held", "relayed", "passed_through"] {
             sessions.with_label_values(&[phase]);
         }
+        let sessions_placed_total = IntCounterVec::new(
+            Opts::new(
+                "sessions_placed_total",
+                "Control/Session streams placed on a backend, by path (passed_through: placed within --session-passthrough-window and forwarded as it came; relayed: held by the router first)",
+            )
+            .namespace(PREFIX),
+            &["path"],
+        )?;
+        for path in ["passed_through", "relayed"] {
+            sessions_placed_total.with_label_values(&[path]);
+        }
         let builds_queued = IntGaugeVec::new(
             Opts::new(
                 "builds_queued",
@@ -180,6 +194,7 @@ impl Metrics {
         registry.register(Box::new(build_duration_seconds.clone()))?;
         registry.register(Box::new(session_bind_seconds.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(sessions_placed_total.clone()))?;
         registry.register(Box::new(builds_queued.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(queue_timeouts_total.clone()))?;
@@ -210,6 +225,7 @@ impl Metrics {
             build_duration_seconds,
             session_bind_seconds,
             sessions,
+            sessions_placed_total,
             builds_queued,
             queued_total,
             queue_wait_seconds,

@@ -44,6 +44,8 @@ struct Slot {
 pub struct Refused {
     pub code: u32,
     pub message: Arc<str>,
+    /// The client connection the refused Solve came on (`router::ConnId`'s number).
+    pub connection: u64,
 }
 
 impl Slot {
@@ -252,7 +254,7 @@ impl Registry {
     /// [`Registry::refusal`], until a Solve naming the ref arrives again
     /// ([`Registry::solve_arrived`]) or binds it. The entry is swept like any unbound one
     /// (`unbound_expiry`).
-    pub fn refuse(&self, build_ref: &str, code: u32, message: &str) {
+    pub fn refuse(&self, build_ref: &str, code: u32, message: &str, connection: u64) {
         let slot = self.slot(KeyKind::Ref, build_ref);
         if slot.bound().is_some() {
             return;
@@ -260,6 +262,7 @@ impl Registry {
         *slot.refused.lock().expect("refusal lock") = Some(Refused {
             code,
             message: Arc::from(message),
+            connection,
         });
         // Wakes `wait_bound` (the value is unchanged; its waiters check the refusal too).
         slot.backend.send_modify(|_| {});
@@ -510,7 +513,7 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        registry.refuse("r1", 8, "too large");
+        registry.refuse("r1", 8, "too large", 1);
         let (unbound, waited) = waiter.await.expect("join");
         assert!(unbound);
         assert_eq!(
@@ -555,7 +558,7 @@ mod tests {
             .is_none());
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         // A Solve that binds the ref after all wins over a refusal.
-        registry.refuse("r1", 8, "too large");
+        registry.refuse("r1", 8, "too large", 1);
         registry.bind_solve("r1", &[], backends(1)[0].clone());
         assert!(registry.refusal("r1").is_none());
         assert!(registry.refusal("never-seen").is_none());

@@ -36,3 +36,76 @@ fn plain_logs_go_to_stderr_without_colour_when_it_is_not_a_terminal() {
     assert!(line.contains("INFO"), "{line}");
     assert!(out.stdout.is_empty(), "stdout is not used for logs");
 }
+
+/// A router whose log reader went away (a dead log shipper, `| head`) keeps serving and still
+/// stops on SIGTERM: a log line that cannot be written is dropped. tracing-subscriber used to
+/// report the failed write with `eprintln!` on the same closed stderr, which panicked every task
+/// that logged: every call failed with CANCEL and the signal task died before draining.
+#[tokio::test]
+async fn a_router_whose_log_reader_is_gone_keeps_serving_and_stops_on_sigterm() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let mut router = Command::new(env!("CARGO_BIN_EXE_buildkit-router"))
+        .args([
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--log-format=plain",
+            "--backend=tcp://127.0.0.1:9",
+        ])
+        // Every call logs.
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the router");
+    let stderr = router.stderr.take().expect("stderr");
+    let listening = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("buildkit-router listening"))
+        .expect("the router listens");
+    // The reader is gone from here on: the pipe is closed.
+    let addr = listening
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .expect("addr= in the listening line")
+        .to_owned();
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    for _ in 0..3 {
+        let answer = health
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("the router answers although its logs cannot be written");
+        let status = answer.into_inner().status();
+        assert!(
+            matches!(status, ServingStatus::Serving | ServingStatus::NotServing),
+            "{status:?}"
+        );
+    }
+
+    let pid = router.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    // Awaited without blocking the runtime: the client's idle connection takes the router's
+    // GOAWAY and closes, as a live client does.
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || router.wait()),
+    )
+    .await
+    .expect("the router stops on SIGTERM")
+    .expect("join")
+    .expect("wait");
+    assert!(status.success(), "a clean stop: {status}");
+}

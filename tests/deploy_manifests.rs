@@ -41,6 +41,7 @@ const ROUTER_METRICS: &[(&str, MetricKind)] = &[
         MetricKind::Histogram,
     ),
     ("buildkit_router_sessions", MetricKind::Gauge),
+    ("buildkit_router_sessions_placed_total", MetricKind::Counter),
     ("buildkit_router_requests_total", MetricKind::Counter),
     (
         "buildkit_router_discovery_updates_total",

@@ -176,8 +176,10 @@ async fn a_refused_solve_ends_its_builds_status_and_gateway_calls_at_once() {
         result.ping.message, result.solve.message,
         "the Solve's own reason"
     );
+    // Its Status and Ping reached the router before the refusal: they end at once, without
+    // the grace a later call (a retry's) gets.
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_millis(250),
         "the build took {took:?} to end"
     );
     for call in ["Solve", "Status", "Ping"] {
@@ -213,13 +215,17 @@ async fn a_refused_solve_ends_its_builds_status_and_gateway_calls_at_once() {
         "{counted:?}"
     );
 
-    // The same request again, smaller, with the same ref (a client retrying): the refusal no
-    // longer speaks for the build, whose Status shows the daemon's progress.
-    let mut retry = BuildOpts::buildctl();
-    retry.build_ref = result.build_ref.clone();
-    let again = client.build(retry).await;
-    assert!(again.ok(), "{:#?}", again.errors());
-    assert!(again.status_messages > 0, "the retried build's progress");
+    // The same request again, smaller, with the same ref (a client retrying), on the same
+    // connection and then on a new one (a re-run job): the refusal no longer speaks for the
+    // build, whose Status shows the daemon's progress.
+    let fresh = Client::connect(router.addr).await.expect("connect");
+    for client in [&client, &fresh] {
+        let mut retry = BuildOpts::buildctl();
+        retry.build_ref = result.build_ref.clone();
+        let again = client.build(retry).await;
+        assert!(again.ok(), "{:#?}", again.errors());
+        assert!(again.status_messages > 0, "the retried build's progress");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

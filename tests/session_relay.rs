@@ -41,6 +41,15 @@ impl Path {
     }
 }
 
+/// `buildkit_router_sessions_placed_total{path}`.
+fn placed(router: &Running, path: &str) -> u64 {
+    router
+        .metrics
+        .sessions_placed_total
+        .with_label_values(&[path])
+        .get()
+}
+
 fn sessions(router: &Running, phase: &str) -> i64 {
     router.metrics.sessions.with_label_values(&[phase]).get()
 }
@@ -177,6 +186,12 @@ async fn large_transfers_cross_the_relay_byte_exact_both_ways() {
         let info = daemon.counters().session(&session_id).expect("session");
         assert_eq!(info.bytes_uploaded, result.tunnel.bytes_uploaded);
         assert_eq!(info.corrupt_packets, 0, "context bytes intact");
+        // Counted once, on the path it took.
+        assert_eq!(placed(&router, path.phase()), 1);
+        assert_eq!(
+            placed(&router, "passed_through") + placed(&router, "relayed"),
+            1
+        );
         assert_no_sessions_left(&router).await;
     }
 }

@@ -78,9 +78,21 @@ impl Default for RouterSettings {
 /// What the router remembers about one client connection.
 #[derive(Debug, Default)]
 pub struct ConnState {
+    pub(super) id: ConnId,
     pub(super) last_backend: Mutex<Option<Arc<Backend>>>,
     /// The client certificate's identity (mTLS), for `--tenant-from mtls`.
     pub(super) identity: Option<Arc<str>>,
+}
+
+/// A client connection's number, unique in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId(pub u64);
+
+impl Default for ConnId {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ConnId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl ConnState {

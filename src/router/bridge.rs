@@ -62,7 +62,7 @@ impl Router {
         };
         tracing::Span::current().record("build_ref", &*build_ref);
         let is_ping = request.uri().path() == PING_PATH;
-        let found = match self.resolve_ref(&build_ref).await {
+        let found = match self.resolve_ref(&build_ref, conn).await {
             RefState::Bound(backend) => Some(backend),
             // The gateway client gives Ping 15 s: a queued build's Ping is answered here.
             RefState::Queued(progress) if is_ping => {

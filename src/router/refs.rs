@@ -9,7 +9,7 @@ use http::Response;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::base::{error, Router};
+use super::base::{error, ConnState, Router};
 use crate::admission::Progress;
 use crate::body::ResponseBody;
 use crate::forward::{self, code, Head};
@@ -20,9 +20,14 @@ use crate::wire;
 pub(super) const HISTORY_PATH: &str = "/moby.buildkit.v1.Control/ListenBuildHistory";
 /// How long a call for an unknown ref waits for its Solve before daemons' histories are asked.
 pub(super) const LOCATE_AFTER: Duration = Duration::from_secs(1);
-/// How long a call that finds its build already refused waits for a new Solve naming the ref
-/// (a client that retries with the same ref sends both at once) before it ends.
+/// How long a call that finds its build refused waits for a new Solve naming the ref before it
+/// ends: a client that retries with the same ref sends its new Solve beside the call.
 pub(super) const REFUSAL_GRACE: Duration = Duration::from_millis(250);
+/// [`REFUSAL_GRACE`] for a call on the refused Solve's own connection. buildctl sends its
+/// Status and Ping beside the Solve, so they may reach the router after the refusal: they are
+/// the refused build's own and should end at once. A retry on that connection would send its
+/// new Solve on the same stream of bytes right beside its call, so a few ms cover it.
+pub(super) const SAME_CONNECTION_REFUSAL_GRACE: Duration = Duration::from_millis(20);
 
 /// Where a build's calls go.
 pub(super) enum RefState {
@@ -56,16 +61,18 @@ impl Router {
     }
 
     /// Where the build `build_ref` is: bound to a backend, waiting in the queue, or unknown
-    /// after the ref wait (its Solve never came to this router).
-    pub(super) async fn resolve_ref(&self, build_ref: &str) -> RefState {
+    /// after the ref wait (its Solve never came to this router). `conn` is the call's client
+    /// connection.
+    pub(super) async fn resolve_ref(&self, build_ref: &str, conn: &ConnState) -> RefState {
         // A refusal recorded before this call may be an earlier attempt's: a client retrying
         // the same request sends its new Solve at the same moment, and that clears it.
         if let Some(refused) = self.registry.refusal(build_ref) {
-            if !self
-                .registry
-                .wait_refusal_cleared(build_ref, REFUSAL_GRACE)
-                .await
-            {
+            let grace = if refused.connection == conn.id.0 {
+                SAME_CONNECTION_REFUSAL_GRACE
+            } else {
+                REFUSAL_GRACE
+            };
+            if !self.registry.wait_refusal_cleared(build_ref, grace).await {
                 return RefState::Refused(refused);
             }
         }
@@ -144,8 +151,8 @@ impl Router {
     /// [`Router::resolve_ref`], but a ref that some daemon's history already holds is routed
     /// there without waiting out the ref wait (`buildctl debug logs`, `buildx history` on old
     /// builds). Asked only after a short delay: a new build's Solve binds its ref sooner.
-    pub(super) async fn resolve_or_locate(&self, build_ref: &str) -> RefState {
-        let resolve = self.resolve_ref(build_ref);
+    pub(super) async fn resolve_or_locate(&self, build_ref: &str, conn: &ConnState) -> RefState {
+        let resolve = self.resolve_ref(build_ref, conn);
         let locate = async {
             tokio::time::sleep(LOCATE_AFTER).await;
             self.locate_ref(build_ref).await

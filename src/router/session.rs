@@ -109,6 +109,10 @@ impl Router {
             held: self.metrics.sessions.with_label_values(&["held"]),
             relayed: self.metrics.sessions.with_label_values(&["relayed"]),
             passed_through: self.metrics.sessions.with_label_values(&["passed_through"]),
+            placed_relayed: self
+                .metrics
+                .sessions_placed_total
+                .with_label_values(&["relayed"]),
         };
         let (parts, mut body) = request.into_parts();
         let (wait, read) = match session::first_look(
@@ -121,6 +125,10 @@ impl Router {
         {
             session::FirstLook::Placed { placed, read } => {
                 tracing::Span::current().record("backend", &**placed.backend.identity());
+                self.metrics
+                    .sessions_placed_total
+                    .with_label_values(&["passed_through"])
+                    .inc();
                 return session::pass_through(
                     placed,
                     parts,

@@ -153,6 +153,7 @@ impl Router {
     /// it could not be read.
     fn refused_solve(
         &self,
+        conn: &ConnState,
         build_ref: Option<&str>,
         answer: Response<ResponseBody>,
     ) -> Response<ResponseBody> {
@@ -171,12 +172,13 @@ impl Router {
             .with_label_values(&[crate::metrics::code_name(status)])
             .inc();
         let message = crate::grpc::grpc_message_of(headers);
-        let (registry, build_ref) = (self.registry.clone(), build_ref.to_owned());
+        let (registry, build_ref, connection) =
+            (self.registry.clone(), build_ref.to_owned(), conn.id.0);
         // Recorded once the answer is handed to HTTP/2, so the client has the Solve's own
         // error before its other calls end (buildx reports whichever error comes first).
         answer.map(|body| {
             body.with_hook(EndHook::new(move |_| {
-                registry.refuse(&build_ref, status, &message)
+                registry.refuse(&build_ref, status, &message, connection)
             }))
         })
     }
@@ -195,14 +197,14 @@ impl Router {
         let (parts, body, peeked) = match self.peek_keeping_read(request, name_build).await {
             Ok(peeked) => peeked,
             Err((answer, read)) => {
-                return self.refused_solve(wire::leading_solve_ref(&read), answer)
+                return self.refused_solve(conn, wire::leading_solve_ref(&read), answer)
             }
         };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
             Err(error) => {
                 let answer = error_response_invalid("Control/Solve", &error);
-                return self.refused_solve(wire::leading_solve_ref(&peeked.buffered), answer);
+                return self.refused_solve(conn, wire::leading_solve_ref(&peeked.buffered), answer);
             }
         };
         let build_ref: Arc<str> = if solve.build_ref.is_empty() {
@@ -261,7 +263,9 @@ impl Router {
                                 found
                             }
                             Ok(Admit::Pinned(backend)) => pinned(backend),
-                            Err(answer) => return self.refused_solve(Some(&build_ref), answer),
+                            Err(answer) => {
+                                return self.refused_solve(conn, Some(&build_ref), answer)
+                            }
                         }
                     }
                     _ => match self.place(&traits, &excluded) {
@@ -278,7 +282,7 @@ impl Router {
                                     &self.pool,
                                 ),
                             };
-                            return self.refused_solve(Some(&build_ref), answer);
+                            return self.refused_solve(conn, Some(&build_ref), answer);
                         }
                     },
                 },
@@ -295,7 +299,7 @@ impl Router {
                     continue;
                 }
                 let answer = unavailable_backend(&candidate, Some(&build_ref), error);
-                return self.refused_solve(Some(&build_ref), answer);
+                return self.refused_solve(conn, Some(&build_ref), answer);
             }
             let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
             let choice = if bound.pinned_by_session {

@@ -33,7 +33,7 @@ impl Router {
             Err(error) => return error_response_invalid("Control/Status", &error),
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        let backend = match self.resolve_or_locate(&build_ref).await {
+        let backend = match self.resolve_or_locate(&build_ref, conn).await {
             RefState::Bound(backend) => Some(backend),
             RefState::Queued(progress) => {
                 let placed = match &*progress.borrow() {

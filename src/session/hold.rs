@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use hyper::body::Incoming;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::mpsc;
 use tracing::{debug, field, info, Instrument};
 
@@ -38,6 +38,8 @@ pub struct Gauges {
     pub held: IntGauge,
     pub relayed: IntGauge,
     pub passed_through: IntGauge,
+    /// Sessions placed after being held (`sessions_placed_total{path="relayed"}`).
+    pub placed_relayed: IntCounter,
 }
 
 /// Counts one session in a phase while alive.
@@ -158,6 +160,7 @@ async fn run<W>(
     };
     drop(held_gauge);
     let _relayed = GaugeGuard::new(&gauges.relayed);
+    gauges.placed_relayed.inc();
     tracing::Span::current().record("backend", &**placed.backend.identity());
     // Boxed, as are the start and the ends above: a task's future is as large as its largest
     // state, and a session held idle for as long as its build waits should not carry the

@@ -125,7 +125,7 @@ pub(crate) async fn run(
         }
         Some(Ok(Ok(server))) => server,
     };
-    debug!("relaying the session");
+    info!("session held, now relayed to its backend");
 
     let client = held.send.clone().expect("held session has its client");
     let mut streams = JoinSet::new();
