@@ -10,6 +10,9 @@ use crate::duration::parse_duration;
 
 /// Longest `--session-passthrough-window`: half the client's 10 s inner preface timeout
 /// (x/net `http2.Server`), so a session held after it still gets the router's preface in time.
+/// A session passed through near the end of a 5 s window still needs its backend's preface
+/// within the other 5 s, which `--connect-timeout` (default 5 s) may use up: keep the window
+/// short (the default 1 s) unless placements are slow.
 pub const MAX_PASSTHROUGH_WINDOW: Duration = Duration::from_secs(5);
 
 fn parse_passthrough_window(text: &str) -> Result<Duration, String> {

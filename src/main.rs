@@ -27,7 +27,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("buildkit-router: {e}");
+            // Not eprintln!: with stderr's reader gone it would panic (exit 101, not 1).
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "buildkit-router: {e}");
             ExitCode::FAILURE
         }
     }

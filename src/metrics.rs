@@ -30,7 +30,8 @@ pub struct Metrics {
     pub builds_refused_total: IntCounterVec,
     pub build_duration_seconds: Histogram,
     pub session_bind_seconds: HistogramVec,
-    /// Control/Session streams open, by phase: `held` (answered by the router, no backend
+    /// Control/Session streams open, by phase: `placing` (within the pass-through window,
+    /// nothing answered yet), `held` (answered by the router, no backend
     /// yet), `relayed` (held, then its tunnel relayed to a backend) or `passed_through`
     /// (placed within `--session-passthrough-window`: forwarded as it came).
     pub sessions: IntGaugeVec,
@@ -108,12 +109,12 @@ impl Metrics {
         let sessions = IntGaugeVec::new(
             Opts::new(
                 "sessions",
-                "Control/Session streams open, by phase (held: no backend yet; relayed after being held; passed_through: placed at once, forwarded as it came)",
+                "Control/Session streams open, by phase (placing: in the pass-through window; held: answered by the router, no backend yet; relayed after being held; passed_through: placed at once, forwarded as it came)",
             )
             .namespace(PREFIX),
             &["phase"],
         )?;
-        for phase in ["held", "relayed", "passed_through"] {
+        for phase in ["placing", "held", "relayed", "passed_through"] {
             sessions.with_label_values(&[phase]);
         }
         let sessions_placed_total = IntCounterVec::new(

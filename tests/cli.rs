@@ -99,13 +99,18 @@ async fn a_router_whose_log_reader_is_gone_keeps_serving_and_stops_on_sigterm() 
         .success());
     // Awaited without blocking the runtime: the client's idle connection takes the router's
     // GOAWAY and closes, as a live client does.
-    let status = tokio::time::timeout(
+    let waited = tokio::time::timeout(
         std::time::Duration::from_secs(30),
         tokio::task::spawn_blocking(move || router.wait()),
     )
-    .await
-    .expect("the router stops on SIGTERM")
-    .expect("join")
-    .expect("wait");
+    .await;
+    if waited.is_err() {
+        // Leave no router behind when the test fails.
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+    let status = waited
+        .expect("the router stops on SIGTERM")
+        .expect("join")
+        .expect("wait");
     assert!(status.success(), "a clean stop: {status}");
 }

@@ -240,7 +240,12 @@ async fn a_client_that_refuses_or_ignores_the_read_still_builds() {
     // No session or read is left behind.
     assert_eq!(
         metric(&metrics, "buildkit_router_sessions{phase=\"held\"}")
-            + metric(&metrics, "buildkit_router_sessions{phase=\"relayed\"}"),
+            + metric(&metrics, "buildkit_router_sessions{phase=\"relayed\"}")
+            + metric(
+                &metrics,
+                "buildkit_router_sessions{phase=\"passed_through\"}"
+            )
+            + metric(&metrics, "buildkit_router_sessions{phase=\"placing\"}"),
         0
     );
 }

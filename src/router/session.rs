@@ -1,5 +1,5 @@
-//! Control/Session: the router side of the tunnel (held while its build waits, then bound);
-//! the tunnel itself is in `crate::session`.
+//! Control/Session: the router side of the tunnel (passed through when placed at once, else
+//! held while its build waits, then relayed); the tunnel itself is in `crate::session`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,14 +115,18 @@ impl Router {
                 .with_label_values(&["relayed"]),
         };
         let (parts, mut body) = request.into_parts();
-        let (wait, read) = match session::first_look(
+        let placing = crate::session::hold::GaugeGuard::new(
+            &self.metrics.sessions.with_label_values(&["placing"]),
+        );
+        let first_look = session::first_look(
             &mut body,
             Box::pin(wait),
             self.settings.session_passthrough_window,
             self.sessions.wanted(&uuid),
         )
-        .await
-        {
+        .await;
+        drop(placing);
+        let (wait, read) = match first_look {
             session::FirstLook::Placed { placed, read } => {
                 tracing::Span::current().record("backend", &**placed.backend.identity());
                 self.metrics
@@ -143,8 +147,8 @@ impl Router {
             session::FirstLook::Refused(refusal) => {
                 return forward::status_response(refusal.code, &refusal.message)
             }
-            session::FirstLook::ClientEnded { .. } => {
-                tracing::info!("the client ended the session before it was placed");
+            session::FirstLook::ClientEnded { reset } => {
+                tracing::info!(reset, "the client ended the session before it was placed");
                 return forward::status_response(code::OK, "");
             }
             session::FirstLook::Waiting { wait, read } => (wait, read),

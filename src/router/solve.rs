@@ -203,6 +203,7 @@ impl Router {
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
             Err(error) => {
+                name_build(&peeked.buffered);
                 let answer = error_response_invalid("Control/Solve", &error);
                 return self.refused_solve(conn, wire::leading_solve_ref(&peeked.buffered), answer);
             }

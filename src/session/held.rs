@@ -42,12 +42,26 @@ const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// delays the session's end by this much.
 pub(crate) const SOLVE_END_GRACE: Duration = Duration::from_secs(1);
 
-/// Where a held session goes, and what keeps its routing state alive while it is relayed.
+/// Where a session goes, and what keeps its routing state alive while it is relayed or passed
+/// through.
 pub struct Placed {
     pub backend: Arc<Backend>,
-    /// The registry pin of the session, dropped when the relay ends. Also tells the relay when
-    /// the Solves naming the session have ended (see [`SOLVE_END_GRACE`]).
+    /// The registry pin of the session, dropped once both of its directions have ended. Also
+    /// tells when the Solves naming the session have ended ([`solves_done`]).
     pub keep: Option<crate::registry::Pin>,
+}
+
+/// What the end of the client's side of a placed session waits for: the Solves naming it to
+/// end, at most [`SOLVE_END_GRACE`] from the moment the end is seen. Holds `keep` until then,
+/// so the session's own pin still counts however early its other direction ended (a client
+/// that resets its Session drops the answer first).
+pub(crate) fn solves_done(keep: Arc<crate::registry::Pin>) -> GateFuture {
+    Box::pin(async move {
+        if !keep.sole(SOLVE_END_GRACE).await {
+            debug!("a Solve naming the session still runs after the client ended it");
+        }
+        drop(keep);
+    })
 }
 
 /// Opens the Session on a backend: sends the client's request head with `body` as the outgoing
@@ -61,7 +75,7 @@ pub type Open =
 #[derive(Clone, Default)]
 struct EndGate(Arc<std::sync::Mutex<Option<GateFuture>>>);
 
-type GateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type GateFuture = crate::body::EndGate;
 
 /// The client's outer Session body, passed through, except that its end (the last frame, an
 /// error) is held back while the [`EndGate`] is set and pending.
@@ -167,12 +181,8 @@ impl Held {
 
     /// From now on, when the client ends its outer stream (half-close, reset, loss), that end
     /// is passed on only once `gate` resolves.
-    pub(crate) fn hold_end_until(&self, gate: impl Future<Output = bool> + Send + 'static) {
-        *self.end_gate.0.lock().expect("end gate lock") = Some(Box::pin(async move {
-            if !gate.await {
-                debug!("a Solve naming the session still runs after the client ended it");
-            }
-        }));
+    pub(crate) fn hold_end_until(&self, gate: GateFuture) {
+        *self.end_gate.0.lock().expect("end gate lock") = Some(gate);
     }
 
     /// Runs `fut` while the client's side lasts. `None`: the client's side ended first (the

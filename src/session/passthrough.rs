@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,15 +24,16 @@ use hyper::body::Incoming;
 use prometheus::IntGauge;
 use tracing::{debug, info, warn};
 
-use super::held::{Open, Placed, SOLVE_END_GRACE};
+use super::held::{solves_done, Open, Placed};
 use super::hold::{GaugeGuard, Refusal};
 use crate::body::{EndHook, RequestBody, ResponseBody, StreamContext};
 use crate::forward;
 use crate::grpc::code;
 
-/// Most of the client's Session body read while its placement is awaited. The client's side of
-/// the inner connection (x/net's server) sends its SETTINGS and a WINDOW_UPDATE first, under
-/// 100 bytes; past this the router stops reading until the session is placed or held.
+/// Past this many bytes of the client's Session body read while its placement is awaited, the
+/// router stops reading until the session is placed or held (it may hold one DATA frame more:
+/// up to the listener's largest frame, 256 KiB). The client's side of the inner connection
+/// (x/net's server) sends its SETTINGS and a WINDOW_UPDATE first, under 100 bytes.
 const READ_LIMIT: usize = 64 * 1024;
 
 /// What became of a Session during the pass-through window.
@@ -106,7 +108,7 @@ where
 
 /// Forwards the client's Session to the backend it was placed on, as it came (`read` first,
 /// then the rest of `body`), and the backend's answer back; the end of the client's side waits
-/// for the Solves naming the session, as in the relay ([`SOLVE_END_GRACE`]).
+/// for the Solves naming the session, as in the relay ([`super::held::SOLVE_END_GRACE`]).
 ///
 /// Errors: a backend that cannot take the call gives the client UNAVAILABLE naming the backend
 /// and the session; a backend lost mid-session, UNAVAILABLE naming both (as any call).
@@ -121,14 +123,12 @@ pub async fn pass_through(
 ) -> Response<ResponseBody> {
     let counted = GaugeGuard::new(gauge);
     let Placed { backend, keep } = placed;
+    // The pin lives until both directions ended: the client's end (held by the gate) and the
+    // answer (the hook below), whichever is last.
+    let keep = keep.map(Arc::new);
     let mut body = RequestBody::prefixed(read, body);
     if let Some(keep) = &keep {
-        let solves_done = keep.sole(SOLVE_END_GRACE);
-        body = body.ending_after(Box::pin(async move {
-            if !solves_done.await {
-                debug!("a Solve naming the session still runs after the client ended it");
-            }
-        }));
+        body = body.ending_after(solves_done(keep.clone()));
     }
     info!(backend = %backend.identity(), "session passed through to its backend");
     match open(backend.clone(), parts, body).await {

@@ -5,6 +5,7 @@
 //! resets both ways. The teardown cases are in docs/session-relay.md.
 
 use std::future::{poll_fn, Future};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use super::held::{Held, Open, Placed, SOLVE_END_GRACE};
+use super::held::{solves_done, Held, Open, Placed};
 use super::inner;
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
 use crate::body::{BackendBody, RequestBody};
@@ -52,11 +53,11 @@ pub(crate) async fn run(
     max_message: usize,
 ) {
     let backend = placed.backend.clone();
-    let keep = placed.keep;
+    let keep = placed.keep.map(Arc::new);
     // From now on the client's end of the session is held back while a Solve naming it still
     // runs here, so that a cancelled Solve's reset reaches the daemon first.
     if let Some(keep) = &keep {
-        held.hold_end_until(keep.sole(SOLVE_END_GRACE));
+        held.hold_end_until(solves_done(keep.clone()));
     }
     let label = backend.label();
     let unavailable = |why: &str| {
