@@ -612,3 +612,40 @@ async fn the_end_of_a_session_waits_up_to_a_second_for_the_solve_that_names_it()
         assert_no_sessions_left(&router).await;
     }
 }
+
+/// A session whose placement fails inside the pass-through window (here: no Solve names it
+/// within the bind window, and no backend is ready to take it on its own) gets the refusal as
+/// its own status at once, Trailers-Only, and nothing reaches a daemon.
+#[tokio::test(start_paused = true)]
+async fn a_session_refused_inside_the_window_gets_the_reason_and_reaches_no_daemon() {
+    let mut daemon = FakeDaemon::start_holding("bk0").await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.queue.enabled = false;
+        cfg.session_bind_window = Duration::from_millis(100);
+    })
+    .await;
+    // The only daemon is gone: once the router has seen it fail, nothing is ready.
+    daemon.kill();
+    eventually("the backend is not ready", Duration::from_secs(60), || {
+        router.pool.snapshot().any_ready().is_none()
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let mut opts = BuildOpts::buildctl();
+    // The build's other calls come long after the session's placement failed.
+    opts.calls_after = Some(Duration::from_secs(3));
+    let session_id = opts.session_id.clone();
+    let result = client.build(opts).await;
+    let session = result.session.expect("session result");
+    assert_eq!(session.code, Code::Unavailable, "{session:#?}");
+    assert!(
+        session.message.contains(&format!("session {session_id}")),
+        "names the session: {}",
+        session.message
+    );
+    assert_eq!(
+        placed(&router, "passed_through") + placed(&router, "relayed"),
+        0
+    );
+    assert_no_sessions_left(&router).await;
+}
