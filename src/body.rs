@@ -317,9 +317,27 @@ pub trait ConnectionHealth: Send + Sync {
 pub struct StreamContext {
     pub backend: std::sync::Arc<str>,
     pub build_ref: Option<std::sync::Arc<str>>,
-    /// What `build_ref` names in errors: `"build"`, or `"session"` for a Session's uuid.
-    pub subject: &'static str,
+    /// What `build_ref` names: a build's ref, or a Session's uuid.
+    pub subject: Subject,
     pub health: Option<std::sync::Arc<dyn ConnectionHealth>>,
+}
+
+/// What a stream's [`StreamContext::build_ref`] names, in its errors and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A build's ref (Solve, Status, LLBBridge...).
+    Build,
+    /// A `Control/Session`'s uuid.
+    Session,
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Subject::Build => "build",
+            Subject::Session => "session",
+        })
+    }
 }
 
 impl fmt::Debug for StreamContext {
@@ -339,8 +357,8 @@ impl StreamContext {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 match (self.0.subject, self.0.build_ref.as_deref()) {
                     (_, None) => f.write_str("-"),
-                    ("build", Some(r)) => f.write_str(r),
-                    (subject, Some(r)) => write!(f, "{subject}:{r}"),
+                    (Subject::Build, Some(r)) => f.write_str(r),
+                    (Subject::Session, Some(r)) => write!(f, "session:{r}"),
                 }
             }
         }

@@ -366,7 +366,7 @@ pub(super) fn stream_context(backend: &Arc<Backend>, build_ref: Option<&str>) ->
     StreamContext {
         backend: backend.identity().clone(),
         build_ref: build_ref.map(Arc::from),
-        subject: "build",
+        subject: crate::body::Subject::Build,
         health: Some(backend.clone() as Arc<dyn crate::body::ConnectionHealth>),
     }
 }

@@ -113,6 +113,10 @@ impl Router {
                 .metrics
                 .sessions_placed_total
                 .with_label_values(&["relayed"]),
+            placed_passed_through: self
+                .metrics
+                .sessions_placed_total
+                .with_label_values(&["passed_through"]),
         };
         let (parts, mut body) = request.into_parts();
         let placing = crate::session::hold::GaugeGuard::new(
@@ -129,20 +133,8 @@ impl Router {
         let (wait, read) = match first_look {
             session::FirstLook::Placed { placed, read } => {
                 tracing::Span::current().record("backend", &**placed.backend.identity());
-                self.metrics
-                    .sessions_placed_total
-                    .with_label_values(&["passed_through"])
-                    .inc();
-                return session::pass_through(
-                    placed,
-                    parts,
-                    body,
-                    read,
-                    open,
-                    &uuid,
-                    &gauges.passed_through,
-                )
-                .await;
+                return session::pass_through(placed, parts, body, read, open, &uuid, &gauges)
+                    .await;
             }
             session::FirstLook::Refused(refusal) => {
                 return forward::status_response(refusal.code, &refusal.message)

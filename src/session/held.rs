@@ -51,6 +51,15 @@ pub struct Placed {
     pub keep: Option<crate::registry::Pin>,
 }
 
+/// The message of the UNAVAILABLE a session's client gets when its backend cannot take it.
+pub(crate) fn unavailable_for_session(
+    backend_label: &str,
+    uuid: &str,
+    why: impl std::fmt::Display,
+) -> String {
+    format!("buildkit-router: buildkitd backend {backend_label} is unavailable for session {uuid}: {why}")
+}
+
 /// What the end of the client's side of a placed session waits for: the Solves naming it to
 /// end, at most [`SOLVE_END_GRACE`] from the moment the end is seen. Holds `keep` until then,
 /// so the session's own pin still counts however early its other direction ended (a client

@@ -40,6 +40,9 @@ pub struct Gauges {
     pub passed_through: IntGauge,
     /// Sessions placed after being held (`sessions_placed_total{path="relayed"}`).
     pub placed_relayed: IntCounter,
+    /// Sessions placed within the pass-through window
+    /// (`sessions_placed_total{path="passed_through"}`).
+    pub placed_passed_through: IntCounter,
 }
 
 /// Counts one session in a phase while alive.

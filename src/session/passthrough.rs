@@ -21,12 +21,11 @@ use http::Response;
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use prometheus::IntGauge;
 use tracing::{debug, info, warn};
 
-use super::held::{solves_done, Open, Placed};
-use super::hold::{GaugeGuard, Refusal};
-use crate::body::{EndHook, RequestBody, ResponseBody, StreamContext};
+use super::held::{solves_done, unavailable_for_session, Open, Placed};
+use super::hold::{GaugeGuard, Gauges, Refusal};
+use crate::body::{EndHook, RequestBody, ResponseBody, StreamContext, Subject};
 use crate::forward;
 use crate::grpc::code;
 
@@ -119,9 +118,10 @@ pub async fn pass_through(
     read: Bytes,
     open: Open,
     uuid: &str,
-    gauge: &IntGauge,
+    gauges: &Gauges,
 ) -> Response<ResponseBody> {
-    let counted = GaugeGuard::new(gauge);
+    gauges.placed_passed_through.inc();
+    let counted = GaugeGuard::new(&gauges.passed_through);
     let Placed { backend, keep } = placed;
     // The pin lives until both directions ended: the client's end (held by the gate) and the
     // answer (the hook below), whichever is last.
@@ -136,7 +136,7 @@ pub async fn pass_through(
             let context = StreamContext {
                 backend: backend.identity().clone(),
                 build_ref: Some(uuid.into()),
-                subject: "session",
+                subject: Subject::Session,
                 health: Some(backend.clone()),
             };
             forward::relay(response, context).map(|body| {
@@ -150,10 +150,7 @@ pub async fn pass_through(
             warn!(%error, "cannot open the session on its backend");
             forward::status_response(
                 code::UNAVAILABLE,
-                &format!(
-                    "buildkit-router: buildkitd backend {} is unavailable for session {uuid}: {error}",
-                    backend.label()
-                ),
+                &unavailable_for_session(&backend.label(), uuid, error),
             )
         }
     }

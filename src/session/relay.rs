@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use super::held::{solves_done, Held, Open, Placed};
+use super::held::{solves_done, unavailable_for_session, Held, Open, Placed};
 use super::inner;
 use super::tunnel::{ReadEnd, TunnelHandle, TunnelIo, OUT_CHANNEL};
 use crate::body::{BackendBody, RequestBody};
@@ -63,9 +63,7 @@ pub(crate) async fn run(
     let unavailable = |why: &str| {
         Some(status_trailers(
             code::UNAVAILABLE,
-            &format!(
-                "buildkit-router: buildkitd backend {label} is unavailable for session {uuid}: {why}"
-            ),
+            &unavailable_for_session(&label, uuid, why),
         ))
     };
 
@@ -259,9 +257,7 @@ fn daemon_status(
                 // The router ended the connection of a backend declared dead.
                 return status_trailers(
                     code::UNAVAILABLE,
-                    &format!(
-                        "buildkit-router: buildkitd backend {label} is unavailable for session {uuid}: {reason}"
-                    ),
+                    &unavailable_for_session(&label, uuid, reason),
                 );
             }
             crate::body::ConnectionHealth::connection_failed(backend, why);
