@@ -80,58 +80,26 @@ pub type Open =
     Box<dyn FnOnce(Arc<Backend>, http::request::Parts, RequestBody) -> OpenFuture + Send>;
 
 /// What the end of the client's outer Session stream waits for, when set (see
-/// [`SOLVE_END_GRACE`]). Shared by [`Held`] and the [`ClientBody`] it reads.
+/// [`SOLVE_END_GRACE`]): set by [`Held::hold_end_until`] once the session is placed, read by
+/// the client's body ([`EndGate::gate`]). Unset, the end passes at once.
 #[derive(Clone, Default)]
 struct EndGate(Arc<std::sync::Mutex<Option<GateFuture>>>);
 
 pub(crate) type GateFuture = crate::body::EndGate;
 
-/// The client's outer Session body, passed through, except that its end (the last frame, an
-/// error) is held back while the [`EndGate`] is set and pending.
-pub(crate) struct ClientBody {
-    /// Bytes of the client's body read before it was held ([`super::passthrough`]).
-    read: Option<Bytes>,
-    inner: Incoming,
-    gate: EndGate,
-    /// The end, read from `inner`, waiting for the gate.
-    end: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
-}
-
-impl http_body::Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if let Some(read) = this.read.take() {
-            return Poll::Ready(Some(Ok(Frame::data(read))));
-        }
-        if this.end.is_none() {
-            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
-                end => this.end = Some(end),
-            }
-        }
-        {
-            let mut gate = this.gate.0.lock().expect("end gate lock");
+impl EndGate {
+    /// The gate of the client's body (`RequestBody::ending_after`): whatever this slot holds
+    /// when the end arrives, or nothing.
+    fn gate(&self) -> GateFuture {
+        let slot = self.0.clone();
+        Box::pin(std::future::poll_fn(move |cx| {
+            let mut gate = slot.lock().expect("end gate lock");
             if let Some(wait) = gate.as_mut() {
                 std::task::ready!(wait.as_mut().poll(cx));
                 *gate = None;
             }
-        }
-        Poll::Ready(this.end.take().flatten())
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.read.is_none() && self.end.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+            std::task::Poll::Ready(())
+        }))
     }
 }
 
@@ -145,8 +113,8 @@ pub(crate) struct Held {
     pub(crate) listing: Option<Registration>,
     conn: JoinHandle<Result<(), h2::Error>>,
     conn_end: Option<Result<(), String>>,
-    handle: TunnelHandle<ClientBody>,
-    /// What the client's end of the outer stream waits for once set ([`ClientBody`]).
+    handle: TunnelHandle<RequestBody>,
+    /// What the client's end of the outer stream waits for once set.
     end_gate: EndGate,
     /// The outer response: the router's trailers go out on it at the end.
     out: mpsc::Sender<Frame<Bytes>>,
@@ -168,12 +136,7 @@ impl Held {
         max_message: usize,
     ) -> Result<Held, h2::Error> {
         let end_gate = EndGate::default();
-        let body = ClientBody {
-            read: (!read.is_empty()).then_some(read),
-            inner: body,
-            gate: end_gate.clone(),
-            end: None,
-        };
+        let body = RequestBody::prefixed(read, body).ending_after(end_gate.gate());
         let (io, handle) = TunnelIo::new(body, out.clone(), max_message);
         let (send, conn) = inner::client_builder().handshake(io).await?;
         let conn = tokio::spawn(conn.in_current_span());
