@@ -5,15 +5,21 @@ use std::process::{Command, Stdio};
 
 /// Plain logs go to stderr without ANSI colour codes when stderr is a pipe or a file (as under
 /// `kubectl logs`); stdout stays empty for command output.
+/// The router binary on ephemeral ports with plain logs, over a backend nothing listens on.
+fn router_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_buildkit-router"));
+    command.args([
+        "--listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0",
+        "--log-format=plain",
+        "--backend=tcp://127.0.0.1:9",
+    ]);
+    command
+}
+
 #[test]
 fn plain_logs_go_to_stderr_without_colour_when_it_is_not_a_terminal() {
-    let mut router = Command::new(env!("CARGO_BIN_EXE_buildkit-router"))
-        .args([
-            "--listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--log-format=plain",
-            "--backend=tcp://127.0.0.1:9",
-        ])
+    let mut router = router_command()
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -46,13 +52,7 @@ async fn a_router_whose_log_reader_is_gone_keeps_serving_and_stops_on_sigterm() 
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-    let mut router = Command::new(env!("CARGO_BIN_EXE_buildkit-router"))
-        .args([
-            "--listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--log-format=plain",
-            "--backend=tcp://127.0.0.1:9",
-        ])
+    let mut router = router_command()
         // Every call logs.
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())

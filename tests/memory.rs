@@ -29,7 +29,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::client::{BuildOpts, Client};
+use support::client::{spawn_build, vanishing_runtime, BuildOpts};
 use support::fake_daemon::FakeDaemon;
 use support::real::RouterProcess;
 
@@ -120,17 +120,6 @@ async fn settled_rss(pid: u32) -> u64 {
     rss_kib(pid)
 }
 
-/// A runtime for a batch of clients: shutting it down closes all their connections at once,
-/// as the kernel does when client processes die (a tonic channel's connection task outlives
-/// an aborted caller, so aborting the callers would not).
-fn clients_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("client runtime")
-}
-
 /// `n` clients on `rt`, each on its own connection, each running one build with `opts`.
 fn start_builds(
     rt: &tokio::runtime::Runtime,
@@ -139,11 +128,7 @@ fn start_builds(
     opts: impl Fn() -> BuildOpts,
 ) {
     for _ in 0..n {
-        let opts = opts();
-        rt.spawn(async move {
-            let client = Client::connect(addr).await.expect("connect");
-            client.build(opts).await;
-        });
+        spawn_build(rt, addr, opts());
     }
 }
 
@@ -198,7 +183,7 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
     let addr = router.addr;
 
     // Phase 1: idle held sessions.
-    let warm = clients_runtime();
+    let warm = vanishing_runtime();
     start_builds(&warm, addr, WARM_UP, idle_session);
     until(&router, "warm-up sessions open", |g| {
         g.sessions() >= WARM_UP
@@ -207,7 +192,7 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
     vanish(&router, &daemon, warm).await;
     let base = settled_rss(pid).await;
 
-    let held_rt = clients_runtime();
+    let held_rt = vanishing_runtime();
     start_builds(&held_rt, addr, N, idle_session);
     until(&router, "every session open", |g| g.sessions() >= N).await;
     let relayed_idle = Gauges::read(&router).relayed;
@@ -222,7 +207,7 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
     eprintln!("router RSS: {after_sessions} KiB once those clients vanished");
 
     // Phase 2: builds in flight, held by the daemon after their context arrived.
-    let warm = clients_runtime();
+    let warm = vanishing_runtime();
     start_builds(&warm, addr, WARM_UP, build_in_flight);
     tokio::time::timeout(Duration::from_secs(120), daemon.wait_held(WARM_UP as u64))
         .await
@@ -232,7 +217,7 @@ async fn resident_memory_per_idle_session_and_per_build_in_flight() {
 
     // In waves: a build holds a context upload's unforwarded bytes only while it uploads,
     // so all N uploading at once would measure the allocator's memory of that peak.
-    let builds_rt = clients_runtime();
+    let builds_rt = vanishing_runtime();
     for wave in (WAVE..=N).step_by(WAVE) {
         start_builds(&builds_rt, addr, WAVE, build_in_flight);
         tokio::time::timeout(Duration::from_secs(120), daemon.wait_held(wave as u64))

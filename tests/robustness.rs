@@ -11,7 +11,7 @@ use buildkit_router::app::{self, Running};
 use buildkit_router::config::RunConfig;
 use buildkit_router::proto::control as pb;
 use prost::Message;
-use support::client::{raw_write, BuildOpts, Client};
+use support::client::{raw_write, spawn_build, vanishing_runtime, BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -304,17 +304,8 @@ async fn a_client_vanishing_mid_build_cancels_it_on_the_daemon() {
     let addr = router.addr;
     let opts = BuildOpts::buildctl();
     let build_ref = opts.build_ref.clone();
-    // The client runs on its own runtime; shutting that runtime down drops its TCP connection
-    // without any HTTP/2 goodbye, like a CI job killed mid-build.
-    let client_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("rt");
-    client_runtime.spawn(async move {
-        let client = Client::connect(addr).await.expect("connect");
-        client.build(opts).await
-    });
+    let client_runtime = vanishing_runtime();
+    spawn_build(&client_runtime, addr, opts);
     daemon.wait_held(1).await;
     client_runtime.shutdown_background();
     daemon

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use buildkit_router::app::Running;
-use support::client::{BuildOpts, CancelAt, Client};
+use support::client::{spawn_build, vanishing_runtime, BuildOpts, CancelAt, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
 use support::router_over;
 use tonic::Code;
@@ -372,17 +372,8 @@ async fn a_vanishing_client_ends_the_daemons_session_and_leaves_nothing_behind()
         let addr = router.addr;
         let opts = BuildOpts::buildctl();
         let session_id = opts.session_id.clone();
-        // The client runs on its own runtime; shutting it down drops its TCP connection without
-        // any HTTP/2 goodbye, like a CI job killed mid-build.
-        let client_runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("rt");
-        client_runtime.spawn(async move {
-            let client = Client::connect(addr).await.expect("connect");
-            client.build(opts).await
-        });
+        let client_runtime = vanishing_runtime();
+        spawn_build(&client_runtime, addr, opts);
         tokio::time::timeout(Duration::from_secs(20), daemon.wait_held(1))
             .await
             .expect("the build runs");
@@ -412,15 +403,8 @@ async fn a_client_leaving_while_held_ends_the_hold_and_reaches_no_daemon() {
     // The build's other calls would only start after an hour: the session stays held.
     opts.calls_after = Some(Duration::from_secs(3600));
     let session_id = opts.session_id.clone();
-    let client_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("rt");
-    client_runtime.spawn(async move {
-        let client = Client::connect(addr).await.expect("connect");
-        client.build(opts).await
-    });
+    let client_runtime = vanishing_runtime();
+    spawn_build(&client_runtime, addr, opts);
     eventually("the session is held", Duration::from_secs(10), || {
         sessions(&router, "held") == 1
     })
@@ -466,19 +450,9 @@ async fn many_clients_vanishing_at_once_leave_no_session_build_or_connection() {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as usize
         };
-        // All on one runtime: shutting it down closes every connection at once, without any
-        // HTTP/2 goodbye.
-        let clients = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("rt");
-        let start = |opts: BuildOpts| {
-            clients.spawn(async move {
-                let client = Client::connect(addr).await.expect("connect");
-                client.build(opts).await
-            });
-        };
+        // All on one runtime: shutting it down closes every connection at once.
+        let clients = vanishing_runtime();
+        let start = |opts: BuildOpts| spawn_build(&clients, addr, opts);
         for _ in 0..IDLE {
             let mut opts = BuildOpts::buildctl();
             opts.calls_after = Some(Duration::from_secs(3600));

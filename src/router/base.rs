@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -289,28 +288,25 @@ impl Router {
         &self,
         request: Request<Incoming>,
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
-        self.peek_keeping_read(request, |_| {})
+        self.peek_keeping_read(request)
             .await
-            .map_err(|(answer, _)| answer)
+            .map_err(|(parts, failure)| peek_error(parts.uri.path(), &failure.error))
     }
 
-    /// [`Router::peek`], giving on failure the bytes read as well (a refused Solve's ref is
-    /// in them). `on_failure` sees those bytes before the failure is logged (to name the
-    /// build in the log line).
+    /// [`Router::peek`], giving on failure the request head and the bytes read (a refused
+    /// Solve's ref is in them) instead of the answer: the caller makes it with [`peek_error`].
     pub(super) async fn peek_keeping_read(
         &self,
         request: Request<Incoming>,
-        on_failure: impl FnOnce(&Bytes),
-    ) -> Result<(http::request::Parts, Incoming, forward::Peeked), (Response<ResponseBody>, Bytes)>
-    {
+    ) -> Result<
+        (http::request::Parts, Incoming, forward::Peeked),
+        (http::request::Parts, forward::PeekFailure),
+    > {
         let (parts, mut body) = request.into_parts();
         let max = self.settings.max_message_size;
         match forward::read_first_message(&mut body, max, &self.settings.routing_buffer).await {
             Ok(peeked) => Ok((parts, body, peeked)),
-            Err(failure) => {
-                on_failure(&failure.read);
-                Err((peek_error(parts.uri.path(), &failure.error), failure.read))
-            }
+            Err(failure) => Err((parts, failure)),
         }
     }
 

@@ -10,7 +10,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::base::{
-    error, error_response_invalid, placement_error, unavailable_backend, ConnState, Router,
+    error, error_response_invalid, peek_error, placement_error, unavailable_backend, ConnState,
+    Router,
 };
 use crate::admission::{Admission, Admitted, LeaseGuard, Refusal};
 use crate::body::{CallEnd, EndHook, RequestBody, ResponseBody};
@@ -188,24 +189,29 @@ impl Router {
         conn: &Arc<ConnState>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        // A Solve too large to read still names its build in the log (Go writes the ref first).
-        let name_build = |read: &bytes::Bytes| {
-            if let Some(build_ref) = wire::leading_solve_ref(read) {
+        // A Solve that cannot be read or decoded still names its build, in the log line of
+        // the failure too (Go writes the ref first).
+        fn name_build(read: &[u8]) -> Option<&str> {
+            let build_ref = wire::leading_solve_ref(read);
+            if let Some(build_ref) = build_ref {
                 tracing::Span::current().record("build_ref", build_ref);
             }
-        };
-        let (parts, body, peeked) = match self.peek_keeping_read(request, name_build).await {
+            build_ref
+        }
+        let (parts, body, peeked) = match self.peek_keeping_read(request).await {
             Ok(peeked) => peeked,
-            Err((answer, read)) => {
-                return self.refused_solve(conn, wire::leading_solve_ref(&read), answer)
+            Err((parts, failure)) => {
+                let build_ref = name_build(&failure.read);
+                let answer = peek_error(parts.uri.path(), &failure.error);
+                return self.refused_solve(conn, build_ref, answer);
             }
         };
         let solve = match wire::decode_solve(peeked.message()) {
             Ok(solve) => solve,
             Err(error) => {
-                name_build(&peeked.buffered);
+                let build_ref = name_build(&peeked.buffered);
                 let answer = error_response_invalid("Control/Solve", &error);
-                return self.refused_solve(conn, wire::leading_solve_ref(&peeked.buffered), answer);
+                return self.refused_solve(conn, build_ref, answer);
             }
         };
         let build_ref: Arc<str> = if solve.build_ref.is_empty() {

@@ -449,6 +449,26 @@ fn bridge_request<T>(msg: T, build_ref: Option<&str>) -> Request<T> {
     req
 }
 
+/// A runtime of their own for clients that must be able to vanish: shutting it down
+/// (`shutdown_background`) drops all their TCP connections at once without any HTTP/2 goodbye,
+/// as the kernel does when client processes die (a CI job killed mid-build). Aborting the
+/// callers would not: a tonic channel's connection task outlives an aborted caller.
+pub fn vanishing_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("client runtime")
+}
+
+/// Starts a client on `runtime` that connects to `addr` and runs one build with `opts`.
+pub fn spawn_build(runtime: &tokio::runtime::Runtime, addr: SocketAddr, opts: BuildOpts) {
+    runtime.spawn(async move {
+        let client = Client::connect(addr).await.expect("connect");
+        client.build(opts).await
+    });
+}
+
 impl Client {
     /// h2c (HTTP/2 with prior knowledge) to `addr`.
     pub async fn connect(addr: SocketAddr) -> Result<Client, tonic::transport::Error> {
