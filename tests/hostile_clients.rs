@@ -12,6 +12,7 @@ use std::time::Duration;
 use buildkit_router::app::Running;
 use support::client::{BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::h2_call::{grpc_outcome, h2_client, padded_message, start_call};
 use support::router_over;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -386,68 +387,6 @@ async fn connections_past_the_per_ip_limit_are_closed() {
     .expect("the address is served again");
     let result = served.build(BuildOpts::buildctl()).await;
     assert!(result.ok(), "{:#?}", result.errors());
-}
-
-/// An h2 client connection to the router, driven in the background.
-async fn h2_client(router: &Running) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = TcpStream::connect(router.addr).await.expect("connect");
-    let (send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    send.ready().await.expect("ready")
-}
-
-/// Starts a call to `path`; its answer comes through the future.
-fn start_call(
-    client: &mut h2::client::SendRequest<bytes::Bytes>,
-    path: &str,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = http::Request::post(format!("http://127.0.0.1{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    client.send_request(request, false).expect("send request")
-}
-
-/// A gRPC message of `len` payload bytes that any request type decodes: one unknown bytes field
-/// (number 15), filled with `fill`.
-fn padded_message(len: usize) -> Vec<u8> {
-    let mut varint = Vec::new();
-    let mut n = len - 1 - 3;
-    while n >= 0x80 {
-        varint.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    varint.push(n as u8);
-    assert_eq!(varint.len(), 3, "padded_message needs a 3-byte length");
-    let mut out = Vec::with_capacity(5 + len);
-    out.push(0);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(15 << 3 | 2);
-    out.extend_from_slice(&varint);
-    out.resize(5 + len, 0x5a);
-    out
-}
-
-/// The grpc-status and grpc-message a call ended with (trailers, or Trailers-Only headers).
-async fn grpc_outcome(answer: h2::client::ResponseFuture) -> (String, String) {
-    let response = answer.await.expect("an answer");
-    let (head, mut body) = response.into_parts();
-    let status = |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
-    let text = |h: &http::HeaderMap| {
-        h.get("grpc-message")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    if let Some(code) = status(&head.headers) {
-        return (code, text(&head.headers));
-    }
-    while let Some(data) = body.data().await {
-        let data = data.expect("data");
-        let _ = body.flow_control().release_capacity(data.len());
-    }
-    let trailers = body.trailers().await.expect("trailers").expect("trailers");
-    (status(&trailers).expect("grpc-status"), text(&trailers))
 }
 
 /// Clients that declare large first messages and stall cannot take the router's memory: such
