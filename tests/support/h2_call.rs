@@ -39,21 +39,27 @@ pub fn start_call(
 }
 
 /// A gRPC message of `len` payload bytes that any request type decodes: one unknown bytes field
-/// (number 15), filled with `fill`.
+/// (number 15), filled with 0x5a.
 pub fn padded_message(len: usize) -> Vec<u8> {
-    let mut varint = Vec::new();
-    let mut n = len - 1 - 3;
-    while n >= 0x80 {
-        varint.push((n as u8) | 0x80);
-        n >>= 7;
+    fn varint(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out
     }
-    varint.push(n as u8);
-    assert_eq!(varint.len(), 3, "padded_message needs a 3-byte length");
+    // The field's length leaves out its tag and the bytes of the length itself.
+    let k = (1..=5)
+        .find(|&k| varint(len - 1 - k).len() == k)
+        .expect("a length that fits");
+    let length = varint(len - 1 - k);
     let mut out = Vec::with_capacity(5 + len);
     out.push(0);
     out.extend_from_slice(&(len as u32).to_be_bytes());
     out.push(15 << 3 | 2);
-    out.extend_from_slice(&varint);
+    out.extend_from_slice(&length);
     out.resize(5 + len, 0x5a);
     out
 }
