@@ -643,7 +643,10 @@ mod tests {
         assert!(registry.is_arriving("bound"));
         let waiter = wait("bound");
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!waiter.is_finished(), "still waiting for the arriving Solve");
+        assert!(
+            !waiter.is_finished(),
+            "still waiting for the arriving Solve"
+        );
         let _bound = registry.bind_solve("bound", &[], b[0].clone());
         drop(arriving);
         let (bound, waited) = waiter.await.expect("join");

@@ -13,7 +13,7 @@ use buildkit_router::proto::control as pb;
 use prost::Message;
 use support::client::{BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
-use support::h2_call::{grpc_outcome, h2_client, h2_connect, padded_message, start_call};
+use support::h2_call::{h2_connect, start_call, StalledCall};
 use support::router_over;
 use tonic::Code;
 
@@ -56,12 +56,7 @@ async fn a_solve_waiting_for_routing_buffer_room_past_the_ref_wait_keeps_its_sta
     .await;
 
     // An Info that declares 900 KiB, sends 1 KiB and waits, holding most of the buffer.
-    let mut staller = h2_client(&router).await;
-    let stalled_message = padded_message(900 << 10);
-    let (stalled_answer, mut stalled) = start_call(&mut staller, "/moby.buildkit.v1.Control/Info");
-    stalled
-        .send_data(stalled_message[..1024].to_vec().into(), false)
-        .expect("send");
+    let stalled = StalledCall::start(&router, 900 << 10).await;
 
     let opts = large_build(600 << 10);
     let build_ref = opts.build_ref.clone();
@@ -79,15 +74,19 @@ async fn a_solve_waiting_for_routing_buffer_room_past_the_ref_wait_keeps_its_sta
     }
     assert_eq!(daemon.counters().calls("Solve"), 0);
 
-    stalled
-        .send_data(stalled_message[1024..].to_vec().into(), true)
-        .expect("send");
-    let (code, message) = grpc_outcome(stalled_answer).await;
+    let (code, message) = stalled.finish().await;
     assert_eq!(code, "0", "{message}");
     let result = build.await.expect("build");
     assert!(result.ok(), "{:#?}", result.errors());
-    assert!(result.status_messages > 0, "the daemon's progress is relayed");
-    assert_eq!(daemon.counters().no_such_job(), 0, "no call gave up on the ref");
+    assert!(
+        result.status_messages > 0,
+        "the daemon's progress is relayed"
+    );
+    assert_eq!(
+        daemon.counters().no_such_job(),
+        0,
+        "no call gave up on the ref"
+    );
     assert!(!router.registry.is_arriving(&build_ref));
 }
 
@@ -117,22 +116,14 @@ async fn a_refused_build_retried_on_its_connection_with_a_large_solve_gets_its_s
     assert_eq!(daemon.counters().calls("Solve"), 0);
 
     // An Info that declares 3.5 MiB, sends 1 KiB and waits, holding most of the buffer.
-    let mut staller = h2_client(&router).await;
-    let stalled_message = padded_message(7 << 19);
-    let (stalled_answer, mut stalled) = start_call(&mut staller, "/moby.buildkit.v1.Control/Info");
-    stalled
-        .send_data(stalled_message[..1024].to_vec().into(), false)
-        .expect("send");
+    let stalled = StalledCall::start(&router, 7 << 19).await;
 
     let mut retry = large_build(3 << 20);
     retry.build_ref = refused.build_ref.clone();
     let retried = tokio::spawn(async move { client.build(retry).await });
     until_arriving(&router, &refused.build_ref).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stalled
-        .send_data(stalled_message[1024..].to_vec().into(), true)
-        .expect("send");
-    let (code, message) = grpc_outcome(stalled_answer).await;
+    let (code, message) = stalled.finish().await;
     assert_eq!(code, "0", "{message}");
 
     let again = retried.await.expect("retry");
@@ -143,11 +134,28 @@ async fn a_refused_build_retried_on_its_connection_with_a_large_solve_gets_its_s
 
 /// A Solve whose client vanishes in the middle of its first message leaves no wait behind: a
 /// Status that waited for it past `--ref-wait` goes on as for an unknown ref at once (asks the
-/// daemons, which do not know it).
+/// daemons, which do not know it). Once with the Solve reading its message, once with it
+/// waiting for room in the routing buffer; the latter's first DATA frame carries only the gRPC
+/// prefix, and its ref comes in the next (the router reads on to see it before it waits).
 #[tokio::test(start_paused = true)]
 async fn a_solve_whose_client_vanishes_mid_message_leaves_no_wait_behind() {
+    for buffer_full in [false, true] {
+        vanish_mid_solve(buffer_full).await;
+    }
+}
+
+async fn vanish_mid_solve(buffer_full: bool) {
     let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
-    let router = router_over(&[&daemon], |cfg| cfg.ref_wait = Duration::from_secs(1)).await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.ref_wait = Duration::from_secs(1);
+        cfg.routing_buffer = 1 << 20;
+        cfg.routing_buffer_wait = Duration::from_secs(60);
+    })
+    .await;
+    let _stalled = match buffer_full {
+        true => Some(StalledCall::start(&router, 900 << 10).await),
+        false => None,
+    };
 
     let build_ref = support::new_id();
     let mut solve = pb::SolveRequest {
@@ -163,7 +171,9 @@ async fn a_solve_whose_client_vanishes_mid_message_leaves_no_wait_behind() {
     message.extend_from_slice(&payload);
     let (mut vanishing, driver) = h2_connect(router.addr).await;
     let (_answer, mut send) = start_call(&mut vanishing, SOLVE);
-    send.send_data(message[..1024].to_vec().into(), false)
+    send.send_data(message[..5].to_vec().into(), false)
+        .expect("send");
+    send.send_data(message[5..1024].to_vec().into(), false)
         .expect("send");
     until_arriving(&router, &build_ref).await;
 
@@ -173,7 +183,10 @@ async fn a_solve_whose_client_vanishes_mid_message_leaves_no_wait_behind() {
         async move { client.status(&build_ref).await }
     });
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(!status.is_finished(), "the Status waits for the arriving Solve");
+    assert!(
+        !status.is_finished(),
+        "the Status waits for the arriving Solve"
+    );
 
     driver.abort();
     let vanished = tokio::time::Instant::now();

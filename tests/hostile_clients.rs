@@ -12,7 +12,7 @@ use std::time::Duration;
 use buildkit_router::app::Running;
 use support::client::{BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
-use support::h2_call::{grpc_outcome, h2_client, padded_message, start_call};
+use support::h2_call::{grpc_outcome, h2_client, padded_message, start_call, StalledCall};
 use support::router_over;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -396,7 +396,6 @@ async fn connections_past_the_per_ip_limit_are_closed() {
 /// message is done.
 #[tokio::test(start_paused = true)]
 async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_only_its_share() {
-    const INFO: &str = "/moby.buildkit.v1.Control/Info";
     let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
     let router = router_over(&[&daemon], |cfg| {
         cfg.routing_buffer = 1 << 20;
@@ -406,12 +405,7 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     let metrics = router.metrics.clone();
 
     // The staller: declares a 900 KiB Info request, sends 1 KiB of it, and waits.
-    let mut staller = h2_client(&router).await;
-    let stalled_message = padded_message(900 << 10);
-    let (stalled_answer, mut stalled) = start_call(&mut staller, INFO);
-    stalled
-        .send_data(stalled_message[..1024].to_vec().into(), false)
-        .expect("send");
+    let stalled = StalledCall::start(&router, 900 << 10).await;
     let held = 5 + (900 << 10);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while metrics.routing_buffer_bytes.get() != held {
@@ -430,7 +424,7 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     let infos_before = daemon.counters().calls("Info");
     let mut other = h2_client(&router).await;
     let started = tokio::time::Instant::now();
-    let (answer, mut send) = start_call(&mut other, INFO);
+    let (answer, mut send) = start_call(&mut other, StalledCall::PATH);
     send.send_data(padded_message(600 << 10).into(), true)
         .expect("send");
     let (code, message) = grpc_outcome(answer).await;
@@ -444,15 +438,12 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     assert_eq!(daemon.counters().calls("Info"), infos_before);
 
     // The staller finishes: it is answered, and its share comes back.
-    stalled
-        .send_data(stalled_message[1024..].to_vec().into(), true)
-        .expect("send");
-    let (code, message) = grpc_outcome(stalled_answer).await;
+    let (code, message) = stalled.finish().await;
     assert_eq!(code, "0", "{message}");
     assert_eq!(metrics.routing_buffer_bytes.get(), 0);
 
     // The refused call, sent again, is served.
-    let (answer, mut send) = start_call(&mut other, INFO);
+    let (answer, mut send) = start_call(&mut other, StalledCall::PATH);
     send.send_data(padded_message(600 << 10).into(), true)
         .expect("send");
     let (code, message) = grpc_outcome(answer).await;

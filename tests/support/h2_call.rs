@@ -41,27 +41,53 @@ pub fn start_call(
 /// A gRPC message of `len` payload bytes that any request type decodes: one unknown bytes field
 /// (number 15), filled with 0x5a.
 pub fn padded_message(len: usize) -> Vec<u8> {
-    fn varint(mut n: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        while n >= 0x80 {
-            out.push((n as u8) | 0x80);
-            n >>= 7;
-        }
-        out.push(n as u8);
-        out
-    }
+    use prost::encoding::{encode_varint, encoded_len_varint};
     // The field's length leaves out its tag and the bytes of the length itself.
     let k = (1..=5)
-        .find(|&k| varint(len - 1 - k).len() == k)
+        .find(|&k| encoded_len_varint((len - 1 - k) as u64) == k)
         .expect("a length that fits");
-    let length = varint(len - 1 - k);
     let mut out = Vec::with_capacity(5 + len);
     out.push(0);
     out.extend_from_slice(&(len as u32).to_be_bytes());
     out.push(15 << 3 | 2);
-    out.extend_from_slice(&length);
+    encode_varint((len - 1 - k) as u64, &mut out);
     out.resize(5 + len, 0x5a);
     out
+}
+
+/// An Info call that declares a `len`-byte message, sends its first KiB and waits: it holds its
+/// share of the routing buffer (`--routing-buffer`) until [`StalledCall::finish`].
+pub struct StalledCall {
+    _client: h2::client::SendRequest<bytes::Bytes>,
+    answer: h2::client::ResponseFuture,
+    send: h2::SendStream<bytes::Bytes>,
+    message: Vec<u8>,
+}
+
+impl StalledCall {
+    pub const PATH: &str = "/moby.buildkit.v1.Control/Info";
+
+    pub async fn start(router: &Running, len: usize) -> Self {
+        let mut client = h2_client(router).await;
+        let message = padded_message(len);
+        let (answer, mut send) = start_call(&mut client, Self::PATH);
+        send.send_data(message[..1024].to_vec().into(), false)
+            .expect("send");
+        Self {
+            _client: client,
+            answer,
+            send,
+            message,
+        }
+    }
+
+    /// Sends the rest of the message; the call's grpc-status and grpc-message.
+    pub async fn finish(mut self) -> (String, String) {
+        self.send
+            .send_data(self.message[1024..].to_vec().into(), true)
+            .expect("send");
+        grpc_outcome(self.answer).await
+    }
 }
 
 /// The grpc-status and grpc-message a call ended with (trailers, or Trailers-Only headers).
