@@ -11,6 +11,7 @@ use std::time::Duration;
 use buildkit_router::app::Running;
 use support::client::{spawn_build, vanishing_runtime, BuildOpts, CancelAt, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::h2_call::h2_connect;
 use support::router_over;
 use tonic::Code;
 
@@ -622,4 +623,102 @@ async fn a_session_refused_inside_the_window_gets_the_reason_and_reaches_no_daem
         0
     );
     assert_no_sessions_left(&router).await;
+}
+
+/// Everything the router logs at INFO and above on this thread, while the guard lives: for a
+/// test on a current-thread runtime, which runs every task (the router's too) on its thread.
+struct CapturedLogs {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    fn start() -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let lines = lines.clone();
+            move || LogWriter(lines.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(writer)
+            .finish();
+        Self {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().expect("log lock")).into_owned()
+    }
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A client that resets its Session (RST_STREAM CANCEL) before any Solve named it, inside the
+/// pass-through window, or while held: nothing reaches a daemon, the router logs that the
+/// client ended it, and every session gauge is back to 0. Real time: on paused time the
+/// runtime may jump past the window before the reset crosses the loopback socket.
+#[tokio::test]
+async fn a_session_reset_before_it_is_placed_reaches_no_daemon() {
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let logs = CapturedLogs::start();
+        let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+        let router = router_over(&[&daemon], |cfg| {
+            path.configure(cfg);
+            cfg.session_bind_window = Duration::from_secs(3600);
+        })
+        .await;
+        let uuid = support::new_id();
+        let (mut client, _driver) = h2_connect(router.addr).await;
+        let request = http::Request::post("http://router/moby.buildkit.v1.Control/Session")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-docker-expose-session-uuid", &uuid)
+            .header("x-docker-expose-session-name", "ctx")
+            .body(())
+            .expect("request");
+        let (answer, mut send) = client.send_request(request, false).expect("send");
+        let phase = match path {
+            Path::PassedThrough => "placing",
+            Path::Relayed => "held",
+        };
+        eventually(
+            &format!("the session is {phase}"),
+            Duration::from_secs(1),
+            || sessions(&router, phase) == 1,
+        )
+        .await;
+        send.send_reset(h2::Reason::CANCEL);
+        drop(answer);
+        assert_no_sessions_left(&router).await;
+        assert_eq!(daemon.counters().calls("Session"), 0);
+        assert!(!daemon.counters().saw_session(&uuid));
+        assert_eq!(
+            placed(&router, "passed_through") + placed(&router, "relayed"),
+            0
+        );
+        let logged = logs.text();
+        let line = logged
+            .lines()
+            .find(|l| l.contains(&uuid) && l.contains("the client ended the session"))
+            .unwrap_or_else(|| panic!("the end is logged, naming the session:\n{logged}"));
+        if let Path::PassedThrough = path {
+            assert!(line.contains("reset=true"), "{line}");
+        }
+    }
 }
