@@ -586,3 +586,116 @@ impl Body for ResponseBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    use tokio::sync::oneshot;
+
+    /// A request body as the listener gets it (`Incoming` exists only inside hyper), and the
+    /// client's side of its stream. The exchange runs over an in-memory pipe.
+    async fn incoming() -> (Incoming, h2::SendStream<Bytes>) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (bodies_tx, mut bodies) = mpsc::channel(1);
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let bodies_tx = bodies_tx.clone();
+            async move {
+                let _ = bodies_tx.send(request.into_body()).await;
+                // No answer: an answer that ended would end the request's stream too.
+                std::future::pending::<Result<http::Response<String>, hyper::Error>>().await
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(server_io), service),
+        );
+        let (client, connection) = h2::client::handshake(client_io).await.expect("handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::post("http://router/moby.buildkit.v1.Control/Session")
+            .body(())
+            .expect("request");
+        let (answer, send) = client.send_request(request, false).expect("send");
+        // The connection and the call (dropping its answer resets it) outlive this function.
+        tokio::spawn(async move {
+            let _keep = (client, answer);
+            std::future::pending::<()>().await
+        });
+        (bodies.recv().await.expect("a request"), send)
+    }
+
+    /// Reads `body` to its end in a task, reporting each frame (`Err` for an error) as it comes.
+    fn read_all(mut body: RequestBody) -> mpsc::UnboundedReceiver<Result<Frame<Bytes>, String>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                let failed = frame.is_err();
+                let _ = tx.send(frame.map_err(|e| e.to_string()));
+                if failed {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    fn closed_gate() -> (oneshot::Sender<()>, EndGate) {
+        let (open, opened) = oneshot::channel::<()>();
+        (
+            open,
+            Box::pin(async move {
+                let _ = opened.await;
+            }),
+        )
+    }
+
+    /// The end of a body (its trailers and END_STREAM, or the error of a reset) waits for its
+    /// gate; data before the end flows at once. Paused time: a sleep lets every task run until
+    /// nothing can move.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_ending_after_a_gate_holds_only_its_end() {
+        let (inner, mut send) = incoming().await;
+        let (open, gate) = closed_gate();
+        let mut body = RequestBody::incoming(inner).ending_after(gate);
+        assert!(body.take_complete().is_none());
+        assert!(!body.is_end_stream());
+        let mut frames = read_all(body);
+        send.send_data(Bytes::from_static(b"before"), false)
+            .expect("send");
+        let first = frames.recv().await.expect("a frame").expect("data");
+        assert_eq!(
+            first.into_data().expect("data"),
+            Bytes::from_static(b"before")
+        );
+        send.send_data(Bytes::from_static(b"more"), false)
+            .expect("send");
+        let more = frames.recv().await.expect("a frame").expect("data");
+        assert_eq!(more.into_data().expect("data"), Bytes::from_static(b"more"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().expect("value"));
+        send.send_trailers(trailers).expect("trailers");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(frames.try_recv().is_err(), "the end waits for the gate");
+        open.send(()).expect("open");
+        let end = frames.recv().await.expect("a frame").expect("trailers");
+        assert_eq!(end.into_trailers().expect("trailers")["grpc-status"], "0");
+        assert!(frames.recv().await.is_none(), "then the body ends");
+
+        // A reset is an end too.
+        let (inner, mut send) = incoming().await;
+        let (open, gate) = closed_gate();
+        let mut frames = read_all(RequestBody::incoming(inner).ending_after(gate));
+        send.send_data(Bytes::from_static(b"before"), false)
+            .expect("send");
+        assert!(frames.recv().await.expect("a frame").is_ok());
+        send.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(frames.try_recv().is_err(), "the reset waits for the gate");
+        open.send(()).expect("open");
+        let reset = frames.recv().await.expect("a frame");
+        assert!(reset.is_err(), "{reset:?}");
+        assert!(frames.recv().await.is_none());
+    }
+}

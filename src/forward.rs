@@ -304,8 +304,22 @@ pub async fn read_first_message(
     max_len: usize,
     buffer: &RoutingBuffer,
 ) -> Result<Peeked, PeekFailure> {
+    read_first_message_seen(body, max_len, buffer, |_| true).await
+}
+
+/// [`read_first_message`], showing `seen` the bytes read so far (the gRPC prefix and the start
+/// of the message) whenever more arrive, until it returns true. Until then a large message reads
+/// up to [`RoutingBuffer::FREE`] bytes (what a small message holds anyway) before it waits for
+/// its share of `buffer`: a Solve names its build in its leading bytes, and the build's other
+/// calls should learn that while it waits.
+pub async fn read_first_message_seen(
+    body: &mut Incoming,
+    max_len: usize,
+    buffer: &RoutingBuffer,
+    seen: impl FnMut(&[u8]) -> bool,
+) -> Result<Peeked, PeekFailure> {
     let mut buf = BytesMut::new();
-    read_into(body, max_len, buffer, &mut buf)
+    read_into(body, max_len, buffer, &mut buf, seen)
         .await
         .map_err(|error| PeekFailure {
             error,
@@ -326,8 +340,10 @@ async fn read_into(
     max_len: usize,
     buffer: &RoutingBuffer,
     buf: &mut BytesMut,
+    mut seen: impl FnMut(&[u8]) -> bool,
 ) -> Result<Peeked, PeekError> {
     let mut share = None;
+    let (mut reserved, mut seen_enough) = (false, false);
     loop {
         if let Some(header) = wire::parse_frame_header(buf, max_len)? {
             if header.compressed {
@@ -341,15 +357,20 @@ async fn read_into(
                     share,
                 });
             }
-            if share.is_none() && buf.capacity() < end {
+            let read_ahead = !seen_enough && buf.len() < RoutingBuffer::FREE;
+            if !reserved && !read_ahead {
                 share = buffer.share(end).await?;
+                buf.reserve(end - buf.len());
+                reserved = true;
             }
-            buf.reserve(end - buf.len());
         }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     buf.extend_from_slice(&data);
+                    if !seen_enough {
+                        seen_enough = seen(buf);
+                    }
                 }
             }
             Some(Err(error)) => return Err(PeekError::Body(error)),

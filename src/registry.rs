@@ -37,6 +37,9 @@ struct Slot {
     /// waiting for the ref end at once instead of waiting for a Solve that will not come.
     /// Cleared when a Solve naming the ref arrives again. Never held across an await.
     refused: Mutex<Option<Refused>>,
+    /// Solves naming the ref whose first message is still being read ([`Arriving`]): calls
+    /// waiting for the ref wait on past their timeout while there are any.
+    arriving: AtomicUsize,
 }
 
 /// How the router refused a build: the gRPC status its Solve got.
@@ -57,6 +60,7 @@ impl Slot {
             unpinned: tokio::sync::Notify::new(),
             expires: Mutex::new(expires),
             refused: Mutex::new(None),
+            arriving: AtomicUsize::new(0),
         })
     }
 
@@ -85,6 +89,44 @@ impl Slot {
         match waited {
             Ok(Ok(bound)) => Some(bound.clone()),
             _ => None,
+        }
+    }
+
+    /// [`Slot::wait_until`], waiting on past `within` while a Solve naming the key is arriving
+    /// (its first message is still being read): until `settled` holds, or the last such Solve
+    /// is gone without settling it (`None`).
+    async fn wait_until_arrived(
+        &self,
+        within: Duration,
+        mut settled: impl FnMut(&Option<Arc<Backend>>) -> bool,
+    ) -> Option<Option<Arc<Backend>>> {
+        if let Some(bound) = self.wait_until(within, &mut settled).await {
+            return Some(bound);
+        }
+        // An arriving Solve's end notifies the binding's watch (see `Arriving`'s drop).
+        let mut rx = self.backend.subscribe();
+        let bound = rx
+            .wait_for(|bound| settled(bound) || self.arriving.load(Ordering::Acquire) == 0)
+            .await
+            .ok()?
+            .clone();
+        settled(&bound).then_some(bound)
+    }
+}
+
+/// A Solve naming a ref whose first message is still being read: the ref's calls wait for it
+/// past `--ref-wait`. Dropped when the Solve is bound or refused, or its handler ends in any
+/// other way (the client went away); the calls then see the outcome, or an unknown ref.
+#[must_use = "the Solve counts as arriving only while this lives"]
+pub struct Arriving {
+    slot: Arc<Slot>,
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        if self.slot.arriving.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Wakes waiters past their timeout (`Slot::wait_until_arrived`).
+            self.slot.backend.send_modify(|_| {});
         }
     }
 }
@@ -235,8 +277,9 @@ impl Registry {
         self.map(kind).get(key).and_then(|slot| slot.bound())
     }
 
-    /// Waits up to `timeout` for `key` to be bound. `None` as soon as it is refused
-    /// ([`Registry::refuse`]).
+    /// Waits up to `timeout` for `key` to be bound, and past it while a Solve naming the ref
+    /// is arriving ([`Registry::solve_arriving`]). `None` as soon as it is refused
+    /// ([`Registry::refuse`]), or once the timeout passed and no Solve is arriving.
     pub async fn wait_bound(
         &self,
         kind: KeyKind,
@@ -244,15 +287,22 @@ impl Registry {
         timeout: Duration,
     ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
-        slot.wait_until(timeout, |bound| bound.is_some() || slot.is_refused())
+        slot.wait_until_arrived(timeout, |bound| bound.is_some() || slot.is_refused())
             .await
             .flatten()
+    }
+
+    /// Whether a Solve naming `build_ref` is arriving ([`Registry::solve_arriving`]).
+    pub fn is_arriving(&self, build_ref: &str) -> bool {
+        self.refs
+            .get(build_ref)
+            .is_some_and(|slot| slot.arriving.load(Ordering::Acquire) > 0)
     }
 
     /// Records that the router refused the build `build_ref` itself (its Solve got `code` and
     /// `message` and reached no daemon): calls waiting for the ref are woken and see
     /// [`Registry::refusal`], until a Solve naming the ref arrives again
-    /// ([`Registry::solve_arrived`]) or binds it. The entry is swept like any unbound one
+    /// ([`Registry::solve_arriving`]) or binds it. The entry is swept like any unbound one
     /// (`unbound_expiry`).
     pub fn refuse(&self, build_ref: &str, code: u32, message: &str, connection: u64) {
         let slot = self.slot(KeyKind::Ref, build_ref);
@@ -268,19 +318,24 @@ impl Registry {
         slot.backend.send_modify(|_| {});
     }
 
-    /// A Solve naming `build_ref` was read: a refusal of an earlier Solve with the same ref no
-    /// longer speaks for the build (a client that retries with the same request).
-    pub fn solve_arrived(&self, build_ref: &str) {
-        if let Some(slot) = self.refs.get(build_ref) {
-            if slot.refused.lock().expect("refusal lock").take().is_some() {
-                // Wakes `wait_refusal_cleared`.
-                slot.backend.send_modify(|_| {});
-            }
+    /// A Solve naming `build_ref` arrives (its leading bytes named it; the rest of its first
+    /// message may still be coming, or waiting for room in the routing buffer): a refusal of an
+    /// earlier Solve with the same ref no longer speaks for the build (a client that retries
+    /// with the same request), and the ref's calls wait for this Solve, past their timeout,
+    /// while the returned guard lives (until the Solve is bound or refused, or ends).
+    pub fn solve_arriving(&self, build_ref: &str) -> Arriving {
+        let slot = self.slot(KeyKind::Ref, build_ref);
+        slot.arriving.fetch_add(1, Ordering::AcqRel);
+        let cleared = slot.refused.lock().expect("refusal lock").take().is_some();
+        if cleared {
+            // Wakes `wait_refusal_cleared`.
+            slot.backend.send_modify(|_| {});
         }
+        Arriving { slot }
     }
 
     /// Waits up to `within` for a refusal of `build_ref` to be cleared by a Solve naming the
-    /// ref ([`Registry::solve_arrived`]) or binding it. True when it was (or there is none).
+    /// ref ([`Registry::solve_arriving`]) or binding it. True when it was (or there is none).
     pub async fn wait_refusal_cleared(&self, build_ref: &str, within: Duration) -> bool {
         let slot = self.slot(KeyKind::Ref, build_ref);
         slot.wait_until(within, |bound| bound.is_some() || !slot.is_refused())
@@ -413,6 +468,7 @@ impl Registry {
             map.retain(|_, slot| {
                 let expired = now.duration_since(slot.created) > ttl
                     || (slot.pins.load(Ordering::Acquire) == 0
+                        && slot.arriving.load(Ordering::Acquire) == 0
                         && *slot.expires.lock().expect("expiry lock") <= now);
                 removed += usize::from(expired);
                 !expired
@@ -548,7 +604,8 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        registry.solve_arrived("r1");
+        // Gone at once: the Solve's client went away.
+        drop(registry.solve_arriving("r1"));
         assert!(retry.await.expect("join"), "woken by the new Solve");
         assert!(registry.refusal("r1").is_none());
         let started = Instant::now();
@@ -562,6 +619,76 @@ mod tests {
         registry.bind_solve("r1", &[], backends(1)[0].clone());
         assert!(registry.refusal("r1").is_none());
         assert!(registry.refusal("never-seen").is_none());
+    }
+
+    /// A Solve whose first message is still being read (it waits for room in the routing
+    /// buffer) keeps its build's calls waiting past their timeout, until it is bound, refused,
+    /// or gone.
+    #[tokio::test(start_paused = true)]
+    async fn calls_wait_past_their_timeout_while_their_solve_is_arriving() {
+        let registry = Registry::new(RegistrySettings::default());
+        let b = backends(1);
+        let wait = |build_ref: &'static str| {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let bound = registry
+                    .wait_bound(KeyKind::Ref, build_ref, Duration::from_secs(5))
+                    .await;
+                (bound, started.elapsed())
+            })
+        };
+        // Bound after 60 s.
+        let arriving = registry.solve_arriving("bound");
+        assert!(registry.is_arriving("bound"));
+        let waiter = wait("bound");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            !waiter.is_finished(),
+            "still waiting for the arriving Solve"
+        );
+        let _bound = registry.bind_solve("bound", &[], b[0].clone());
+        drop(arriving);
+        let (bound, waited) = waiter.await.expect("join");
+        assert!(bound.is_some_and(|got| Arc::ptr_eq(&got, &b[0])));
+        assert_eq!(waited, Duration::from_secs(60));
+        assert!(!registry.is_arriving("bound"));
+
+        // Refused after 60 s: the refusal is recorded before the guard goes.
+        let arriving = registry.solve_arriving("refused");
+        let waiter = wait("refused");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        registry.refuse("refused", 8, "no room", 1);
+        drop(arriving);
+        let (bound, waited) = waiter.await.expect("join");
+        assert!(bound.is_none());
+        assert_eq!(waited, Duration::from_secs(60));
+        assert!(registry.refusal("refused").is_some());
+
+        // Gone after 60 s (the client vanished): the waiter ends then, unbound.
+        let arriving = registry.solve_arriving("gone");
+        let waiter = wait("gone");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!waiter.is_finished());
+        drop(arriving);
+        let (bound, waited) = waiter.await.expect("join");
+        assert!(bound.is_none());
+        assert_eq!(waited, Duration::from_secs(60));
+
+        // Gone before the timeout: the usual wait.
+        drop(registry.solve_arriving("brief"));
+        let (bound, waited) = wait("brief").await.expect("join");
+        assert!(bound.is_none());
+        assert_eq!(waited, Duration::from_secs(5));
+
+        // An arriving Solve's slot is not swept under it.
+        let arriving = registry.solve_arriving("slow");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        registry.sweep();
+        assert!(registry.is_arriving("slow"));
+        drop(arriving);
+        registry.sweep();
+        assert!(!registry.is_arriving("slow"));
     }
 
     #[test]

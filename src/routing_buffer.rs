@@ -15,8 +15,9 @@
 //! given to the backend within its flow-control window (`RequestBody` and `upstream::pipe`), so
 //! a frozen backend cannot make the router hold more than the budget either.
 //!
-//! A message waiting for room leaves its body unread, and HTTP/2 keeps what the client already
-//! sent of it: up to one stream window. The number of waiting messages is therefore bounded too
+//! A message waiting for room leaves its body unread (past its leading bytes, read up to
+//! [`RoutingBuffer::FREE`] when the reader asks for them: a Solve names its build there), and
+//! HTTP/2 keeps what the client already sent of it: up to one stream window. The number of waiting messages is therefore bounded too
 //! (`--routing-buffer` / stream window, at least 1); past it, a message is refused at once. In
 //! all, large first messages hold at most twice `--routing-buffer`.
 

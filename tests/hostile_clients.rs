@@ -12,6 +12,7 @@ use std::time::Duration;
 use buildkit_router::app::Running;
 use support::client::{BuildOpts, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::h2_call::{grpc_outcome, h2_client, padded_message, start_call, StalledCall};
 use support::router_over;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -388,68 +389,6 @@ async fn connections_past_the_per_ip_limit_are_closed() {
     assert!(result.ok(), "{:#?}", result.errors());
 }
 
-/// An h2 client connection to the router, driven in the background.
-async fn h2_client(router: &Running) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = TcpStream::connect(router.addr).await.expect("connect");
-    let (send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    send.ready().await.expect("ready")
-}
-
-/// Starts a call to `path`; its answer comes through the future.
-fn start_call(
-    client: &mut h2::client::SendRequest<bytes::Bytes>,
-    path: &str,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = http::Request::post(format!("http://127.0.0.1{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    client.send_request(request, false).expect("send request")
-}
-
-/// A gRPC message of `len` payload bytes that any request type decodes: one unknown bytes field
-/// (number 15), filled with `fill`.
-fn padded_message(len: usize) -> Vec<u8> {
-    let mut varint = Vec::new();
-    let mut n = len - 1 - 3;
-    while n >= 0x80 {
-        varint.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    varint.push(n as u8);
-    assert_eq!(varint.len(), 3, "padded_message needs a 3-byte length");
-    let mut out = Vec::with_capacity(5 + len);
-    out.push(0);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(15 << 3 | 2);
-    out.extend_from_slice(&varint);
-    out.resize(5 + len, 0x5a);
-    out
-}
-
-/// The grpc-status and grpc-message a call ended with (trailers, or Trailers-Only headers).
-async fn grpc_outcome(answer: h2::client::ResponseFuture) -> (String, String) {
-    let response = answer.await.expect("an answer");
-    let (head, mut body) = response.into_parts();
-    let status = |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
-    let text = |h: &http::HeaderMap| {
-        h.get("grpc-message")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    if let Some(code) = status(&head.headers) {
-        return (code, text(&head.headers));
-    }
-    while let Some(data) = body.data().await {
-        let data = data.expect("data");
-        let _ = body.flow_control().release_capacity(data.len());
-    }
-    let trailers = body.trailers().await.expect("trailers").expect("trailers");
-    (status(&trailers).expect("grpc-status"), text(&trailers))
-}
-
 /// Clients that declare large first messages and stall cannot take the router's memory: such
 /// messages share `--routing-buffer`, a message that finds no room within
 /// `--routing-buffer-wait` is refused with RESOURCE_EXHAUSTED before anything reaches a daemon,
@@ -457,7 +396,6 @@ async fn grpc_outcome(answer: h2::client::ResponseFuture) -> (String, String) {
 /// message is done.
 #[tokio::test(start_paused = true)]
 async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_only_its_share() {
-    const INFO: &str = "/moby.buildkit.v1.Control/Info";
     let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
     let router = router_over(&[&daemon], |cfg| {
         cfg.routing_buffer = 1 << 20;
@@ -467,12 +405,7 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     let metrics = router.metrics.clone();
 
     // The staller: declares a 900 KiB Info request, sends 1 KiB of it, and waits.
-    let mut staller = h2_client(&router).await;
-    let stalled_message = padded_message(900 << 10);
-    let (stalled_answer, mut stalled) = start_call(&mut staller, INFO);
-    stalled
-        .send_data(stalled_message[..1024].to_vec().into(), false)
-        .expect("send");
+    let stalled = StalledCall::start(&router, 900 << 10).await;
     let held = 5 + (900 << 10);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while metrics.routing_buffer_bytes.get() != held {
@@ -491,7 +424,7 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     let infos_before = daemon.counters().calls("Info");
     let mut other = h2_client(&router).await;
     let started = tokio::time::Instant::now();
-    let (answer, mut send) = start_call(&mut other, INFO);
+    let (answer, mut send) = start_call(&mut other, StalledCall::PATH);
     send.send_data(padded_message(600 << 10).into(), true)
         .expect("send");
     let (code, message) = grpc_outcome(answer).await;
@@ -505,15 +438,12 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     assert_eq!(daemon.counters().calls("Info"), infos_before);
 
     // The staller finishes: it is answered, and its share comes back.
-    stalled
-        .send_data(stalled_message[1024..].to_vec().into(), true)
-        .expect("send");
-    let (code, message) = grpc_outcome(stalled_answer).await;
+    let (code, message) = stalled.finish().await;
     assert_eq!(code, "0", "{message}");
     assert_eq!(metrics.routing_buffer_bytes.get(), 0);
 
     // The refused call, sent again, is served.
-    let (answer, mut send) = start_call(&mut other, INFO);
+    let (answer, mut send) = start_call(&mut other, StalledCall::PATH);
     send.send_data(padded_message(600 << 10).into(), true)
         .expect("send");
     let (code, message) = grpc_outcome(answer).await;

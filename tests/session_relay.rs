@@ -11,6 +11,7 @@ use std::time::Duration;
 use buildkit_router::app::Running;
 use support::client::{spawn_build, vanishing_runtime, BuildOpts, CancelAt, Client};
 use support::fake_daemon::{DaemonOpts, FakeDaemon};
+use support::h2_call::{h2_connect, padded_message};
 use support::router_over;
 use tonic::Code;
 
@@ -622,4 +623,207 @@ async fn a_session_refused_inside_the_window_gets_the_reason_and_reaches_no_daem
         0
     );
     assert_no_sessions_left(&router).await;
+}
+
+/// Everything the router logs at INFO and above on this thread, while the guard lives: for a
+/// test on a current-thread runtime, which runs every task (the router's too) on its thread.
+struct CapturedLogs {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    fn start() -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let lines = lines.clone();
+            move || LogWriter(lines.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(writer)
+            .finish();
+        Self {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().expect("log lock")).into_owned()
+    }
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts a Control/Session call for session `uuid` by hand: its body is up to the test.
+fn start_session(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    uuid: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post("http://router/moby.buildkit.v1.Control/Session")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-docker-expose-session-uuid", uuid)
+        .header("x-docker-expose-session-name", "ctx")
+        .body(())
+        .expect("request");
+    client.send_request(request, false).expect("send")
+}
+
+/// A client that resets its Session (RST_STREAM CANCEL) before any Solve named it, inside the
+/// pass-through window, or while held: nothing reaches a daemon, the router logs that the
+/// client ended it, and every session gauge is back to 0. Real time: on paused time the
+/// runtime may jump past the window before the reset crosses the loopback socket.
+#[tokio::test]
+async fn a_session_reset_before_it_is_placed_reaches_no_daemon() {
+    for path in BOTH {
+        eprintln!("the session {}", path.phase());
+        let logs = CapturedLogs::start();
+        let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+        let router = router_over(&[&daemon], |cfg| {
+            path.configure(cfg);
+            cfg.session_bind_window = Duration::from_secs(3600);
+        })
+        .await;
+        let uuid = support::new_id();
+        let (mut client, _driver) = h2_connect(router.addr).await;
+        let (answer, mut send) = start_session(&mut client, &uuid);
+        let phase = match path {
+            Path::PassedThrough => "placing",
+            Path::Relayed => "held",
+        };
+        eventually(
+            &format!("the session is {phase}"),
+            Duration::from_secs(1),
+            || sessions(&router, phase) == 1,
+        )
+        .await;
+        send.send_reset(h2::Reason::CANCEL);
+        drop(answer);
+        assert_no_sessions_left(&router).await;
+        assert_eq!(daemon.counters().calls("Session"), 0);
+        assert!(!daemon.counters().saw_session(&uuid));
+        assert_eq!(
+            placed(&router, "passed_through") + placed(&router, "relayed"),
+            0
+        );
+        let logged = logs.text();
+        let line = logged
+            .lines()
+            .find(|l| l.contains(&uuid) && l.contains("the client ended the session"))
+            .unwrap_or_else(|| panic!("the end is logged, naming the session:\n{logged}"));
+        if let Path::PassedThrough = path {
+            assert!(line.contains("reset=true"), "{line}");
+        }
+    }
+}
+
+/// A client that sends more than 64 KiB of its Session before the Solve naming it places it:
+/// the router reads no more than that (and one frame) while it waits, so what the client could
+/// send stays within its 2 MiB stream window; once a Solve places the session, the router
+/// reads on and passes the session through to the daemon (src/session/passthrough.rs,
+/// READ_LIMIT). Real time, for the flow-control exchange over the socket.
+#[tokio::test]
+async fn a_session_sending_past_the_read_limit_waits_unread_until_placed() {
+    const STREAM_WINDOW: usize = 2 << 20;
+    const FRAME: usize = 16 << 10;
+    // The daemon reads the session's messages and answers nothing (no inner connection).
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            stall_sessions: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.session_passthrough_window = Duration::from_secs(30);
+        cfg.session_bind_window = Duration::from_secs(3600);
+    })
+    .await;
+    let uuid = support::new_id();
+    let (mut session_client, _driver) = h2_connect(router.addr).await;
+    let (_answer, mut send) = start_session(&mut session_client, &uuid);
+
+    // The client's bytes: well-formed messages (the daemon reads them as BytesMessages), 4 MiB.
+    let stream: Vec<u8> = (0..(2 * STREAM_WINDOW) / FRAME)
+        .flat_map(|_| padded_message(FRAME - 5))
+        .collect();
+    // Sends on from `sent` as far as flow control lets, until nothing more is let through for a
+    // while or all is sent.
+    async fn send_what_fits(
+        send: &mut h2::SendStream<bytes::Bytes>,
+        stream: &[u8],
+        sent: &mut usize,
+        quiet: Duration,
+    ) {
+        while *sent < stream.len() {
+            send.reserve_capacity(stream.len() - *sent);
+            match tokio::time::timeout(quiet, std::future::poll_fn(|cx| send.poll_capacity(cx)))
+                .await
+            {
+                Ok(Some(Ok(n))) if n > 0 => {
+                    let n = n.min(stream.len() - *sent);
+                    send.send_data(stream[*sent..*sent + n].to_vec().into(), false)
+                        .expect("send");
+                    *sent += n;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("the stream ended: {other:?}"),
+                Err(_) => return,
+            }
+        }
+    }
+    let mut sent = 0;
+    send_what_fits(&mut send, &stream, &mut sent, Duration::from_millis(300)).await;
+    assert_eq!(
+        sent, STREAM_WINDOW,
+        "no window came back: the router read at most 64 KiB and a frame"
+    );
+    assert_eq!(sessions(&router, "placing"), 1);
+    assert_eq!(daemon.counters().calls("Session"), 0);
+
+    // A Solve names the session: it is placed and passed through, and its bytes flow again.
+    let client = Client::connect(router.addr).await.expect("connect");
+    let solve = tokio::spawn({
+        let uuid = uuid.clone();
+        async move {
+            let request = buildkit_router::proto::control::SolveRequest {
+                r#ref: support::new_id(),
+                session: uuid,
+                // buildx's probe: placed without reading a Dockerfile through the session,
+                // which only a held session could serve.
+                internal: true,
+                ..Default::default()
+            };
+            client.solve(request).await
+        }
+    });
+    eventually(
+        "the session reaches the daemon",
+        Duration::from_secs(10),
+        || daemon.counters().calls("Session") == 1,
+    )
+    .await;
+    assert_eq!(placed(&router, "passed_through"), 1);
+    send_what_fits(&mut send, &stream, &mut sent, Duration::from_secs(5)).await;
+    assert_eq!(
+        sent,
+        stream.len(),
+        "the router reads the session on once it is passed through"
+    );
+    solve.abort();
 }

@@ -288,23 +288,27 @@ impl Router {
         &self,
         request: Request<Incoming>,
     ) -> Result<(http::request::Parts, Incoming, forward::Peeked), Response<ResponseBody>> {
-        self.peek_keeping_read(request)
+        self.peek_keeping_read(request, |_| true)
             .await
             .map_err(|(parts, failure)| peek_error(parts.uri.path(), &failure.error))
     }
 
     /// [`Router::peek`], giving on failure the request head and the bytes read (a refused
     /// Solve's ref is in them) instead of the answer: the caller makes it with [`peek_error`].
+    /// `seen` is shown the leading bytes as they arrive until it returns true, before the
+    /// message waits for room in the routing buffer ([`forward::read_first_message_seen`]).
     pub(super) async fn peek_keeping_read(
         &self,
         request: Request<Incoming>,
+        seen: impl FnMut(&[u8]) -> bool,
     ) -> Result<
         (http::request::Parts, Incoming, forward::Peeked),
         (http::request::Parts, forward::PeekFailure),
     > {
         let (parts, mut body) = request.into_parts();
         let max = self.settings.max_message_size;
-        match forward::read_first_message(&mut body, max, &self.settings.routing_buffer).await {
+        let buffer = &self.settings.routing_buffer;
+        match forward::read_first_message_seen(&mut body, max, buffer, seen).await {
             Ok(peeked) => Ok((parts, body, peeked)),
             Err(failure) => Err((parts, failure)),
         }

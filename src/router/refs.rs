@@ -48,7 +48,8 @@ pub(super) async fn settled(progress: &mut tokio::sync::watch::Receiver<Progress
 }
 
 impl Router {
-    /// The backend of `build_ref`, waiting up to the ref wait for its Solve.
+    /// The backend of `build_ref`, waiting up to the ref wait for its Solve, and past it while
+    /// that Solve is arriving (its first message is still being read).
     pub(super) async fn backend_of(&self, build_ref: &str) -> Option<Arc<Backend>> {
         match self.registry.lookup(KeyKind::Ref, build_ref) {
             Some(backend) => Some(backend),
@@ -61,7 +62,9 @@ impl Router {
     }
 
     /// Where the build `build_ref` is: bound to a backend, waiting in the queue, or unknown
-    /// after the ref wait (its Solve never came to this router). `conn` is the call's client
+    /// after the ref wait (its Solve never came to this router). A Solve whose leading bytes
+    /// named the ref but whose first message is still being read is waited for past the ref
+    /// wait ([`crate::registry::Registry::solve_arriving`]). `conn` is the call's client
     /// connection.
     pub(super) async fn resolve_ref(&self, build_ref: &str, conn: &ConnState) -> RefState {
         // A refusal recorded before this call may be an earlier attempt's: a client retrying
@@ -94,7 +97,9 @@ impl Router {
                 return RefState::Queued(progress);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            // A Solve whose first message is still being read is waited for past the ref wait
+            // (`wait_bound` too): it may wait for room in the routing buffer.
+            if remaining.is_zero() && !self.registry.is_arriving(build_ref) {
                 return self.unbound(build_ref);
             }
             tokio::select! {

@@ -19,7 +19,7 @@ use crate::forward::code;
 use crate::metrics::Metrics;
 use crate::placement::{BuildTraits, Choice, PlacementError, Reason};
 use crate::pool::Backend;
-use crate::registry::{BuildRecord, KeyKind, Precheck, Registry};
+use crate::registry::{Arriving, BuildRecord, KeyKind, Precheck, Registry};
 use crate::wire;
 
 /// How a queued build got its backend.
@@ -151,11 +151,13 @@ impl Router {
     /// A Solve the router answers itself, before any daemon saw it: the calls of its build
     /// that wait for it (buildctl's Status waits for the Solve's ref, and then up to 5 s more
     /// for progress) end at once, instead of after `--ref-wait`. `build_ref` is `None` when
-    /// it could not be read.
+    /// it could not be read. `arriving` is given up once the refusal is recorded, so the calls
+    /// waiting for the Solve see the refusal, not an unknown ref.
     fn refused_solve(
         &self,
         conn: &ConnState,
         build_ref: Option<&str>,
+        arriving: Option<Arriving>,
         answer: Response<ResponseBody>,
     ) -> Response<ResponseBody> {
         let Some(build_ref) = build_ref else {
@@ -179,7 +181,8 @@ impl Router {
         // error before its other calls end (buildx reports whichever error comes first).
         answer.map(|body| {
             body.with_hook(EndHook::new(move |_| {
-                registry.refuse(&build_ref, status, &message, connection)
+                registry.refuse(&build_ref, status, &message, connection);
+                drop(arriving);
             }))
         })
     }
@@ -198,12 +201,23 @@ impl Router {
             }
             build_ref
         }
-        let (parts, body, peeked) = match self.peek_keeping_read(request).await {
+        // The build's other calls wait for this Solve from its leading bytes on, while the rest
+        // of its first message comes or waits for room in the routing buffer.
+        let mut arriving: Option<Arriving> = None;
+        let announce = |read: &[u8]| {
+            let Some(build_ref) = wire::leading_solve_ref(read) else {
+                return false;
+            };
+            tracing::debug!(build_ref, "Solve arriving");
+            arriving = Some(self.registry.solve_arriving(build_ref));
+            true
+        };
+        let (parts, body, peeked) = match self.peek_keeping_read(request, announce).await {
             Ok(peeked) => peeked,
             Err((parts, failure)) => {
                 let build_ref = name_build(&failure.read);
                 let answer = peek_error(parts.uri.path(), &failure.error);
-                return self.refused_solve(conn, build_ref, answer);
+                return self.refused_solve(conn, build_ref, arriving, answer);
             }
         };
         let solve = match wire::decode_solve(peeked.message()) {
@@ -211,7 +225,7 @@ impl Router {
             Err(error) => {
                 let build_ref = name_build(&peeked.buffered);
                 let answer = error_response_invalid("Control/Solve", &error);
-                return self.refused_solve(conn, build_ref, answer);
+                return self.refused_solve(conn, build_ref, arriving, answer);
             }
         };
         let build_ref: Arc<str> = if solve.build_ref.is_empty() {
@@ -222,7 +236,8 @@ impl Router {
             Arc::from(solve.build_ref)
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        self.registry.solve_arrived(&build_ref);
+        // A Solve whose ref does not come first (not written by Go) arrives only now.
+        let arriving = arriving.unwrap_or_else(|| self.registry.solve_arriving(&build_ref));
         let sessions = solve.session_ids();
         // Keyless builds may be keyed by their Dockerfile, read through their held Session.
         let pinned = matches!(
@@ -271,7 +286,12 @@ impl Router {
                             }
                             Ok(Admit::Pinned(backend)) => pinned(backend),
                             Err(answer) => {
-                                return self.refused_solve(conn, Some(&build_ref), answer)
+                                return self.refused_solve(
+                                    conn,
+                                    Some(&build_ref),
+                                    Some(arriving),
+                                    answer,
+                                )
                             }
                         }
                     }
@@ -289,7 +309,12 @@ impl Router {
                                     &self.pool,
                                 ),
                             };
-                            return self.refused_solve(conn, Some(&build_ref), answer);
+                            return self.refused_solve(
+                                conn,
+                                Some(&build_ref),
+                                Some(arriving),
+                                answer,
+                            );
                         }
                     },
                 },
@@ -306,7 +331,7 @@ impl Router {
                     continue;
                 }
                 let answer = unavailable_backend(&candidate, Some(&build_ref), error);
-                return self.refused_solve(conn, Some(&build_ref), answer);
+                return self.refused_solve(conn, Some(&build_ref), Some(arriving), answer);
             }
             let bound = self.registry.bind_solve(&build_ref, &sessions, candidate);
             let choice = if bound.pinned_by_session {
@@ -319,6 +344,8 @@ impl Router {
             };
             break (bound, choice);
         };
+        // Bound: its calls find the backend now.
+        drop(arriving);
         drop(solve);
         let backend = bound.backend.clone();
         let (load, lease) = match admitted {

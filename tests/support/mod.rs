@@ -11,6 +11,7 @@ pub mod client;
 pub mod dns;
 pub mod fake_daemon;
 pub mod gate;
+pub mod h2_call;
 pub mod keda;
 pub mod real;
 pub mod tls;
