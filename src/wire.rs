@@ -298,9 +298,15 @@ fn single_string<'a>(msg: &'a [u8], number: u32, name: &'static str) -> Result<&
 /// The `Ref` (field 1) of a `SolveRequest` of which only the first bytes were read (`read`: the
 /// gRPC prefix and the start of the message, as far as it got). Go's protobuf writes fields in
 /// number order, so a Solve from buildctl or buildx starts with its ref; `None` when the ref is
-/// not first, not whole in `read`, or not UTF-8.
+/// not first, not whole in `read`, or not UTF-8, and when the message is compressed or the
+/// field lies past the length its prefix declares (bytes of a next message are not this one's).
 pub fn leading_solve_ref(read: &[u8]) -> Option<&str> {
+    let header = parse_frame_header(read, usize::MAX).ok().flatten()?;
+    if header.compressed {
+        return None;
+    }
     let message = read.get(GRPC_PREFIX_LEN..)?;
+    let message = &message[..message.len().min(header.len)];
     match Fields::new(message).next_field() {
         Ok(Some((1, Value::Len(b)))) if !b.is_empty() => std::str::from_utf8(b).ok(),
         _ => None,
@@ -728,6 +734,16 @@ mod tests {
         assert_eq!(leading_solve_ref(&[]), None);
         // A message that does not start with field 1.
         assert_eq!(leading_solve_ref(&encode_frame(&full_solve())), None);
+        // An empty message followed by the bytes of another: the ref is not the first one's.
+        let two = [&encode_frame(b"")[..], &framed[..]].concat();
+        assert_eq!(leading_solve_ref(&two), None);
+        // A ref running past the declared length, and a compressed message.
+        let mut short = framed.to_vec();
+        short[4] = 2 + 3;
+        assert_eq!(leading_solve_ref(&short), None);
+        let mut compressed = framed.to_vec();
+        compressed[0] = 1;
+        assert_eq!(leading_solve_ref(&compressed), None);
     }
 
     #[test]

@@ -206,3 +206,76 @@ async fn vanish_mid_solve(buffer_full: bool) {
     assert!(!router.registry.is_arriving(&build_ref));
     assert_eq!(daemon.counters().calls("Solve"), 0);
 }
+
+/// A Solve whose leading bytes name one ref but which decodes to another (two `Ref` fields:
+/// proto3 takes the last; Go writes one) stops counting as arriving for the first once it is
+/// read: while it waits in the queue (a full pool, for up to `--queue-timeout`), a Status for
+/// the ref its leading bytes named ends as for an unknown ref, after `--ref-wait` and the
+/// daemon's own wait for an unknown job (6 s), instead of waiting for that Solve.
+#[tokio::test(start_paused = true)]
+async fn a_solve_decoding_to_another_ref_than_its_leading_bytes_holds_no_wait_for_it() {
+    let daemon = FakeDaemon::start(
+        "bk0",
+        DaemonOpts {
+            hold_builds: true,
+            ..DaemonOpts::default()
+        },
+    )
+    .await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.ref_wait = Duration::from_secs(1);
+        cfg.placement.max_builds_per_backend = Some(1);
+    })
+    .await;
+    let client = Client::connect(router.addr).await.expect("connect");
+    let holding = {
+        let client = client.clone();
+        tokio::spawn(async move { client.build(BuildOpts::buildctl()).await })
+    };
+    daemon.wait_held(1).await;
+
+    // Two encodings of a SolveRequest one after the other decode as their merge.
+    let (named, decoded) = (support::new_id(), support::new_id());
+    let solve_naming = |build_ref: &str| {
+        pb::SolveRequest {
+            r#ref: build_ref.to_owned(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let payload = [solve_naming(&named), solve_naming(&decoded)].concat();
+    let mut message = vec![0];
+    message.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    message.extend_from_slice(&payload);
+    let (mut crafted, _driver) = h2_connect(router.addr).await;
+    let (_answer, mut send) = start_call(&mut crafted, SOLVE);
+    send.send_data(message.into(), true).expect("send");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while router.metrics.queued_total.get() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let status = client.status(&named);
+    let started = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(60), status)
+        .await
+        .expect("the Status does not wait for the queued Solve of another ref");
+    let error = ended.expect_err("no daemon knows the build");
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(
+        started.elapsed() <= Duration::from_secs(8),
+        "ended after {:?}",
+        started.elapsed()
+    );
+    // Still queued, it counts as arriving under the ref it decodes to.
+    assert_eq!(router.metrics.queued_total.get(), 1);
+    assert!(router.registry.is_arriving(&decoded));
+    assert!(!router.registry.is_arriving(&named));
+    assert_eq!(
+        daemon.counters().calls("Solve"),
+        1,
+        "only the holding build"
+    );
+    holding.abort();
+}

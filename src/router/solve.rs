@@ -236,8 +236,12 @@ impl Router {
             Arc::from(solve.build_ref)
         };
         tracing::Span::current().record("build_ref", &*build_ref);
-        // A Solve whose ref does not come first (not written by Go) arrives only now.
-        let arriving = arriving.unwrap_or_else(|| self.registry.solve_arriving(&build_ref));
+        // A Solve whose ref does not come first (not written by Go) arrives only now, and so
+        // does one whose leading ref is not the one it decodes to (proto3: the last `Ref` wins):
+        // the calls of the ref its leading bytes named stop waiting for it.
+        let arriving = arriving
+            .filter(|_| wire::leading_solve_ref(&peeked.buffered) == Some(&*build_ref))
+            .unwrap_or_else(|| self.registry.solve_arriving(&build_ref));
         let sessions = solve.session_ids();
         // Keyless builds may be keyed by their Dockerfile, read through their held Session.
         let pinned = matches!(
