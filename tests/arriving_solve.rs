@@ -214,14 +214,7 @@ async fn vanish_mid_solve(buffer_full: bool) {
 /// daemon's own wait for an unknown job (6 s), instead of waiting for that Solve.
 #[tokio::test(start_paused = true)]
 async fn a_solve_decoding_to_another_ref_than_its_leading_bytes_holds_no_wait_for_it() {
-    let daemon = FakeDaemon::start(
-        "bk0",
-        DaemonOpts {
-            hold_builds: true,
-            ..DaemonOpts::default()
-        },
-    )
-    .await;
+    let daemon = FakeDaemon::start_holding("bk0").await;
     let router = router_over(&[&daemon], |cfg| {
         cfg.ref_wait = Duration::from_secs(1);
         cfg.placement.max_builds_per_backend = Some(1);
