@@ -67,12 +67,25 @@ pub struct StalledCall {
 impl StalledCall {
     pub const PATH: &str = "/moby.buildkit.v1.Control/Info";
 
+    /// Returns once the router holds the call's share (so calls started next find the room
+    /// taken).
     pub async fn start(router: &Running, len: usize) -> Self {
+        let held_before = router.metrics.routing_buffer_bytes.get();
         let mut client = h2_client(router).await;
         let message = padded_message(len);
         let (answer, mut send) = start_call(&mut client, Self::PATH);
         send.send_data(message[..1024].to_vec().into(), false)
             .expect("send");
+        let held = held_before + (5 + len) as i64;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while router.metrics.routing_buffer_bytes.get() != held {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled call never took its share: {} bytes held, {held} expected",
+                router.metrics.routing_buffer_bytes.get()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         Self {
             _client: client,
             answer,
