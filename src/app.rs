@@ -169,8 +169,8 @@ pub async fn start_on(
             routing_buffer: RoutingBuffer::new(
                 cfg.routing_buffer,
                 cfg.routing_buffer_wait,
-                // What HTTP/2 may hold of a waiting message's body.
-                limits.stream_window as usize,
+                // What a waiting message may hold, read and unread.
+                RoutingBuffer::held_per_waiter(limits.stream_window, limits.max_frame_size),
                 metrics.routing_buffer_bytes.clone(),
                 metrics.routing_buffer_refusals_total.clone(),
             ),

@@ -154,8 +154,9 @@ pub struct RunConfig {
     /// Bytes shared by the first messages larger than 64 KiB that the router reads to route
     /// calls (Solve, Status, ListWorkers, Info, history), across every connection, until the
     /// backend's window takes them. A message waits for room first (one larger than this waits
-    /// until it is alone); as many may wait as this holds 2 MiB client stream windows (at least
-    /// one), and the next is refused at once: such messages hold at most twice this. 0 is taken
+    /// until it is alone); as many may wait as this holds 2.3 MiB (a 2 MiB client stream window,
+    /// and the 64 KiB and 256 KiB frame the router may have read first; at least one), and the
+    /// next is refused at once: such messages hold at most twice this. 0 is taken
     /// as 1 byte: every large message alone.
     #[arg(long, default_value_t = crate::routing_buffer::DEFAULT_ROUTING_BUFFER, env = "BUILDKIT_ROUTER_ROUTING_BUFFER")]
     pub routing_buffer: usize,

@@ -15,10 +15,14 @@
 //! given to the backend within its flow-control window (`RequestBody` and `upstream::pipe`), so
 //! a frozen backend cannot make the router hold more than the budget either.
 //!
-//! A message waiting for room leaves its body unread (past its leading bytes, read up to
-//! [`RoutingBuffer::FREE`] when the reader asks for them: a Solve names its build there), and
-//! HTTP/2 keeps what the client already sent of it: up to one stream window. The number of waiting messages is therefore bounded too
-//! (`--routing-buffer` / stream window, at least 1); past it, a message is refused at once. In
+//! A message waiting for room leaves its body unread, and HTTP/2 keeps what the client already
+//! sent of it: up to one stream window. What the router read before the message waits comes on
+//! top: its first DATA frame (up to the listener's 256 KiB frame size), and for a Solve up to
+//! [`RoutingBuffer::FREE`] bytes and a frame (a Solve names its build in its leading bytes).
+//! HTTP/2 gives the window of bytes read back to the client (at once when the client had sent
+//! most of its window already), so they count apart. The number of waiting messages is
+//! therefore bounded too (`--routing-buffer` / (stream window + 64 KiB + max frame size), at
+//! least 1, see [`RoutingBuffer::held_per_waiter`]); past it, a message is refused at once. In
 //! all, large first messages hold at most twice `--routing-buffer`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,9 +118,17 @@ impl RoutingBuffer {
     /// large ones, and the small calls on the hot path pay nothing for it.
     pub const FREE: usize = 64 * 1024;
 
+    /// What one message waiting for room may hold, bytes: what HTTP/2 keeps of its body (the
+    /// client stream window, `stream_window`), and what the router read of it first, which
+    /// HTTP/2 may give back to the client to send again (up to [`RoutingBuffer::FREE`] and one
+    /// DATA frame of up to `max_frame_size`).
+    pub fn held_per_waiter(stream_window: u32, max_frame_size: u32) -> usize {
+        stream_window as usize + Self::FREE + max_frame_size as usize
+    }
+
     /// `limit` bytes shared; a message waits at most `wait` for its share. `unread_per_waiter`
-    /// is what HTTP/2 may hold of a waiting message's body (the client stream window, bytes);
-    /// it bounds how many may wait. `in_use` follows the bytes granted, `refusals` counts the
+    /// is what a waiting message may hold ([`RoutingBuffer::held_per_waiter`], bytes); it
+    /// bounds how many may wait. `in_use` follows the bytes granted, `refusals` counts the
     /// messages refused.
     pub fn new(
         limit: usize,

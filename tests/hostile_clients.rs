@@ -450,3 +450,47 @@ async fn large_first_messages_share_the_routing_buffer_and_a_stalled_one_holds_o
     assert_eq!(code, "0", "{message}");
     assert_eq!(daemon.counters().calls("Info"), infos_before + 2);
 }
+
+/// As many messages may wait for room in `--routing-buffer` as it holds what each may hold:
+/// its 2 MiB stream window, which HTTP/2 keeps unread, and what the router read of it before it
+/// waits (its first frame, up to 256 KiB, and for a Solve up to 64 KiB more), whose window
+/// HTTP/2 may give back to the client. A buffer that holds two stream windows but not two of
+/// those lets one message wait: the next is refused at once.
+#[tokio::test(start_paused = true)]
+async fn messages_waiting_for_routing_buffer_room_count_what_the_router_read_of_them() {
+    const HELD_PER_WAITER: usize = (2 << 20) + (64 << 10) + (256 << 10);
+    let daemon = FakeDaemon::start("bk0", DaemonOpts::default()).await;
+    let router = router_over(&[&daemon], |cfg| {
+        cfg.routing_buffer = 2 * HELD_PER_WAITER - 1;
+        cfg.routing_buffer_wait = Duration::from_secs(60);
+    })
+    .await;
+    // Holds all but 600 KiB of the buffer.
+    let stalled = StalledCall::start(&router, 2 * HELD_PER_WAITER - (600 << 10)).await;
+
+    // Two messages of 1 MiB, each sending its first KiB: one waits, the other is refused.
+    let mut client = h2_client(&router).await;
+    let waiter = |client: &mut h2::client::SendRequest<bytes::Bytes>| {
+        let (answer, mut send) = start_call(client, StalledCall::PATH);
+        send.send_data(padded_message(1 << 20)[..1024].to_vec().into(), false)
+            .expect("send");
+        (tokio::spawn(grpc_outcome(answer)), send)
+    };
+    let started = tokio::time::Instant::now();
+    let (mut first, _first_send) = waiter(&mut client);
+    let (mut second, _second_send) = waiter(&mut client);
+    let (code, message) = tokio::select! {
+        outcome = &mut first => outcome,
+        outcome = &mut second => outcome,
+    }
+    .expect("join");
+    assert_eq!(code, "8", "RESOURCE_EXHAUSTED: {message}");
+    assert!(message.contains("refused at once"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(daemon.counters().calls("Info"), 0);
+    drop(stalled);
+}
