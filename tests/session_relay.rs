@@ -788,6 +788,11 @@ async fn a_session_sending_past_the_read_limit_waits_unread_until_placed() {
         }
     }
     let mut sent = 0;
+    // The stream window goes at once: awaited (a busy machine may take a while to send it)...
+    let window = &stream[..STREAM_WINDOW];
+    send_what_fits(&mut send, window, &mut sent, Duration::from_secs(10)).await;
+    assert_eq!(sent, STREAM_WINDOW, "the client sends its stream window");
+    // ...and nothing more is let through while the session waits.
     send_what_fits(&mut send, &stream, &mut sent, Duration::from_millis(300)).await;
     assert_eq!(
         sent, STREAM_WINDOW,
