@@ -121,6 +121,7 @@ pub async fn start_on(
         linger: cfg.build_linger,
         ttl: cfg.registry_ttl,
         unbound_expiry: (cfg.ref_wait + cfg.session_bind_window) * 4,
+        arriving_wait: cfg.routing_buffer_wait,
     });
     // A backend never runs more than its cap, so a larger target would ask the autoscaler for
     // too few daemons while builds wait.

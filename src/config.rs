@@ -179,7 +179,8 @@ pub struct RunConfig {
     #[arg(long, value_parser = parse_passthrough_window, default_value = "1s", env = "BUILDKIT_ROUTER_SESSION_PASSTHROUGH_WINDOW")]
     pub session_passthrough_window: Duration,
     /// How long a Status or LLBBridge call for an unknown build ref waits for its Solve; past
-    /// it while a Solve whose leading bytes named the ref is still being read.
+    /// it while a Solve whose leading bytes named the ref is still being read, for at most
+    /// --routing-buffer-wait more.
     #[arg(long, value_parser = parse_duration, default_value = "5s", env = "BUILDKIT_ROUTER_REF_WAIT")]
     pub ref_wait: Duration,
     /// How long a finished build's ref keeps pointing at its backend (for history/Content calls).

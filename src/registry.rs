@@ -93,11 +93,12 @@ impl Slot {
     }
 
     /// [`Slot::wait_until`], waiting on past `within` while a Solve naming the key is arriving
-    /// (its first message is still being read): until `settled` holds, or the last such Solve
-    /// is gone without settling it (`None`).
+    /// (its first message is still being read), but not past `arriving_until`: until `settled`
+    /// holds, or the last such Solve is gone without settling it, or that deadline (`None`).
     async fn wait_until_arrived(
         &self,
         within: Duration,
+        arriving_until: Instant,
         mut settled: impl FnMut(&Option<Arc<Backend>>) -> bool,
     ) -> Option<Option<Arc<Backend>>> {
         if let Some(bound) = self.wait_until(within, &mut settled).await {
@@ -105,9 +106,11 @@ impl Slot {
         }
         // An arriving Solve's end notifies the binding's watch (see `Arriving`'s drop).
         let mut rx = self.backend.subscribe();
-        let bound = rx
-            .wait_for(|bound| settled(bound) || self.arriving.load(Ordering::Acquire) == 0)
+        let wait =
+            rx.wait_for(|bound| settled(bound) || self.arriving.load(Ordering::Acquire) == 0);
+        let bound = tokio::time::timeout_at(arriving_until, wait)
             .await
+            .ok()?
             .ok()?
             .clone();
         settled(&bound).then_some(bound)
@@ -195,6 +198,10 @@ pub struct RegistrySettings {
     pub ttl: Duration,
     /// How long a slot created only by a waiter stays unbound before it is swept.
     pub unbound_expiry: Duration,
+    /// How long, past its own timeout, a call waits for a Solve that is still arriving (its
+    /// first message read in part): `--routing-buffer-wait`, the longest such a message waits
+    /// for room. Bounds the wait a Solve that stalls mid-message can impose on its ref's calls.
+    pub arriving_wait: Duration,
 }
 
 impl Default for RegistrySettings {
@@ -203,6 +210,7 @@ impl Default for RegistrySettings {
             linger: Duration::from_secs(120),
             ttl: Duration::from_secs(24 * 3600),
             unbound_expiry: Duration::from_secs(60),
+            arriving_wait: Duration::from_secs(30),
         }
     }
 }
@@ -286,10 +294,31 @@ impl Registry {
         key: &str,
         timeout: Duration,
     ) -> Option<Arc<Backend>> {
+        let arriving_until = Instant::now() + timeout + self.settings.arriving_wait;
+        self.wait_bound_by(kind, key, timeout, arriving_until).await
+    }
+
+    /// [`Registry::wait_bound`], waiting for an arriving Solve until `arriving_until` (a call's
+    /// absolute deadline, for a caller that waits in several steps).
+    pub async fn wait_bound_by(
+        &self,
+        kind: KeyKind,
+        key: &str,
+        timeout: Duration,
+        arriving_until: Instant,
+    ) -> Option<Arc<Backend>> {
         let slot = self.slot(kind, key);
-        slot.wait_until_arrived(timeout, |bound| bound.is_some() || slot.is_refused())
-            .await
-            .flatten()
+        slot.wait_until_arrived(timeout, arriving_until, |bound| {
+            bound.is_some() || slot.is_refused()
+        })
+        .await
+        .flatten()
+    }
+
+    /// How long past its own timeout a call waits for a Solve still arriving
+    /// ([`RegistrySettings::arriving_wait`]).
+    pub fn arriving_wait(&self) -> Duration {
+        self.settings.arriving_wait
     }
 
     /// Whether a Solve naming `build_ref` is arriving ([`Registry::solve_arriving`]).
@@ -626,7 +655,11 @@ mod tests {
     /// or gone.
     #[tokio::test(start_paused = true)]
     async fn calls_wait_past_their_timeout_while_their_solve_is_arriving() {
-        let registry = Registry::new(RegistrySettings::default());
+        let registry = Registry::new(RegistrySettings {
+            // Far beyond the minutes below (bounded: `a_stalled_arriving_solve_...`).
+            arriving_wait: Duration::from_secs(3600),
+            ..RegistrySettings::default()
+        });
         let b = backends(1);
         let wait = |build_ref: &'static str| {
             let registry = registry.clone();
@@ -689,6 +722,27 @@ mod tests {
         drop(arriving);
         registry.sweep();
         assert!(!registry.is_arriving("slow"));
+    }
+
+    /// A Solve that names its ref and then stalls mid-message holds its ref's calls for at most
+    /// `arriving_wait` past their own timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_arriving_solve_holds_calls_at_most_the_arriving_wait() {
+        let registry = Registry::new(RegistrySettings {
+            arriving_wait: Duration::from_secs(30),
+            ..RegistrySettings::default()
+        });
+        let _stalled = registry.solve_arriving("stalled");
+        let started = Instant::now();
+        let bound = registry
+            .wait_bound(KeyKind::Ref, "stalled", Duration::from_secs(5))
+            .await;
+        assert!(bound.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(35));
+        assert!(
+            registry.is_arriving("stalled"),
+            "the Solve itself is untouched"
+        );
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl Router {
             };
         };
         let deadline = Instant::now() + self.settings.ref_wait;
+        let arriving_until = deadline + self.registry.arriving_wait();
         loop {
             let arrived = admission.arrivals().notified();
             tokio::pin!(arrived);
@@ -99,11 +100,13 @@ impl Router {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // A Solve whose first message is still being read is waited for past the ref wait
             // (`wait_bound` too): it may wait for room in the routing buffer.
-            if remaining.is_zero() && !self.registry.is_arriving(build_ref) {
+            if remaining.is_zero()
+                && (!self.registry.is_arriving(build_ref) || Instant::now() >= arriving_until)
+            {
                 return self.unbound(build_ref);
             }
             tokio::select! {
-                bound = self.registry.wait_bound(KeyKind::Ref, build_ref, remaining) => {
+                bound = self.registry.wait_bound_by(KeyKind::Ref, build_ref, remaining, arriving_until) => {
                     return bound.map_or_else(|| self.unbound(build_ref), RefState::Bound);
                 }
                 _ = arrived => {}
